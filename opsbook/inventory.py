@@ -1,0 +1,164 @@
+"""Environments: read from `inventories/<env>/`, the only source of environment configuration.
+
+Python reads the same files Ansible reads, through Ansible's own inventory and variable
+machinery (InventoryManager, VariableManager, Templar), so a value means the same thing to a
+playbook and to opsbook. Variables whose name starts with ``vault_`` are secrets.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opsbook import ROOT
+from opsbook.errors import OpsbookError
+
+INVENTORIES = ROOT / "inventories"
+
+
+class UnknownEnvironment(OpsbookError):
+    pass
+
+
+def environments() -> list[str]:
+    """Names of the environments that exist (directories under inventories/)."""
+    return sorted(p.name for p in INVENTORIES.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    groups: tuple[str, ...]
+    vars: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+
+class Env:
+    """One environment: its hosts by group and its variables, rendered like Ansible renders them."""
+
+    def __init__(self, name: str):
+        if name not in environments():
+            raise UnknownEnvironment(
+                f"unknown environment {name!r}; environments that exist: {', '.join(environments())}. "
+                f"Nothing was changed. Pick one of those with --env, or add inventories/{name}/."
+            )
+        from ansible.inventory.manager import InventoryManager
+        from ansible.parsing.dataloader import DataLoader
+        from ansible.vars.manager import VariableManager
+
+        self.name = name
+        self.path = INVENTORIES / name
+        self._loader = DataLoader()
+        self._inventory = InventoryManager(loader=self._loader, sources=[str(self.path)])
+        self._varman = VariableManager(loader=self._loader, inventory=self._inventory)
+
+    def __repr__(self) -> str:
+        return f"Env({self.name!r})"
+
+    # -- variables ------------------------------------------------------------------
+    @functools.cached_property
+    def _raw_vars(self) -> dict[str, Any]:
+        # Variables of the `all` group (group_vars/all/*), with the magic variables Ansible
+        # would give any host of this inventory.
+        raw = dict(self._varman.get_vars(play=None, host=None, include_hostvars=False))
+        raw.update(self._inventory.groups["all"].get_vars())
+        from ansible.vars.plugins import get_vars_from_inventory_sources
+
+        raw.update(get_vars_from_inventory_sources(self._loader, [str(self.path)], [self._inventory.groups["all"]], "inventory"))
+        raw["inventory_dir"] = str(self.path)
+        raw.setdefault("playbook_dir", str(ROOT / "playbooks"))
+        return raw
+
+    def _render(self, value: Any, variables: dict[str, Any]) -> Any:
+        from ansible.template import Templar
+
+        return Templar(loader=self._loader, variables=variables).template(value)
+
+    def var(self, name: str, default: Any = ...) -> Any:
+        """One environment variable, rendered (e.g. ``env.var('opsbook_record_store')``)."""
+        raw = self._raw_vars
+        if name not in raw:
+            if default is ...:
+                raise OpsbookError(
+                    f"environment {self.name!r} does not define {name!r}; "
+                    f"add it to {self.path}/group_vars/all/. Nothing was changed."
+                )
+            return default
+        return _plain(self._render(raw[name], raw))
+
+    @property
+    def kind(self) -> str:
+        return self.var("opsbook_env_kind")
+
+    def secret_names(self) -> list[str]:
+        return sorted(k for k in self._raw_vars if k.startswith("vault_"))
+
+    def secret_values(self) -> dict[str, str]:
+        """Every secret value this environment knows (vault_* variables). Unreadable ones are skipped."""
+        out: dict[str, str] = {}
+        for name in self.secret_names():
+            try:
+                value = self.var(name)
+            except Exception:  # noqa: BLE001 - a secret that cannot be resolved yet has no value to hide
+                continue
+            if value not in (None, ""):
+                out[name] = str(value)
+        return out
+
+    # -- hosts ----------------------------------------------------------------------
+    def hosts(self, pattern: str = "all") -> list[Host]:
+        out = []
+        for h in self._inventory.get_hosts(pattern):
+            hv = h.get_vars()
+            out.append(
+                Host(
+                    name=h.name,
+                    address=str(hv.get("ansible_host", h.name)),
+                    groups=tuple(sorted(g.name for g in h.get_groups() if g.name != "all")),
+                    vars=dict(hv),
+                )
+            )
+        return out
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts():
+            if h.name == name:
+                return h
+        raise OpsbookError(f"host {name!r} is not in the {self.name} inventory ({self.path}/).")
+
+    def host_var(self, host: str, name: str, default: Any = ...) -> Any:
+        hostobj = self._inventory.get_host(host)
+        if hostobj is None:
+            raise OpsbookError(f"host {host!r} is not in the {self.name} inventory ({self.path}/).")
+        variables = dict(self._raw_vars)
+        variables.update(self._varman.get_vars(host=hostobj, include_hostvars=False))
+        variables["inventory_dir"] = str(self.path)
+        if name not in variables:
+            if default is ...:
+                raise OpsbookError(f"{name!r} is not defined for host {host} in {self.path}/")
+            return default
+        return _plain(self._render(variables[name], variables))
+
+
+def _plain(value: Any) -> Any:
+    """Turn Ansible's tagged/lazy containers into plain Python values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return value
+
+
+@functools.cache
+def load(name: str) -> Env:
+    return Env(name)

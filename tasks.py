@@ -1,0 +1,141 @@
+"""opsbook's Invoke entry point: one collection per domain, thin tasks.
+
+Tasks parse flags and call `opsbook`, a playbook or a runbook; the logic lives in opsbook/.
+Options default to None and fall back to invoke.yaml (`opsbook.env`, default `lab`).
+Run `invoke --list` for every task, `invoke --help TASK` for its flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+
+from opsbook.errors import OpsbookError
+
+
+def operator_errors(fn: Callable) -> Callable:
+    """Turn OpsbookError into a clean non-zero exit with the operator message (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OpsbookError as e:
+            raise Exit(f"error: {e}", code=1) from None
+
+    return wrapper
+
+
+def env_name(c, env: str | None) -> str:
+    return env or c.config.get("opsbook", {}).get("env", "lab")
+
+
+# --- lab --------------------------------------------------------------------------------
+@task(help={"rebuild": "bake the image again even if a cached one matches"})
+@operator_errors
+def lab_image(c, rebuild=False):
+    """Bake the lab host image once (debootstrap + podman import) and cache it."""
+    from opsbook import lab
+
+    lab.ensure_image(rebuild=rebuild)
+
+
+@task(help={"dry_run": "say what would be created, create nothing"})
+@operator_errors
+def lab_up(c, dry_run=False):
+    """Start the lab fleet from inventories/lab (idempotent: a running lab is left unchanged)."""
+    from opsbook import lab
+
+    lab.up(dry_run=dry_run)
+
+
+@task(help={"dry_run": "say what would be removed, remove nothing"})
+@operator_errors
+def lab_down(c, dry_run=False):
+    """Remove exactly what lab.up created: the hosts and the lab network (keeps the image and .lab/)."""
+    from opsbook import lab
+
+    lab.down(dry_run=dry_run)
+
+
+@task
+@operator_errors
+def lab_status(c):
+    """Show each lab host, its address, its container state and whether it answers SSH."""
+    from opsbook import lab
+
+    lab.print_status()
+
+
+lab_ns = Collection("lab")
+lab_ns.add_task(lab_image, "image")
+lab_ns.add_task(lab_up, "up")
+lab_ns.add_task(lab_down, "down")
+lab_ns.add_task(lab_status, "status")
+
+
+# --- build, provision, release, check ---------------------------------------------------
+@task(help={"version": "artifact version (default: the app's version + git describe)"})
+@operator_errors
+def build(c, version=None):
+    """Build the immutable release artifact dist/bl-api-V.tar.gz (wheel + wheelhouse + migrations)."""
+    from opsbook import artifact
+
+    artifact.build(version=version)
+
+
+@task(help={"env": "environment (inventories/ENV)", "check": "run in --check --diff mode, change nothing"})
+@operator_errors
+def provision(c, env=None, check=False):
+    """Provision an environment's hosts with playbooks/site.yml (idempotent)."""
+    from opsbook import release
+
+    release.provision(env_name(c, env), check=check)
+
+
+@task(
+    help={
+        "env": "environment (inventories/ENV)",
+        "version": "artifact version to release (default: the newest in dist/, built if none)",
+    }
+)
+@operator_errors
+def release(c, env=None, version=None):
+    """Release a version to an environment: migrate (expand), then roll the fleet batch by batch."""
+    from opsbook import release as rel
+
+    rel.release(env_name(c, env), version=version)
+
+
+@task(help={"env": "environment (inventories/ENV)"})
+@operator_errors
+def check(c, env=None):
+    """Run the testinfra host suites (tests/infra) against an environment's hosts."""
+    from opsbook import checks
+
+    checks.run_host_checks(env_name(c, env))
+
+
+@task(
+    help={
+        "k": "only tests matching this pytest -k expression",
+        "no_lab": "skip bringing the lab up (tests that need it will fail)",
+    }
+)
+def test(c, k=None, no_lab=False):
+    """Run the whole test suite (brings the lab up first); exits non-zero on any failure or no tests."""
+    from opsbook import testrun
+
+    code = testrun.run_suite(k=k, bring_lab_up=not no_lab)
+    if code:
+        raise Exit(code=code)
+
+
+ns = Collection()
+ns.add_collection(lab_ns)
+for t in (build, provision, release, check, test):
+    ns.add_task(t)
+ns.configure({"opsbook": {"env": "lab"}})
