@@ -60,13 +60,9 @@ class Env:
     # -- variables ------------------------------------------------------------------
     @functools.cached_property
     def _raw_vars(self) -> dict[str, Any]:
-        # Variables of the `all` group (group_vars/all/*), with the magic variables Ansible
-        # would give any host of this inventory.
-        raw = dict(self._varman.get_vars(play=None, host=None, include_hostvars=False))
-        raw.update(self._inventory.groups["all"].get_vars())
-        from ansible.vars.plugins import get_vars_from_inventory_sources
-
-        raw.update(get_vars_from_inventory_sources(self._loader, [str(self.path)], [self._inventory.groups["all"]], "inventory"))
+        # Variables of the `all` group (group_vars/all/*), as Ansible gives them to any host:
+        # the implicit localhost belongs to no other group, so it sees exactly those.
+        raw = dict(self._varman.get_vars(host=self._inventory.get_host("localhost"), include_hostvars=False))
         raw["inventory_dir"] = str(self.path)
         raw.setdefault("playbook_dir", str(ROOT / "playbooks"))
         return raw

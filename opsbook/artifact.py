@@ -1,0 +1,181 @@
+"""The release artifact: one immutable, versioned, checksummed tarball per version.
+
+`dist/bl-api-<V>.tar.gz` holds `bl-api-<V>/` with
+  manifest.json   version, git sha, build time, sha256 of every file below
+  wheelhouse/     the service wheel and a wheel of every dependency (hosts install offline)
+  migrations/     the migrations this version ships
+and `dist/bl-api-<V>.tar.gz.sha256` beside it. Artifacts are never rebuilt in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from opsbook import ROOT
+from opsbook.errors import OpsbookError
+
+APP = ROOT / "app"
+DIST = ROOT / "dist"
+NAME = "bl-api"
+VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+_-]{0,63}$")
+
+
+class ArtifactError(OpsbookError):
+    pass
+
+
+@dataclass(frozen=True)
+class Artifact:
+    version: str
+    path: Path
+
+    @property
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    def manifest(self) -> dict:
+        with tarfile.open(self.path) as tar:
+            member = tar.extractfile(f"{NAME}-{self.version}/manifest.json")
+            if member is None:
+                raise ArtifactError(f"{self.path} has no manifest.json; rebuild it with `invoke build`.")
+            return json.load(member)
+
+    def extract_migrations(self, dest: Path) -> Path:
+        """Unpack this version's migrations into dest and return their directory."""
+        prefix = f"{NAME}-{self.version}/migrations/"
+        with tarfile.open(self.path) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
+            tar.extractall(dest, members=members, filter="data")
+        return dest / prefix
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact_path(version: str) -> Path:
+    return DIST / f"{NAME}-{version}.tar.gz"
+
+
+def app_version() -> str:
+    text = (APP / "bl_api" / "__init__.py").read_text()
+    m = re.search(r'^__version__ = "([^"]+)"', text, re.M)
+    if not m:
+        raise ArtifactError("app/bl_api/__init__.py has no __version__ line")
+    return m.group(1)
+
+
+def git_sha(short: bool = False) -> str:
+    args = ["git", "rev-parse", "--short=10" if short else "--verify", "HEAD"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() or "unknown"
+
+
+def default_version() -> str:
+    """The app's version plus the commit, and a content hash when app/ has uncommitted changes."""
+    version = f"{app_version()}+g{git_sha(short=True)}"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "app"], cwd=ROOT, capture_output=True,
+                           text=True, check=False).stdout.strip()
+    if dirty:
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "app"], cwd=ROOT, capture_output=True,
+                              check=False).stdout
+        version += f".dirty{hashlib.sha256(diff + dirty.encode()).hexdigest()[:8]}"
+    return version
+
+
+def find(version: str) -> Artifact:
+    path = artifact_path(version)
+    if not path.exists():
+        raise ArtifactError(
+            f"artifact {NAME} {version} does not exist ({path}). No host was touched. "
+            f"Build it with `invoke build --version {version}`, or release a version that exists: "
+            f"{', '.join(available()) or 'none built yet'}."
+        )
+    return verify(Artifact(version, path))
+
+
+def available() -> list[str]:
+    if not DIST.exists():
+        return []
+    out = []
+    for p in sorted(DIST.glob(f"{NAME}-*.tar.gz"), key=lambda p: p.stat().st_mtime):
+        out.append(p.name[len(NAME) + 1 : -len(".tar.gz")])
+    return out
+
+
+def verify(artifact: Artifact) -> Artifact:
+    sums = artifact.path.with_name(artifact.path.name + ".sha256")
+    if sums.exists():
+        expected = sums.read_text().split()[0]
+        if expected != artifact.sha256:
+            raise ArtifactError(
+                f"{artifact.path} does not match its checksum file {sums.name}: it changed after it was "
+                f"built. Nothing was deployed. Delete both files and rebuild with `invoke build --version "
+                f"{artifact.version}`."
+            )
+    return artifact
+
+
+def build(version: str | None = None, log=print) -> Artifact:
+    """Build dist/bl-api-V.tar.gz unless it exists already (artifacts are immutable)."""
+    version = version or default_version()
+    if not VERSION_RE.match(version):
+        raise ArtifactError(f"{version!r} is not a usable version: start with a digit; letters, digits, "
+                            f". + _ - only. Nothing was built.")
+    path = artifact_path(version)
+    if path.exists():
+        log(f"artifact {path.relative_to(ROOT)} exists; artifacts are immutable, not rebuilding")
+        return find(version)
+    DIST.mkdir(exist_ok=True)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="opsbook-build-") as tmp:
+        tmp = Path(tmp)
+        src = tmp / "src"
+        shutil.copytree(APP, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
+        init = src / "bl_api" / "__init__.py"
+        init.write_text(re.sub(r'^__version__ = "[^"]+"', f'__version__ = "{version}"', init.read_text(),
+                               count=1, flags=re.M))
+        root = tmp / f"{NAME}-{version}"
+        wheelhouse = root / "wheelhouse"
+        wheelhouse.mkdir(parents=True)
+        log(f"building {NAME} {version}: service wheel and dependency wheelhouse")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+             "--wheel-dir", str(wheelhouse), str(src)],
+            capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ArtifactError(f"pip wheel failed; nothing was written to dist/:\n{proc.stderr[-3000:]}")
+        shutil.copytree(APP / "migrations", root / "migrations")
+        files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+        manifest = {
+            "name": NAME,
+            "version": version,
+            "git_sha": git_sha(),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "files": files,
+        }
+        (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        partial = path.with_suffix(".partial")
+        with tarfile.open(partial, "w:gz") as tar:
+            tar.add(root, arcname=root.name)
+        partial.rename(path)
+    artifact = Artifact(version, path)
+    path.with_name(path.name + ".sha256").write_text(f"{artifact.sha256}  {path.name}\n")
+    size = path.stat().st_size / 1e6
+    log(f"built {path.relative_to(ROOT)} ({size:.1f} MB, {len(files)} files) in {time.monotonic() - t0:.1f}s")
+    return artifact
