@@ -8,10 +8,10 @@ import uuid
 
 import psycopg
 import pytest
-
 from bl_api import __version__
 from bl_api.app import create_app
 from bl_api.config import Settings
+
 from opsbook import ROOT
 from opsbook.migrations import apply_pending
 
@@ -107,7 +107,7 @@ def test_round_trip_returns_exactly_the_events_written_in_sequence_order(client)
     last = fetch(client, course, offset=5, event_types=["record_response"], max_num_events=2)
     assert [e["sequence_number"] for e in last["events"]] == [5]
     assert last["is_end"] is True
-    assert fetch(client, course, offset=6) ["events"] == []
+    assert fetch(client, course, offset=6)["events"] == []
 
 
 def test_fetch_answers_each_request_of_a_call(client):
