@@ -63,7 +63,8 @@ def _number(env: Mapping[str, str], name: str, default, kind, *, minimum):
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from None
+        what = "whole number" if kind is int else "number"
+        raise ConfigError(f"{name}={raw!r} is not a {what}") from None
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
     return value
