@@ -1,0 +1,220 @@
+"""The event store: courses and their append-only, gap-free course_events log.
+
+Ordering guarantee operators rely on: within a course, sequence numbers are 0, 1, 2, ...
+with no gap and no duplicate, and a reader never sees event N+1 before event N. Both hold
+because each write takes the course row lock, assigns numbers from
+`courses.next_sequence_number` and inserts its events in the same transaction; the next
+writer of that course waits for the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import Counter
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+log = logging.getLogger(__name__)
+
+# What "the database is not there right now" looks like from here: answered with 503.
+DATABASE_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+_RECORD_ATTEMPTS = 3   # a concurrent duplicate on another course makes the loser retry once
+
+
+class UnknownCourses(Exception):
+    """Responses name courses that were never created; nothing from the batch was recorded."""
+
+    def __init__(self, course_uuids: list[str]):
+        super().__init__(f"unknown course(s): {', '.join(course_uuids)}")
+        self.course_uuids = course_uuids
+
+
+class EcosystemConflict(Exception):
+    """create_course for an existing course with a different ecosystem; the course is unchanged."""
+
+    def __init__(self, course_uuid: str, existing: str, requested: str):
+        super().__init__(
+            f"course {course_uuid} already exists with ecosystem {existing}, not {requested}"
+        )
+        self.course_uuid, self.existing, self.requested = course_uuid, existing, requested
+
+
+class Database:
+    """One connection pool per worker process, opened on first use (so always after fork)."""
+
+    def __init__(self, conninfo: str, *, max_size: int, timeout: float):
+        self._conninfo = conninfo
+        self._max_size = max_size
+        self._timeout = timeout
+        self._pool: ConnectionPool | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def pool(self) -> ConnectionPool:
+        if self._pool is None:
+            with self._lock:
+                if self._closed:
+                    raise psycopg.OperationalError("the service is shutting down")
+                if self._pool is None:
+                    kwargs = {}
+                    if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(self._conninfo):
+                        kwargs["connect_timeout"] = max(1, int(self._timeout))
+                    pool = ConnectionPool(
+                        self._conninfo, kwargs=kwargs, min_size=1, max_size=self._max_size,
+                        timeout=self._timeout, name="bl-api", open=False,
+                        # One empty round trip per checkout: after a database restart or
+                        # failover, stale connections are replaced instead of failing requests.
+                        check=ConnectionPool.check_connection,
+                    )
+                    pool.open(wait=False)
+                    self._pool = pool
+        return self._pool
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(timeout=timeout)
+            log.info("database pool closed")
+
+    # --- health -------------------------------------------------------------------------
+
+    def ping(self, timeout: float) -> None:
+        """Raise unless the database answers `SELECT 1` within about `timeout` seconds."""
+        with self.pool.connection(timeout=timeout) as conn:
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{int(timeout * 1000)}ms"])
+            conn.execute("SELECT 1").fetchone()
+
+    # --- writes -------------------------------------------------------------------------
+
+    def create_course(self, course_uuid: str, ecosystem_uuid: str) -> None:
+        """Create the course and its `create_course` event (sequence 0); repeatable."""
+        with self.pool.connection() as conn:
+            created = conn.execute(
+                "INSERT INTO courses (course_uuid, ecosystem_uuid, next_sequence_number) "
+                "VALUES (%s, %s, 1) ON CONFLICT (course_uuid) DO NOTHING RETURNING course_uuid",
+                [course_uuid, ecosystem_uuid],
+            ).fetchone()
+            if created:
+                conn.execute(
+                    "INSERT INTO course_events (event_uuid, course_uuid, sequence_number, event_type, data) "
+                    "VALUES (%s, %s, 0, 'create_course', %s)",
+                    [uuid.uuid4(), course_uuid,
+                     Jsonb({"course_uuid": course_uuid, "ecosystem_uuid": ecosystem_uuid})],
+                )
+                return
+            existing = conn.execute(
+                "SELECT ecosystem_uuid FROM courses WHERE course_uuid = %s", [course_uuid]
+            ).fetchone()[0]
+            if str(existing) != ecosystem_uuid:
+                raise EcosystemConflict(course_uuid, str(existing), ecosystem_uuid)
+
+    def record_responses(self, responses: list[dict[str, Any]]) -> list[str]:
+        """Append each response not yet recorded, all-or-nothing; return every response uuid.
+
+        A response already recorded (same response_uuid, by this or an earlier call) is
+        skipped and consumes no sequence number. Any unknown course rejects the whole batch.
+        """
+        for attempt in range(1, _RECORD_ATTEMPTS + 1):
+            try:
+                with self.pool.connection() as conn:
+                    return _record_responses(conn, responses)
+            except psycopg.errors.UniqueViolation as e:
+                # Only possible when the same response_uuid is sent concurrently for two
+                # different courses (different row locks). Retrying sees it as recorded.
+                if attempt == _RECORD_ATTEMPTS:
+                    raise
+                log.info("record_responses: concurrent duplicate (%s); retrying", e.diag.constraint_name)
+        raise AssertionError("unreachable")
+
+    # --- reads --------------------------------------------------------------------------
+
+    def fetch_course_events(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """For each request, events at or after the offset in sequence order, up to the limit."""
+        out = []
+        with self.pool.connection() as conn:
+            for req in requests:
+                rows = conn.execute(
+                    "SELECT sequence_number, event_uuid, event_type, data FROM course_events "
+                    "WHERE course_uuid = %s AND sequence_number >= %s "
+                    "AND (%s::text[] IS NULL OR event_type = ANY(%s::text[])) "
+                    "ORDER BY sequence_number LIMIT %s",
+                    [req["course_uuid"], req["sequence_number_offset"],
+                     req["event_types"], req["event_types"], req["max_num_events"] + 1],
+                ).fetchall()
+                more = len(rows) > req["max_num_events"]
+                out.append({
+                    "request_uuid": req["request_uuid"],
+                    "course_uuid": req["course_uuid"],
+                    "events": [
+                        {"sequence_number": seq, "event_uuid": str(ev), "event_type": et, "event_data": data}
+                        for seq, ev, et, data in rows[: req["max_num_events"]]
+                    ],
+                    # Sequence numbers are committed in order (see module docstring), so a
+                    # reader never sees a hole that a later commit would fill.
+                    "is_gap": False,
+                    "is_end": not more,
+                })
+        return out
+
+
+def _record_responses(conn: psycopg.Connection, responses: list[dict[str, Any]]) -> list[str]:
+    all_uuids = list(dict.fromkeys(r["response_uuid"] for r in responses))
+    if not responses:
+        return []
+    courses = sorted({r["course_uuid"] for r in responses})
+    # Lock every course row of the batch in one sorted order: two batches that share
+    # courses queue behind each other instead of deadlocking.
+    locked = {
+        str(row[0]) for row in conn.execute(
+            "SELECT course_uuid FROM courses WHERE course_uuid = ANY(%s::uuid[]) "
+            "ORDER BY course_uuid FOR UPDATE",
+            [courses],
+        )
+    }
+    missing = [c for c in courses if c not in locked]
+    if missing:
+        raise UnknownCourses(missing)
+    # Only now, holding the locks, is "already recorded" a stable answer for these courses.
+    recorded = {
+        str(row[0]) for row in conn.execute(
+            "SELECT event_uuid FROM course_events WHERE event_uuid = ANY(%s::uuid[])", [all_uuids]
+        )
+    }
+    new = []
+    for r in responses:
+        if r["response_uuid"] not in recorded:
+            recorded.add(r["response_uuid"])
+            new.append(r)
+    if not new:
+        return all_uuids
+    counts = Counter(r["course_uuid"] for r in new)
+    next_numbers = dict(conn.execute(
+        "UPDATE courses c SET next_sequence_number = c.next_sequence_number + t.n "
+        "FROM unnest(%s::uuid[], %s::int[]) AS t(course_uuid, n) "
+        "WHERE c.course_uuid = t.course_uuid RETURNING c.course_uuid::text, c.next_sequence_number",
+        [list(counts), list(counts.values())],
+    ).fetchall())
+    cursor = {course: next_numbers[course] - n for course, n in counts.items()}
+    event_uuids, course_uuids, numbers, data = [], [], [], []
+    for r in new:
+        event_uuids.append(r["response_uuid"])
+        course_uuids.append(r["course_uuid"])
+        numbers.append(cursor[r["course_uuid"]])
+        cursor[r["course_uuid"]] += 1
+        data.append(Jsonb(r))
+    conn.execute(
+        "INSERT INTO course_events (event_uuid, course_uuid, sequence_number, event_type, data) "
+        "SELECT e, c, s, 'record_response', d "
+        "FROM unnest(%s::uuid[], %s::uuid[], %s::int[], %s::jsonb[]) AS t(e, c, s, d)",
+        [event_uuids, course_uuids, numbers, data],
+    )
+    return all_uuids

@@ -1,0 +1,37 @@
+"""Gunicorn settings for bl-api, from environment variables (the systemd unit sets them).
+
+| variable                | meaning                                                | default        |
+|-------------------------|--------------------------------------------------------|----------------|
+| BL_API_BIND             | address:port to listen on                              | 127.0.0.1:8000 |
+| BL_API_WORKERS          | worker processes                                       | 2              |
+| BL_API_THREADS          | request threads per worker (keep <= BL_API_POOL_MAX)   | 4              |
+| BL_API_GRACEFUL_TIMEOUT | seconds in-flight requests get to finish on SIGTERM    | 25             |
+| BL_API_LOG_LEVEL        | gunicorn log level                                     | info           |
+
+On SIGTERM gunicorn closes the listening socket, lets each worker finish its in-flight
+requests (up to the graceful timeout), runs worker_exit (closes the database pool) and
+exits 0.
+"""
+
+import os
+
+bind = os.environ.get("BL_API_BIND", "127.0.0.1:8000")
+worker_class = "gthread"
+workers = int(os.environ.get("BL_API_WORKERS", "2"))
+threads = int(os.environ.get("BL_API_THREADS", "4"))
+graceful_timeout = int(os.environ.get("BL_API_GRACEFUL_TIMEOUT", "25"))
+timeout = 30
+keepalive = 5
+loglevel = os.environ.get("BL_API_LOG_LEVEL", "info")
+accesslog = "-"
+errorlog = "-"
+proc_name = "bl-api"
+
+
+def worker_exit(server, worker):
+    """Close the exiting worker's database pool once its in-flight requests are done."""
+    import sys
+
+    wsgi = sys.modules.get("bl_api.wsgi")
+    if wsgi is not None:
+        wsgi.close()

@@ -1,0 +1,77 @@
+"""HTTP endpoints in the shape of the Biglearn API. Every response body is JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from bl_api import running_version, validation
+from bl_api.db import DATABASE_UNAVAILABLE, Database
+
+api = Blueprint("api", __name__)
+
+MAX_TEST_DELAY = 60.0
+
+
+def _db() -> Database:
+    return current_app.extensions["bl_api_db"]
+
+
+def _json_body() -> Any:
+    """The parsed JSON body, or InvalidRequest (415 for a non-JSON content type, 400 if unparsable)."""
+    if not request.is_json:
+        raise validation.InvalidRequest(
+            [{"field": "Content-Type", "problem": "must be application/json"}], status=415
+        )
+    try:
+        return json.loads(request.get_data(cache=False))
+    # RecursionError: absurdly nested JSON must be a 400 too, never a 500.
+    except (ValueError, RecursionError) as e:
+        why = str(e)[:200] if isinstance(e, ValueError) else "nested too deeply"
+        problems = [{"field": "(body)", "problem": f"is not valid JSON ({why})"}]
+        raise validation.InvalidRequest(problems) from None
+
+
+@api.post("/create_course")
+def create_course():
+    body = validation.create_course(_json_body())
+    _db().create_course(body["course_uuid"], body["ecosystem_uuid"])
+    return jsonify(created_course_uuid=body["course_uuid"])
+
+
+@api.post("/record_responses")
+def record_responses():
+    responses = validation.record_responses(_json_body())
+    return jsonify(recorded_response_uuids=_db().record_responses(responses))
+
+
+@api.post("/fetch_course_events")
+def fetch_course_events():
+    requests = validation.fetch_course_events(_json_body())
+    return jsonify(course_event_responses=_db().fetch_course_events(requests))
+
+
+@api.get("/ping")
+def ping():
+    """Load-balancer health check: 200 only when this worker can reach the database."""
+    if current_app.config["BL_API_TEST_SLOW_HEADER"] and "X-Test-Delay" in request.headers:
+        try:
+            delay = float(request.headers["X-Test-Delay"])
+        except ValueError:
+            raise validation.InvalidRequest(
+                [{"field": "X-Test-Delay", "problem": "must be a number of seconds"}]
+            ) from None
+        time.sleep(min(max(delay, 0.0), MAX_TEST_DELAY))
+    try:
+        _db().ping(current_app.config["BL_API_PING_TIMEOUT"])
+    except DATABASE_UNAVAILABLE as e:
+        return jsonify(status="unavailable", error=str(e)[:500]), 503
+    return jsonify(status="ok")
+
+
+@api.get("/version")
+def version():
+    return jsonify(version=running_version())
