@@ -26,7 +26,9 @@ def check_config() -> int:
             server = conn.info.server_version
             schema = conn.execute("SELECT to_regclass('course_events') IS NOT NULL").fetchone()[0]
     except psycopg.Error as e:
-        print(f"database: cannot connect ({where}): {str(e).strip()}", file=sys.stderr)
+        print(f"database: cannot connect ({where}): {str(e).strip()}\n"
+              "check DATABASE_URL, that the database host is up and that pg_hba.conf admits this host",
+              file=sys.stderr)
         return 1
     print(f"database: ok ({where}, server {server // 10000}.{server % 10000})")
     print(f"schema: {'course_events present' if schema else 'course_events MISSING: run migrations'}")

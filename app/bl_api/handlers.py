@@ -35,26 +35,26 @@ def _json_body() -> Any:
         raise validation.InvalidRequest(problems) from None
 
 
-@api.post("/create_course")
+@api.post("/create_course", provide_automatic_options=False)
 def create_course():
     body = validation.create_course(_json_body())
     _db().create_course(body["course_uuid"], body["ecosystem_uuid"])
     return jsonify(created_course_uuid=body["course_uuid"])
 
 
-@api.post("/record_responses")
+@api.post("/record_responses", provide_automatic_options=False)
 def record_responses():
     responses = validation.record_responses(_json_body())
     return jsonify(recorded_response_uuids=_db().record_responses(responses))
 
 
-@api.post("/fetch_course_events")
+@api.post("/fetch_course_events", provide_automatic_options=False)
 def fetch_course_events():
     requests = validation.fetch_course_events(_json_body())
     return jsonify(course_event_responses=_db().fetch_course_events(requests))
 
 
-@api.get("/ping")
+@api.get("/ping", provide_automatic_options=False)
 def ping():
     """Load-balancer health check: 200 only when this worker can reach the database."""
     if current_app.config["BL_API_TEST_SLOW_HEADER"] and "X-Test-Delay" in request.headers:
@@ -72,6 +72,6 @@ def ping():
     return jsonify(status="ok")
 
 
-@api.get("/version")
+@api.get("/version", provide_automatic_options=False)
 def version():
     return jsonify(version=running_version())

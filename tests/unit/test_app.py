@@ -239,3 +239,49 @@ def test_unreachable_database_answers_503_json():
         assert client.post("/create_course", json={}).status_code == 400
     finally:
         app.extensions["bl_api_db"].close()
+
+
+def test_same_response_sent_concurrently_to_two_courses_is_recorded_once(app, schema_db):
+    """response_uuid is unique service-wide; the loser of the race retries and sees it recorded."""
+    client = app.test_client()
+    courses = [create_course(client), create_course(client)]
+    shared = [new_uuid() for _ in range(40)]
+    statuses: list[int] = []
+    start = threading.Barrier(2)
+
+    def writer(course: str) -> None:
+        c = app.test_client()
+        start.wait()
+        for response_uuid in shared:
+            body = {"responses": [a_response(course, response_uuid=response_uuid)]}
+            r = c.post("/record_responses", json=body)
+            statuses.append(r.status_code)
+
+    workers = [threading.Thread(target=writer, args=(c,)) for c in courses]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert statuses == [200] * 80
+    with psycopg.connect(schema_db) as conn:
+        rows = conn.execute(
+            "SELECT course_uuid::text, sequence_number, event_uuid::text FROM course_events "
+            "WHERE event_type = 'record_response' ORDER BY course_uuid, sequence_number"
+        ).fetchall()
+    assert sorted(ev for _, _, ev in rows) == sorted(shared)
+    for c in courses:
+        numbers = [seq for cu, seq, _ in rows if cu == c]
+        assert numbers == list(range(1, 1 + len(numbers)))
+
+
+def test_connections_dropped_by_the_database_are_replaced_without_errors(client, local_pg, schema_db):
+    """After a database restart or failover the pool's old connections are dead; requests still succeed."""
+    assert client.get("/ping").status_code == 200
+    dbname = psycopg.conninfo.conninfo_to_dict(schema_db)["dbname"]
+    with psycopg.connect(local_pg, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s", [dbname]
+        ).fetchone()[0]
+    assert killed >= 1
+    assert client.get("/ping").status_code == 200
+    create_course(client)

@@ -127,6 +127,7 @@ CASES = [Case(*c) for c in [
      fetch(*[event_request() for _ in range(1001)]), JSON, 413, "course_event_requests"),
     ("wrong-method-get", "GET", "/record_responses", None, None, 405, None),
     ("wrong-method-post", "POST", "/ping", {}, JSON, 405, None),
+    ("wrong-method-options", "OPTIONS", "/create_course", None, None, 405, None),
     ("unknown-route", "POST", "/drop_everything", {}, JSON, 404, None),
 ]]
 
@@ -162,7 +163,7 @@ def test_bad_input_gets_a_4xx_json_answer_and_writes_nothing(client, case: Case)
     if isinstance(case.body, (str, bytes)):
         data = case.body
     else:
-        data = None if case.body is None and case.method == "GET" else json.dumps(case.body)
+        data = None if case.body is None and case.method in {"GET", "OPTIONS"} else json.dumps(case.body)
     r = client.open(case.path, method=case.method, data=data, content_type=case.content_type)
     assert r.status_code == case.status, r.get_data(as_text=True)[:500]
     assert r.mimetype == "application/json"
