@@ -46,8 +46,10 @@ class Env:
             )
         from ansible.inventory.manager import InventoryManager
         from ansible.parsing.dataloader import DataLoader
+        from ansible.plugins.loader import init_plugin_loader
         from ansible.vars.manager import VariableManager
 
+        _init_plugins(init_plugin_loader)
         self.name = name
         self.path = INVENTORIES / name
         self._loader = DataLoader()
@@ -153,6 +155,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float):
         return float(value)
     return value
+
+
+@functools.cache
+def _init_plugins(init_plugin_loader) -> None:
+    # Lookups (e.g. ansible.builtin.file for lab secrets) need Ansible's plugin loader.
+    init_plugin_loader()
 
 
 @functools.cache

@@ -105,7 +105,13 @@ def release(env_name: str, version: str | None = None) -> str:
     run_playbook(
         env,
         "deploy.yml",
-        extra_vars={"opsbook_release_version": art.version, "opsbook_release_artifact": str(art.path)},
+        extra_vars={
+            "opsbook_release_version": art.version,
+            "opsbook_release_artifact": str(art.path),
+            # `serial` is read before inventory variables exist, so the batch size (from the
+            # inventory) is passed as an extra var.
+            "opsbook_release_batch_size": env.var("opsbook_release_batch_size"),
+        },
         what=f"rolling deploy of {art.version}",
     )
     log(f"released {art.version} to {env.name} in {time.monotonic() - t0:.0f}s")
