@@ -5,7 +5,7 @@ a notebook (printed, returned, in a traceback, passed as a parameter by mistake)
 is stored, every secret value the environment knows is replaced by ``[secret:<name>]`` in every
 string of the notebook, the ledger entry and the HTML (rendered from the redacted notebook),
 and then once more in the serialized bytes, in each form the serializers may have written it
-(as is, JSON-escaped, HTML-escaped, Python-repr-escaped).
+(as is or Python-repr-escaped, each of those HTML-escaped, and all of them JSON-escaped).
 """
 
 from __future__ import annotations
@@ -30,21 +30,23 @@ class Redactor:
     def marker(name: str) -> str:
         return f"[secret:{name}]"
 
-    def _forms(self, value: str) -> list[str]:
-        forms = {
-            value,
-            json.dumps(value)[1:-1],
-            json.dumps(value, ensure_ascii=False)[1:-1],
-            html.escape(value, quote=True),
-            html.escape(value, quote=False),
-            repr(value)[1:-1],
-        }
+    @staticmethod
+    def _forms(value: str) -> list[str]:
+        """The value as text may hold it (as is, repr-escaped as in a traceback, HTML-escaped),
+        and each of those as a JSON string holds it."""
+        plain = {value, repr(value)[1:-1]}
+        text_forms = plain | {html.escape(f, quote=q) for f in plain for q in (True, False)}
+        forms = set(text_forms)
+        for form in text_forms:
+            forms.add(json.dumps(form)[1:-1])
+            forms.add(json.dumps(form, ensure_ascii=False)[1:-1])
         return sorted(forms, key=len, reverse=True)
 
     def text(self, s: str) -> str:
         for name, value in self.secrets:
-            if value in s:
-                s = s.replace(value, self.marker(name))
+            for form in self._forms(value):
+                if form in s:
+                    s = s.replace(form, self.marker(name))
         return s
 
     def obj(self, o: Any) -> Any:
