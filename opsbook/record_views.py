@@ -86,3 +86,29 @@ def write_index(store: Store, entries: list[dict[str, Any]], title: str) -> str:
     """Render the index into the store's root (index.html, the one replaceable object); its location."""
     store.put_replaceable("index.html", index_html(entries, title).encode(), "text/html; charset=utf-8")
     return store.location("index.html")
+
+
+# -- what the Invoke tasks call ----------------------------------------------------------------
+def _env_store(env: str):
+    from opsbook import inventory
+    from opsbook.record_store import store_for
+
+    return store_for(inventory.load(env))
+
+
+def list_cli(
+    env: str, runbook: str | None = None, outcome: str | None = None, since: str | None = None
+) -> str:
+    from opsbook.record_store import select
+
+    store = _env_store(env)
+    return table(select(store.ledger(), env=env, runbook=runbook, outcome=outcome, since=since))
+
+
+def show_cli(env: str, record_id: str) -> str:
+    return show(_env_store(env), record_id)
+
+
+def index_cli(env: str) -> str:
+    store = _env_store(env)
+    return write_index(store, store.ledger(), f"{env} records")

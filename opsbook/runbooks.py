@@ -166,7 +166,7 @@ def parse_cli_parameters(name: str, declared: list[Parameter], pairs: list[str])
                 value = yaml.safe_load(text)
         except (ValueError, yaml.YAMLError):
             raise RunbookError(
-                f"runbook {name}: {key}={text!r} is not a {kind}. Nothing was run.\n"
+                f"runbook {name}: {key}={text!r} is not a valid {kind}. Nothing was run.\n"
                 f"  {name} takes:\n    {_signature(declared)}"
             ) from None
         out[key] = value
@@ -324,3 +324,19 @@ def run(
         )
     log(f"record {record_id} stored: {where} ({duration:.1f} s)")
     return stored
+
+
+# -- what the Invoke tasks call ----------------------------------------------------------------
+def describe(runbooks_dir: Path | None = None) -> str:
+    """Every runbook and the parameters an operator gives it."""
+    lines = []
+    for name in names(runbooks_dir):
+        lines.append(name)
+        lines.extend(f"    {p.describe()}" for p in parameters(name, runbooks_dir) if p.name not in INJECTED)
+    return "\n".join(lines) or f"no runbooks in {runbooks_dir or RUNBOOKS}"
+
+
+def run_cli(name: str, env: str, pairs: list[str] | None = None, parent: str | None = None) -> dict:
+    """`invoke runbook NAME -p key=value`: the values are converted by the declared types."""
+    declared = parameters(name)
+    return run(name, env, parse_cli_parameters(name, declared, pairs or []), parent_record_id=parent)

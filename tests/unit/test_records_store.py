@@ -192,7 +192,7 @@ def test_cli_parameters_are_converted_by_declared_type():
         "release", DECLARED, ["version=1.10", "rows=5", "ratio=0.25", "dry_run=yes", "hosts=[app1, app2]"]
     )
     assert got == {"version": "1.10", "rows": 5, "ratio": 0.25, "dry_run": True, "hosts": ["app1", "app2"]}
-    with pytest.raises(runbooks.RunbookError, match=r"rows='many' is not a int"):
+    with pytest.raises(runbooks.RunbookError, match=r"rows='many' is not a valid int"):
         runbooks.parse_cli_parameters("release", DECLARED, ["rows=many"])
     with pytest.raises(runbooks.RunbookError, match="expected NAME=VALUE"):
         runbooks.parse_cli_parameters("release", DECLARED, ["rows"])
