@@ -134,8 +134,91 @@ def test(c, k=None, no_lab=False):
         raise Exit(code=code)
 
 
+# --- runbooks and records ---------------------------------------------------------------
+@task(
+    help={
+        "name": "runbook to run (runbooks/NAME.ipynb); `invoke runbooks` lists them",
+        "env": "environment (inventories/ENV)",
+        "param": "a parameter as NAME=VALUE (repeat the flag for more); checked against the runbook",
+        "parent": "record id of the run that started this one",
+    },
+    iterable=["param"],
+)
+@operator_errors
+def runbook(c, name, env=None, param=None, parent=None):
+    """Run a runbook for an environment; its executed notebook is stored as a record."""
+    from opsbook import runbooks
+
+    runbooks.run_cli(name, env_name(c, env), param, parent)
+
+
+@task
+@operator_errors
+def runbooks_list(c):
+    """List the runbooks and the parameters each takes (read-only)."""
+    from opsbook import runbooks
+
+    print(runbooks.describe())
+
+
+@task(
+    help={
+        "env": "environment (inventories/ENV)",
+        "no_probe": "read the inventory and the records only, contact no host",
+    }
+)
+@operator_errors
+def report(c, env=None, no_probe=False):
+    """Record the state of an environment: hosts, versions served, health, database, last records."""
+    from opsbook import runbooks
+
+    runbooks.run("env_report", env_name(c, env), {"probe": not no_probe})
+
+
+@task(
+    help={
+        "env": "environment whose record store to read (inventories/ENV)",
+        "runbook": "only records of this runbook",
+        "outcome": "only succeeded or failed records",
+        "since": "only records started since: an age (30m, 12h, 7d, 2w) or an ISO date",
+    }
+)
+@operator_errors
+def records_list(c, env=None, runbook=None, outcome=None, since=None):
+    """List an environment's records, oldest first (read-only)."""
+    from opsbook import record_views
+
+    print(record_views.list_cli(env_name(c, env), runbook=runbook, outcome=outcome, since=since))
+
+
+@task(help={"record_id": "the record's id (`invoke records` lists them)", "env": "environment (ENV)"})
+@operator_errors
+def records_show(c, record_id, env=None):
+    """Show one record's ledger entry and where its notebook and HTML are."""
+    from opsbook import record_views
+
+    print(record_views.show_cli(env_name(c, env), record_id))
+
+
+@task(help={"env": "environment (inventories/ENV)"})
+@operator_errors
+def records_index(c, env=None):
+    """Render index.html in the record store: every record with outcome, duration and links."""
+    from opsbook import record_views
+
+    print(record_views.index_cli(env_name(c, env)))
+
+
+records_ns = Collection("records")
+records_ns.add_task(records_list, "list", default=True)
+records_ns.add_task(records_show, "show")
+records_ns.add_task(records_index, "index")
+
+
 ns = Collection()
 ns.add_collection(lab_ns)
-for t in (build, provision, release, check, test):
+ns.add_collection(records_ns)
+ns.add_task(runbooks_list, "runbooks")
+for t in (build, provision, release, check, test, runbook, report):
     ns.add_task(t)
 ns.configure({"opsbook": {"env": "lab"}})

@@ -1,0 +1,342 @@
+"""Run a runbook (``runbooks/<name>.ipynb``) for an environment and store its record.
+
+papermill executes the notebook; opsbook adds the discipline around it:
+
+1. the runbook exists (else: the ones that do), and the parameters given match its
+   ``parameters`` cell as papermill reads it (``papermill.inspect_notebook``): no unknown name,
+   no missing required one, the declared type; all before anything runs;
+2. the environment's record store is reachable, before anything runs;
+3. ``env``, ``record_id`` and ``parent_record_id`` are injected into every run;
+4. the executed notebook (or papermill's partial one with its error banner), its HTML rendering
+   and a ledger entry are stored, with every secret value replaced, whether the run succeeded
+   or failed; a failed run raises :class:`RunbookFailed` after its record is stored.
+
+Parameter convention (runbooks/README.md): ``name: type = default  # comment``; a required
+parameter has default ``None`` and a comment starting with "required".
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opsbook import ROOT
+from opsbook.errors import OpsbookError
+
+RUNBOOKS = ROOT / "runbooks"
+INJECTED = ("env", "record_id", "parent_record_id")
+KERNEL = "python3"
+
+# papermill's inferred_type_name -> Python types a given value may have.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list": (list, tuple),
+    "dict": (dict,),
+}
+
+
+class RunbookError(OpsbookError):
+    """The run was refused before anything executed; no record exists for it."""
+
+
+class RunbookFailed(OpsbookError):
+    """The runbook ran and failed; its record (with the error) is stored."""
+
+    def __init__(self, message: str, entry: dict[str, Any]):
+        super().__init__(message)
+        self.entry = entry
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: str          # papermill's inferred_type_name: str, int, float, bool, list, dict, or None (untyped)
+    default: str       # the default as written in the cell
+    help: str
+
+    @property
+    def required(self) -> bool:
+        return self.default == "None" and self.help.strip().lower().startswith("required")
+
+    def describe(self) -> str:
+        typed = f": {self.type}" if self.type != "None" else ""
+        comment = f"  # {self.help}" if self.help else ""
+        return f"{self.name}{typed} = {self.default}{comment}"
+
+
+# -- finding runbooks and their parameters ---------------------------------------------------
+def names(runbooks_dir: Path | None = None) -> list[str]:
+    directory = Path(runbooks_dir or RUNBOOKS)
+    return sorted(p.stem for p in directory.glob("*.ipynb")) if directory.is_dir() else []
+
+
+def path_of(name: str, runbooks_dir: Path | None = None) -> Path:
+    directory = Path(runbooks_dir or RUNBOOKS)
+    path = directory / f"{name}.ipynb"
+    if "/" in name or name.startswith(".") or not path.is_file():
+        known = ", ".join(names(directory)) or "none"
+        raise RunbookError(
+            f"no runbook {name!r} in {directory}; runbooks that exist: {known}. Nothing was run."
+        )
+    return path
+
+
+def parameters(name: str, runbooks_dir: Path | None = None) -> list[Parameter]:
+    """The runbook's declared parameters, read by papermill from its `parameters` cell."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(path_of(name, runbooks_dir)))
+    return [
+        Parameter(p["name"], str(p["inferred_type_name"]), str(p["default"]), str(p.get("help") or ""))
+        for p in declared.values()
+    ]
+
+
+def _signature(declared: list[Parameter]) -> str:
+    lines = [p.describe() for p in declared if p.name not in INJECTED]
+    return "\n    ".join(lines) if lines else "(none)"
+
+
+def check_parameters(name: str, declared: list[Parameter], given: dict[str, Any]) -> dict[str, Any]:
+    """Refuse unknown, missing-required and wrongly typed parameters; return the ones to inject."""
+    by_name = {p.name: p for p in declared}
+    problems = []
+    for key in given:
+        if key in INJECTED:
+            problems.append(f"{key!r} is set by opsbook for every run (use --env / --parent for it)")
+        elif key not in by_name:
+            problems.append(f"unknown parameter {key!r}")
+    for p in declared:
+        if p.name in INJECTED:
+            continue
+        if p.name not in given or given[p.name] is None:
+            if p.required:
+                problems.append(f"missing required parameter {p.name!r}")
+            continue
+        allowed = _TYPES.get(p.type)
+        value = given[p.name]
+        wrong = allowed is not None and (
+            not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
+        )
+        if wrong:
+            problems.append(f"{p.name!r} must be {p.type}, got {type(value).__name__} {value!r}")
+    if problems:
+        raise RunbookError(
+            f"runbook {name}: " + "; ".join(problems) + ". Nothing was run.\n"
+            f"  {name} takes:\n    {_signature(declared)}"
+        )
+    return {k: v for k, v in given.items() if v is not None or not by_name[k].required}
+
+
+def parse_cli_parameters(name: str, declared: list[Parameter], pairs: list[str]) -> dict[str, Any]:
+    """`-p rows=500 -p hosts='[app1, app2]'` -> typed values, converted by the declared type."""
+    by_name = {p.name: p for p in declared}
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            raise RunbookError(f"parameter {pair!r}: expected NAME=VALUE. Nothing was run.")
+        p = by_name.get(key)
+        kind = p.type if p else "None"
+        try:
+            if kind == "str":
+                value: Any = text
+            elif kind == "int":
+                value = int(text)
+            elif kind == "float":
+                value = float(text)
+            elif kind == "bool":
+                value = _bool(text)
+            else:  # list, dict, untyped: YAML flow syntax reads like the Python an operator would type
+                value = yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError):
+            raise RunbookError(
+                f"runbook {name}: {key}={text!r} is not a valid {kind}. Nothing was run.\n"
+                f"  {name} takes:\n    {_signature(declared)}"
+            ) from None
+        out[key] = value
+    return out
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false", "yes", "no", "1", "0"):
+        raise ValueError(text)
+    return lowered in ("true", "yes", "1")
+
+
+# -- facts for the ledger ------------------------------------------------------------------
+def git_sha() -> str:
+    """The commit of the opsbook that ran, with `-dirty` when tracked files were changed."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def operator() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def render_html(nb) -> bytes:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    return body.encode()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _execute(path: Path, injected: dict[str, Any], progress: bool):
+    """Execute with papermill into a scratch file; return (notebook, error or None, interrupt or None)."""
+    import nbformat
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    error, interrupted = None, None
+    with tempfile.TemporaryDirectory(prefix="opsbook-run-") as tmp:
+        out_path = Path(tmp) / path.name
+        try:
+            papermill.execute_notebook(
+                str(path),
+                str(out_path),
+                parameters=injected,
+                kernel_name=KERNEL,
+                language="python",
+                cwd=str(ROOT),  # the kernel imports the opsbook that is running (opsbook.ROOT)
+                progress_bar=progress,
+            )
+        except PapermillExecutionError as e:
+            error = f"cell {e.exec_count}: {e.ename}: {e.evalue}"
+        except KeyboardInterrupt as e:
+            error, interrupted = "interrupted by the operator", e
+        except Exception as e:  # noqa: BLE001 - any failure of a started run (dead kernel, timeout) is recorded
+            error = f"{type(e).__name__}: {e}"
+        # papermill writes the output (with its error banner on failure) as soon as it starts;
+        # if it failed before that, the record is the source notebook.
+        nb = nbformat.read(out_path if out_path.exists() else path, as_version=4)
+    return nb, error, interrupted
+
+
+# -- running -------------------------------------------------------------------------------
+def run(
+    name: str,
+    env,
+    params: dict[str, Any] | None = None,
+    *,
+    parent_record_id: str | None = None,
+    store=None,
+    secrets: dict[str, str] | None = None,
+    runbooks_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run a runbook for an environment and store its record. Returns the ledger entry.
+
+    `env` is an environment name or an `opsbook.inventory.Env`. The store defaults to the one
+    the environment names (`opsbook_record_store`), the secrets to every `vault_*` value it
+    knows. Raises RunbookError (nothing ran, nothing stored) or RunbookFailed (record stored).
+    """
+    import nbformat
+
+    from opsbook.record_store import check_record_id, new_record_id, store_for
+    from opsbook.records import figures_in
+    from opsbook.redact import Redactor
+
+    path = path_of(name, runbooks_dir)
+    declared = parameters(name, runbooks_dir)
+    given = check_parameters(name, declared, dict(params or {}))
+    if parent_record_id is not None:
+        check_record_id(parent_record_id)
+
+    env_name = env if isinstance(env, str) else env.name
+    if store is None or secrets is None:
+        from opsbook import inventory
+
+        env_obj = inventory.load(env) if isinstance(env, str) else env
+        store = store if store is not None else store_for(env_obj)
+        secrets = secrets if secrets is not None else env_obj.secret_values()
+    store.check()
+    redactor = Redactor(secrets)
+
+    record_id = new_record_id(name)
+    injected = {**given, "env": env_name, "record_id": record_id, "parent_record_id": parent_record_id}
+    log(f"running runbook {name} for {env_name} as record {record_id}")
+    start, t0 = _now(), time.monotonic()
+    nb, error, interrupted = _execute(path, injected, progress)
+    end, duration = _now(), time.monotonic() - t0
+    outcome = "failed" if error else "succeeded"
+
+    nb = redactor.obj(nb)
+    entry = {
+        "id": record_id,
+        "runbook": name,
+        "env": env_name,
+        "parameters": redactor.obj(given),
+        "operator": operator(),
+        "git_sha": git_sha(),
+        "start": start.isoformat(timespec="seconds"),
+        "end": end.isoformat(timespec="seconds"),
+        "duration_s": round(duration, 3),
+        "outcome": outcome,
+        "error": redactor.text(error) if error else None,
+        "figures": redactor.obj(figures_in(nb)),
+        "parent_record_id": parent_record_id,
+    }
+    nb_bytes = redactor.bytes(nbformat.writes(nb).encode())
+    html_bytes = redactor.bytes(render_html(nb))
+    entry = json.loads(redactor.bytes(json.dumps(entry).encode()))
+    stored = store.write_record(entry, nb_bytes, html_bytes)
+    where = store.location(stored["html"])
+    if interrupted is not None:
+        log(f"interrupted; record {record_id} stored: {where}")
+        raise interrupted
+    if outcome == "failed":
+        raise RunbookFailed(
+            f"runbook {name} failed for {env_name}: {entry['error']}\n"
+            f"  Its record {record_id} is stored: {where}\n"
+            f"  What it changed before failing is in that notebook; read it before running again.",
+            stored,
+        )
+    log(f"record {record_id} stored: {where} ({duration:.1f} s)")
+    return stored
+
+
+# -- what the Invoke tasks call ----------------------------------------------------------------
+def describe(runbooks_dir: Path | None = None) -> str:
+    """Every runbook and the parameters an operator gives it."""
+    lines = []
+    for name in names(runbooks_dir):
+        lines.append(name)
+        lines.extend(f"    {p.describe()}" for p in parameters(name, runbooks_dir) if p.name not in INJECTED)
+    return "\n".join(lines) or f"no runbooks in {runbooks_dir or RUNBOOKS}"
+
+
+def run_cli(name: str, env: str, pairs: list[str] | None = None, parent: str | None = None) -> dict:
+    """`invoke runbook NAME -p key=value`: the values are converted by the declared types."""
+    declared = parameters(name)
+    return run(name, env, parse_cli_parameters(name, declared, pairs or []), parent_record_id=parent)

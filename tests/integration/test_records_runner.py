@@ -1,0 +1,278 @@
+"""The runbook runner with a real papermill kernel, against real local and S3 (moto) stores."""
+
+import html
+import json
+import stat
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from opsbook import ROOT, runbooks
+from opsbook.record_store import LocalStore, S3Store, StoreUnreachable, new_record_id
+from opsbook.redact import Redactor
+
+pytestmark = pytest.mark.kernel
+
+
+def write_runbook(directory: Path, name: str, parameters: str, *cells: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    params = nbformat.v4.new_code_cell(parameters.strip())
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, *(nbformat.v4.new_code_cell(c.strip()) for c in cells)]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+INJECTED = """
+env: str = "lab"  # environment; set by opsbook
+record_id: str = None  # this run's record; set by opsbook
+parent_record_id: str = None  # the run that started this one; set by opsbook
+"""
+
+
+@pytest.fixture
+def book(tmp_path):
+    """A runbooks directory with `count` (succeeds), `broken` (fails in cell 2) and `leaky` (secrets)."""
+    d = tmp_path / "runbooks"
+    write_runbook(
+        d,
+        "count",
+        INJECTED + 'rows: int = None  # required: rows to count\nmarker: str = ""  # file to create when run',
+        "import opsbook, pathlib\nfrom opsbook.records import report\n"
+        "if marker: pathlib.Path(marker).write_text('ran')",
+        "print(f'env={env} record={record_id} parent={parent_record_id} opsbook={opsbook.__file__}')",
+        "report(rows=rows, doubled=rows * 2)\nreport(doubled=rows * 3, host='app1')",
+    )
+    write_runbook(
+        d,
+        "broken",
+        INJECTED,
+        "print('step one done')",
+        "raise ValueError('disk full on db1')",
+        "print('never printed')",
+    )
+    write_runbook(
+        d,
+        "leaky",
+        INJECTED + "password: str = None  # required: a secret value, given by mistake\n"
+        "fail: bool = False  # raise an error that carries the secret",
+        "from opsbook.records import report\nprint('the password is', password)\n"
+        "print('computed:', 'zq7' + 'Kx9' + 'vv2')",
+        "report(leaked=password, nested={'k': [password]})\npassword",
+        "if fail:\n    raise RuntimeError(f'cannot log in with {password!r}')",
+    )
+    return d
+
+
+def _all_bytes_local(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_succeeded_run_stores_notebook_html_and_ledger_entry(book, tmp_path):
+    store = LocalStore(tmp_path / "records")
+    parent = new_record_id("release")
+    entry = runbooks.run(
+        "count",
+        "lab",
+        {"rows": 21},
+        parent_record_id=parent,
+        store=store,
+        secrets={},
+        runbooks_dir=book,
+        progress=False,
+        log=lambda _m: None,
+    )
+    assert entry["outcome"] == "succeeded"
+    assert entry["error"] is None
+    assert entry["parameters"] == {"rows": 21}
+    assert entry["figures"] == {"rows": 21, "doubled": 63, "host": "app1"}
+    assert entry["parent_record_id"] == parent
+    assert entry["git_sha"] not in ("", "unknown")
+    assert entry["duration_s"] > 0
+    assert entry["start"] <= entry["end"]
+    assert store.ledger() == [entry]
+    nb = nbformat.reads(store.get(entry["notebook"]).decode(), as_version=4)
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    # env, record id and parent are injected; the kernel imports the opsbook that runs it.
+    assert (
+        f"env=lab record={entry['id']} parent={parent} opsbook={ROOT / 'opsbook' / '__init__.py'}" in printed
+    )
+    html = store.get(entry["html"]).decode()
+    assert html.startswith("<!DOCTYPE html>")
+    assert "doubled = 63" in html
+    assert not Path(store.location(entry["notebook"])).stat().st_mode & stat.S_IWUSR
+
+
+def test_failed_run_is_recorded_with_papermill_banner_then_raises(book, tmp_path):
+    store = LocalStore(tmp_path / "records")
+    with pytest.raises(runbooks.RunbookFailed, match=r"ValueError: disk full on db1") as info:
+        runbooks.run(
+            "broken", "lab", store=store, secrets={}, runbooks_dir=book, progress=False, log=lambda _m: None
+        )
+    entry = info.value.entry
+    assert entry["id"] in str(info.value)
+    assert store.location(entry["html"]) in str(info.value)
+    assert store.ledger() == [entry]
+    assert entry["outcome"] == "failed"
+    assert entry["error"].endswith("ValueError: disk full on db1")
+    nb_text = store.get(entry["notebook"]).decode()
+    assert "An Exception was encountered" in nb_text  # papermill's error banner
+    assert "step one done" in nb_text
+    assert "never printed\\n" not in nb_text.split('"source"')[-1]
+    assert "disk full on db1" in store.get(entry["html"]).decode()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        pytest.param({"rows": 5, "rowz": 1}, r"(?s)'rowz'.*rows: int = None  # required", id="unknown"),
+        pytest.param({}, r"missing required parameter 'rows'", id="missing"),
+        pytest.param({"rows": "5"}, r"'rows' must be int", id="wrong-type"),
+    ],
+)
+def test_refused_run_executes_nothing_and_stores_nothing(book, tmp_path, params, message):
+    store = LocalStore(tmp_path / "records")
+    marker = tmp_path / "ran"
+    with pytest.raises(runbooks.RunbookError, match=message):
+        runbooks.run(
+            "count",
+            "lab",
+            {**params, "marker": str(marker)},
+            store=store,
+            secrets={},
+            runbooks_dir=book,
+            progress=False,
+        )
+    assert not marker.exists()
+    assert not (tmp_path / "records").exists()
+
+
+def test_unwritable_store_is_refused_before_anything_runs(book, tmp_path):
+    (tmp_path / "records").write_text("a file where the store should be")
+    marker = tmp_path / "ran"
+    with pytest.raises(StoreUnreachable, match="Nothing was run"):
+        runbooks.run(
+            "count",
+            "lab",
+            {"rows": 1, "marker": str(marker)},
+            store=LocalStore(tmp_path / "records" / "x"),
+            secrets={},
+            runbooks_dir=book,
+            progress=False,
+        )
+    assert not marker.exists()
+
+
+# -- secrets -----------------------------------------------------------------------------------
+PLANTED = {"vault_db_password": 'S3cr3t-"pw"&<db>\\x', "vault_api_token": "zq7Kx9vv2"}
+
+
+def _strings(o):
+    if isinstance(o, str):
+        yield o
+    elif isinstance(o, dict):
+        for k, v in o.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(o, list):
+        for v in o:
+            yield from _strings(v)
+
+
+def _assert_no_secret_in(blobs: dict[str, bytes]):
+    """Look for the values in the bytes, in every decoded JSON string and in the unescaped HTML text."""
+    redactor = Redactor(PLANTED)
+    assert blobs
+    for name, data in blobs.items():
+        texts = [data.decode()]
+        if name.endswith((".json", ".ipynb")):
+            texts += list(_strings(json.loads(data)))
+        if name.endswith(".html"):
+            texts.append(html.unescape(data.decode()))
+        for value in PLANTED.values():
+            for text in texts:
+                assert value not in text, name
+                assert repr(value)[1:-1] not in text, name
+        assert redactor.leaks(data) == [], name
+
+
+def _run_leaky(book, store):
+    ok = runbooks.run(
+        "leaky",
+        "lab",
+        {"password": PLANTED["vault_db_password"]},
+        store=store,
+        secrets=PLANTED,
+        runbooks_dir=book,
+        progress=False,
+        log=lambda _m: None,
+    )
+    with pytest.raises(runbooks.RunbookFailed) as info:
+        runbooks.run(
+            "leaky",
+            "lab",
+            {"password": PLANTED["vault_db_password"], "fail": True},
+            store=store,
+            secrets=PLANTED,
+            runbooks_dir=book,
+            progress=False,
+            log=lambda _m: None,
+        )
+    failed = info.value.entry
+    # The secrets did reach the run (so the test can fail) and were replaced in the record.
+    assert ok["parameters"]["password"] == "[secret:vault_db_password]"
+    assert ok["figures"] == {
+        "leaked": "[secret:vault_db_password]",
+        "nested": {"k": ["[secret:vault_db_password]"]},
+    }
+    notebook = store.get(ok["notebook"]).decode()
+    assert "the password is [secret:vault_db_password]" in notebook
+    assert "computed: [secret:vault_api_token]" in notebook
+    assert "[secret:vault_db_password]" in failed["error"]
+    for value in PLANTED.values():
+        assert value not in str(info.value)
+    return ok, failed
+
+
+def test_secrets_reach_no_stored_byte_local(book, tmp_path):
+    store = LocalStore(tmp_path / "records")
+    _run_leaky(book, store)
+    _assert_no_secret_in(_all_bytes_local(tmp_path / "records"))
+
+
+@pytest.mark.moto
+def test_secrets_reach_no_stored_byte_s3(book, s3_bucket, aws):
+    import boto3
+
+    store = S3Store(f"s3://{s3_bucket}/lab")
+    ok, failed = _run_leaky(book, store)
+    s3 = boto3.client("s3", endpoint_url=aws)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert len(keys) == 6
+    assert f"lab/ledger/{ok['id']}.json" in keys
+    _assert_no_secret_in({k: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in keys})
+    assert (
+        json.loads(s3.get_object(Bucket=s3_bucket, Key=f"lab/ledger/{failed['id']}.json")["Body"].read())
+        == failed
+    )
+
+
+@pytest.mark.moto
+def test_missing_bucket_is_refused_before_anything_runs(book, tmp_path, aws):
+    marker = tmp_path / "ran"
+    with pytest.raises(StoreUnreachable, match=r"bucket 'no-such-bucket' does not exist\. Nothing was run"):
+        runbooks.run(
+            "count",
+            "lab",
+            {"rows": 1, "marker": str(marker)},
+            store=S3Store("s3://no-such-bucket/lab"),
+            secrets={},
+            runbooks_dir=book,
+            progress=False,
+        )
+    assert not marker.exists()
