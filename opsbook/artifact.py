@@ -142,8 +142,8 @@ def build(version: str | None = None, log=print) -> Artifact:
         return find(version)
     DIST.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="opsbook-build-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="opsbook-build-") as tmpdir:
+        tmp = Path(tmpdir)
         src = tmp / "src"
         shutil.copytree(APP, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
         init = src / "bl_api" / "__init__.py"

@@ -38,8 +38,8 @@ class Host:
 class Env:
     """One environment: its hosts by group and its variables, rendered like Ansible renders them."""
 
-    def __init__(self, name: str):
-        if name not in environments():
+    def __init__(self, name: str, path: Path | None = None):
+        if path is None and name not in environments():
             raise UnknownEnvironment(
                 f"unknown environment {name!r}; environments that exist: {', '.join(environments())}. "
                 f"Nothing was changed. Pick one of those with --env, or add inventories/{name}/."
@@ -51,7 +51,7 @@ class Env:
 
         _init_plugins(init_plugin_loader)
         self.name = name
-        self.path = INVENTORIES / name
+        self.path = Path(path) if path else INVENTORIES / name
         self._loader = DataLoader()
         self._inventory = InventoryManager(loader=self._loader, sources=[str(self.path)])
         self._varman = VariableManager(loader=self._loader, inventory=self._inventory)
@@ -99,7 +99,7 @@ class Env:
         for name in self.secret_names():
             try:
                 value = self.var(name)
-            except Exception:  # noqa: BLE001 - a secret that cannot be resolved yet has no value to hide
+            except Exception:  # noqa: BLE001, S112 - a secret that cannot be resolved yet has no value to hide
                 continue
             if value not in (None, ""):
                 out[name] = str(value)
@@ -141,19 +141,14 @@ class Env:
 
 
 def _plain(value: Any) -> Any:
-    """Turn Ansible's tagged/lazy containers into plain Python values."""
+    """Turn Ansible's tagged/lazy containers and scalars into plain Python values."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
+    for plain in (bool, str, int, float):   # bool before int: True is an int too
+        if isinstance(value, plain):
+            return plain(value)
     return value
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from opsbook import ROOT
 from opsbook.errors import OpsbookError
-from opsbook.inventory import load
+from opsbook.inventory import Env, load
 
 LABEL = "opsbook.lab"
 CONTAINERS_CONF = ROOT / "lab" / "containers.conf"
@@ -72,8 +72,13 @@ def image_name() -> str:
     return f"localhost/opsbook-lab:{hashlib.sha256(spec).hexdigest()[:12]}"
 
 
-def lab_dir() -> Path:
-    return Path(load("lab").var("opsbook_lab_dir")).resolve()
+def _lab(env: Env | None) -> Env:
+    """The lab environment (tests may pass another lab-kind inventory)."""
+    return env or load("lab")
+
+
+def lab_dir(env: Env | None = None) -> Path:
+    return Path(_lab(env).var("opsbook_lab_dir")).resolve()
 
 
 def debian_mirror() -> str:
@@ -172,13 +177,12 @@ class LabHost:
     container: str
 
 
-def hosts() -> list[LabHost]:
-    env = load("lab")
-    return [LabHost(h.name, h.address, f"opsbook-lab-{h.name}") for h in env.hosts()]
+def hosts(env: Env | None = None) -> list[LabHost]:
+    return [LabHost(h.name, h.address, f"opsbook-lab-{h.name}") for h in _lab(env).hosts()]
 
 
-def network() -> tuple[str, str, str]:
-    env = load("lab")
+def network(env: Env | None = None) -> tuple[str, str, str]:
+    env = _lab(env)
     return env.var("opsbook_lab_network"), env.var("opsbook_lab_subnet"), env.var("opsbook_lab_gateway")
 
 
@@ -232,8 +236,8 @@ def ensure_keys_and_secrets() -> tuple[Path, bool]:
     return key, changed
 
 
-def _ensure_network(dry_run: bool) -> bool:
-    name, subnet, gateway = network()
+def _ensure_network(dry_run: bool, env: Env | None = None) -> bool:
+    name, subnet, gateway = network(env)
     if podman("network", "exists", name, check=False).returncode == 0:
         info = json.loads(podman("network", "inspect", name).stdout)[0]
         subnets = [s.get("subnet") for s in info.get("subnets", [])]
@@ -265,10 +269,10 @@ def _ensure_network(dry_run: bool) -> bool:
     return True
 
 
-def up(dry_run: bool = False) -> bool:
+def up(dry_run: bool = False, env: Env | None = None) -> bool:
     """Make the lab match the inventory. Returns True when something changed."""
     podman("version", "--format", "{{.Client.Version}}")   # fails clearly without podman
-    changed = _ensure_network(dry_run)
+    changed = _ensure_network(dry_run, env)
     if dry_run:
         for h in hosts():
             info = _inspect(h.container)

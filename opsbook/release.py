@@ -37,7 +37,7 @@ def ansible_env() -> dict[str, str]:
     return env
 
 
-def run_playbook(env: Env, playbook: str, extra_vars: dict | None = None, check: bool = False,
+def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, check: bool = False,
                  limit: str | None = None, what: str = "") -> None:
     """Run a playbook against an environment, streaming Ansible's progress to the terminal."""
     import json

@@ -1,4 +1,5 @@
 pytest_plugins = [
+    "tests.fixtures.lab",
     "tests.fixtures.postgres",
     "tests.fixtures.moto",
 ]

@@ -28,5 +28,5 @@ def test_failed_migration_rolls_back_and_names_itself(pg_db, tmp_path):
 
 def test_malformed_file_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "0001_x.yml").write_text("expand:\n  - drop_everything: yes\n")
-    with pytest.raises(MigrationError, match="0001_x.yml: expand step 1"):
+    with pytest.raises(MigrationError, match=r"0001_x\.yml: expand step 1"):
         load_migrations(tmp_path)

@@ -1,0 +1,159 @@
+"""The lab end to end: provisioning, a release from one version to another, the service
+through the load balancer, and the bad inputs an operator can meet. Real hosts over SSH."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from opsbook import ROOT
+from opsbook.release import ansible_env
+from tests.fixtures.lab import http_json, invoke, new_uuid, ssh
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def fleet_state(env) -> dict[str, tuple[str, str]]:
+    """host -> (release `current` points at, main PID of the service)."""
+    out = {}
+    for h in env.hosts("app"):
+        out[h.name] = (
+            ssh(h.name, "readlink /srv/bl-api/current || true"),
+            ssh(h.name, "systemctl show -p MainPID --value bl-api"),
+        )
+    return out
+
+
+def served_versions(env) -> dict[str, str]:
+    port = env.var("bl_api_port")
+    return {h.name: http_json(f"http://{h.address}:{port}/version")[1].get("version") for h in env.hosts("app")}
+
+
+# --- bad input changes nothing ----------------------------------------------------------
+def test_release_to_unknown_env_names_the_environments_that_exist():
+    proc = invoke("release", "--env", "nope")
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "unknown environment 'nope'" in err
+    for name in ("lab", "prod", "staging"):
+        assert name in err
+    assert "Traceback" not in err
+
+
+def test_release_of_a_missing_artifact_touches_no_host(lab_env):
+    before = fleet_state(lab_env)
+    proc = invoke("release", "--env", "lab", "--version", "0.0.0-missing")
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "0.0.0-missing does not exist" in err
+    assert "invoke build --version 0.0.0-missing" in err
+    assert "No host was touched" in err
+    assert "PLAY" not in proc.stdout   # no playbook ran
+    assert fleet_state(lab_env) == before
+
+
+def test_lab_up_without_podman_says_what_to_do(tmp_path):
+    # A PATH with our Python but no podman: what a machine without podman looks like.
+    proc = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", "from opsbook import lab; lab.up()"],
+        cwd=ROOT, capture_output=True, text=True, env={"PATH": str(tmp_path), "HOME": str(tmp_path)},
+        check=False)
+    assert proc.returncode != 0
+    assert "podman is not installed" in proc.stderr
+    assert "apt-get install podman" in proc.stderr
+
+
+def test_lab_up_refuses_a_subnet_already_taken(tmp_path, lab_env):
+    from opsbook import lab
+    from opsbook.inventory import Env
+
+    inv = tmp_path / "otherlab"
+    (inv / "group_vars" / "all").mkdir(parents=True)
+    (inv / "hosts.yml").write_text("all:\n  hosts:\n    x1:\n      ansible_host: 10.89.7.200\n")
+    (inv / "group_vars" / "all" / "main.yml").write_text(
+        "opsbook_env_kind: lab\nopsbook_lab_network: opsbook-lab-other\n"
+        f"opsbook_lab_subnet: {lab_env.var('opsbook_lab_subnet')}\nopsbook_lab_gateway: 10.89.7.1\n"
+        f"opsbook_lab_dir: {tmp_path}/.lab\n")
+    other = Env("otherlab", path=inv)
+    with pytest.raises(lab.LabError, match=r"already taken by podman network 'opsbook-lab'.*Nothing was changed"):
+        lab.up(env=other)
+    assert lab.podman("network", "exists", "opsbook-lab-other", check=False).returncode != 0
+
+
+def test_lab_up_on_a_running_lab_changes_nothing(lab_env):
+    from opsbook import lab
+
+    assert lab.up() is False
+
+
+def test_lab_down_would_remove_exactly_what_lab_up_created(lab_env, capsys):
+    from opsbook import lab
+
+    lab.down(dry_run=True)
+    out = capsys.readouterr().out
+    removed = set(re.findall(r"would remove (\S+)", out))
+    expected = {f"opsbook-lab-{h.name}" for h in lab_env.hosts()} | {"network"}
+    assert removed == expected
+    assert "would remove network opsbook-lab" in out
+
+
+# --- provisioning, release, service ------------------------------------------------------
+def test_second_provision_changes_nothing(lab_env):
+    invoke("provision", "--env", "lab", check=True)
+    proc = subprocess.run(
+        ["ansible-playbook", "-i", str(lab_env.path), str(ROOT / "playbooks" / "site.yml")],
+        cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    recap = [line for line in proc.stdout.splitlines() if re.match(r"^\S+\s+: ok=", line)]
+    assert len(recap) == len(lab_env.hosts())
+    changed = [line for line in recap if "changed=0" not in line]
+    assert not changed, "second provision changed something:\n" + "\n".join(changed)
+
+
+def test_release_switches_every_host_from_a_to_b(lab_env, test_versions):
+    a, b = test_versions
+    invoke("release", "--env", "lab", "--version", a, check=True)
+    assert set(served_versions(lab_env).values()) == {a}
+    invoke("release", "--env", "lab", "--version", b, check=True)
+    assert set(served_versions(lab_env).values()) == {b}
+    for host, (current, _pid) in fleet_state(lab_env).items():
+        assert current == f"/srv/bl-api/releases/{b}", host
+    invoke("check", "--env", "lab", check=True)
+
+
+def test_release_of_the_version_already_served_restarts_nothing(lab_env, test_versions):
+    b = test_versions[1]
+    before = fleet_state(lab_env)
+    invoke("release", "--env", "lab", "--version", b, check=True)
+    assert fleet_state(lab_env) == before
+
+
+def test_record_then_fetch_through_the_load_balancer(lb_url):
+    course, ecosystem = new_uuid(), new_uuid()
+    status, body = http_json(f"{lb_url}/create_course", {"course_uuid": course, "ecosystem_uuid": ecosystem})
+    assert status == 200, body
+    responses = [
+        {"response_uuid": new_uuid(), "course_uuid": course, "ecosystem_item_uuid": new_uuid(),
+         "trial_uuid": new_uuid(), "student_uuid": new_uuid(), "exercise_uuid": new_uuid(),
+         "is_correct": i % 2 == 0, "is_real_response": True, "responded_at": "2026-11-28T12:00:00Z"}
+        for i in range(25)
+    ]
+    # Several requests, so more than one app host takes part behind the balancer.
+    for chunk in (responses[:10], responses[10:20], responses[20:]):
+        status, body = http_json(f"{lb_url}/record_responses", {"responses": chunk})
+        assert status == 200, body
+        assert body["recorded_response_uuids"] == [r["response_uuid"] for r in chunk]
+    status, body = http_json(f"{lb_url}/fetch_course_events", {"course_event_requests": [
+        {"request_uuid": new_uuid(), "course_uuid": course, "sequence_number_offset": 1}]})
+    assert status == 200, body
+    events = body["course_event_responses"][0]["events"]
+    assert [e["event_uuid"] for e in events] == [r["response_uuid"] for r in responses]
+    assert [e["sequence_number"] for e in events] == list(range(1, 26))
+
+
+def test_bad_request_through_the_load_balancer_is_a_4xx_json(lb_url):
+    status, body = http_json(f"{lb_url}/record_responses", {"responses": [{"course_uuid": "not-a-uuid"}]})
+    assert 400 <= status < 500
+    assert "error" in body
