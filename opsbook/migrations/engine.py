@@ -233,7 +233,7 @@ class _Runner:
 
         try:
             return guards.with_retries(
-                attempt, self.s, what=step.key, on_retry=on_retry, before_retry=before_retry
+                attempt, self.s, what=step.key, on_retry=on_retry, before_retry=before_retry, retry_on=_lock_failure
             )
         except Exception as e:
             if not _lock_failure(e):

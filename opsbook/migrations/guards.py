@@ -59,6 +59,7 @@ def with_retries(
     what: str,
     on_retry: Callable[[int, BaseException], None] | None = None,
     before_retry: Callable[[], None] | None = None,
+    retry_on: Callable[[BaseException], bool] = is_lock_failure,
 ) -> tuple[Any, int]:
     """Run `attempt` until it stops failing on locks, at most 1 + retries times.
     Returns (result, attempts). Non-lock errors raise at once."""
@@ -67,7 +68,7 @@ def with_retries(
         try:
             return attempt(), n + 1
         except Exception as e:
-            if not is_lock_failure(e) or n == len(delays):
+            if not retry_on(e) or n == len(delays):
                 raise
             if on_retry:
                 on_retry(n + 1, e)

@@ -347,7 +347,7 @@ def backfill_sql(
         f"ORDER BY {pk} LIMIT %(n)s), "
         f"done AS (UPDATE {table} SET {column} = ({expression}) FROM batch "
         f"WHERE {table}.{pk} = batch.opsbook_key{cond} RETURNING 1) "
-        f"SELECT (SELECT opsbook_key::text FROM batch ORDER BY opsbook_key DESC LIMIT 1), "
+        f"SELECT (SELECT b.opsbook_key FROM batch AS b ORDER BY b.opsbook_key DESC LIMIT 1)::text, "
         f"(SELECT count(*) FROM batch), (SELECT count(*) FROM done)"
     )
 
