@@ -381,7 +381,9 @@ class _Runner:
     def run_backfill(self, m: Migration, phase: str, i: int, step: Step) -> int:
         a = step.args
         pk, pk_type = self.primary_key(step.table)
-        sql = spec.backfill_sql(step.table, a["column"], a["expression"], a["where"], pk, pk_type)
+        # The batch runs with parameters, so a `%` in the declared SQL must reach Postgres as `%%`.
+        expression, where = a["expression"].replace("%", "%%"), a["where"] and a["where"].replace("%", "%%")
+        sql = spec.backfill_sql(step.table, a["column"], expression, where, pk, pk_type)
         first_sql = sql.replace(f"WHERE {pk} > %(after)s::{pk_type} ", "")
         row = self.conn.execute(
             "SELECT last_key, batches FROM opsbook_backfill_progress WHERE migration=%s AND phase=%s AND step=%s",

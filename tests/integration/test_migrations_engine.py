@@ -164,7 +164,7 @@ def test_safe_forms_for_each_operation(pg_db, tmp_path):
 expand:
   - add_column: {table: t, column: c, type: bigint, default: "7", not_null: true}
   - add_column: {table: t, column: d, type: bigint}
-  - backfill: {table: t, column: d, expression: a * 2, batch_size: 64}
+  - backfill: {table: t, column: d, expression: a * 2 + a % 1, batch_size: 64}
   - set_not_null: {table: t, column: d}
   - add_check: {table: t, name: t_a_positive, expression: a > 0}
   - add_foreign_key: {table: t, name: t_parent_fk, columns: [parent_id], references_table: parent,
