@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opsbook.migrations import guards, lint, spec
+from opsbook.migrations import guards, linting, spec
 from opsbook.migrations.guards import APP_NAME, Settings
 from opsbook.migrations.measure import BatchStat, LockSampler, RunResult, StepResult, ThrottleEvent
 from opsbook.migrations.spec import (
@@ -108,7 +108,7 @@ class Plan:
     steps: list[PlannedStep] = field(default_factory=list)
     refused: dict[str, dict[str, str]] = field(default_factory=dict)  # migration -> {host: version}
     not_expanded: list[str] = field(default_factory=list)  # contract asked before expand
-    findings: list[lint.Finding] = field(default_factory=list)
+    findings: list[linting.Finding] = field(default_factory=list)
 
     @property
     def pending(self) -> list[PlannedStep]:
@@ -192,7 +192,7 @@ def plan(
     todo = {s.migration for s in p.pending}
     for m in migrations:
         if m.id in todo:
-            p.findings += lint.lint_migration(m, (phase,))
+            p.findings += linting.lint_migration(m, (phase,))
     return p
 
 
@@ -529,7 +529,7 @@ def run(
     s = settings or Settings()
     progress = progress or _noop
     p = plan(conninfo, directory, phase, fleet_versions)  # validates, lints, gates: raises before any change
-    lint.refuse_unaccepted(p.findings)
+    linting.refuse_unaccepted(p.findings)
     if p.not_expanded:
         raise MigrationError(
             f"refusing the contract of {p.not_expanded}: their expand phase has not run. "

@@ -120,6 +120,8 @@ def _ident(where: str, args: dict, key: str) -> str:
 
 def _text(where: str, args: dict, key: str) -> str:
     v = args[key]
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        args[key] = v = str(v)   # `default: 0` reads as YAML's number; it is the SQL literal 0
     if not (isinstance(v, str) and v.strip()):
         raise _err(where, f"`{key}` must be a non-empty SQL text, got {v!r}")
     if ";" in v:
