@@ -139,7 +139,7 @@ def migrate_lint(c):
     }
 )
 @operator_errors
-def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None):
+def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None):  # noqa: PLR0917 - Invoke passes flags as parameters
     """Run pending migrations (expand or contract) under the engine's guards, measuring lock waits."""
     from opsbook.migrations import operator
 

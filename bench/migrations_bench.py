@@ -42,7 +42,8 @@ COURSES = 1000
 NAIVE_SQL = (
     "ALTER TABLE course_events ADD COLUMN student_uuid uuid",
     "UPDATE course_events SET student_uuid = (data->>'student_uuid')::uuid WHERE data ? 'student_uuid'",
-    "CREATE INDEX course_events_student_uuid_idx ON course_events (student_uuid) WHERE student_uuid IS NOT NULL",
+    "CREATE INDEX course_events_student_uuid_idx ON course_events (student_uuid) WHERE student_uuid IS "
+    "NOT NULL",
 )
 
 
@@ -51,16 +52,42 @@ def start_postgres() -> tuple[str, callable]:
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
     port = _free_port()
-    subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(base / "data"), "-U", "postgres", "-A", "trust",
-                                 "-E", "UTF8"]), check=True, capture_output=True)
-    opts = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} -c fsync=off "
-            "-c shared_buffers=512MB -c max_wal_size=8GB -c maintenance_work_mem=256MB -c checkpoint_timeout=30min")
-    subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(base / "data"), "-o", opts, "-l",
-                                 str(base / "log"), "-w", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres(
+            [str(PG_BIN / "initdb"), "-D", str(base / "data"), "-U", "postgres", "-A", "trust", "-E", "UTF8"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    opts = (
+        f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base} -c fsync=off "
+        "-c shared_buffers=512MB -c max_wal_size=8GB -c maintenance_work_mem=256MB -c "
+        "checkpoint_timeout=30min"
+    )
+    subprocess.run(
+        _as_postgres(
+            [
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(base / "data"),
+                "-o",
+                opts,
+                "-l",
+                str(base / "log"),
+                "-w",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
 
     def stop():
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(base / "data"), "-m", "immediate", "stop"]),
-                       check=False, capture_output=True)
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(base / "data"), "-m", "immediate", "stop"]),
+            check=False,
+            capture_output=True,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
     return f"host=127.0.0.1 port={port} user=postgres dbname=postgres", stop
@@ -96,31 +123,43 @@ def seed(dsn: str, rows: int) -> None:
             for c in courses:
                 cp.write(f"{c}\t{fake_uuid()}\n")
         # Load without the indexes, then build them once (how a restore does it); same schema after.
-        conn.execute("ALTER TABLE course_events DROP CONSTRAINT course_events_pkey, "
-                     "DROP CONSTRAINT course_events_course_sequence_key, DROP CONSTRAINT course_events_course_uuid_fkey")
+        conn.execute(
+            "ALTER TABLE course_events DROP CONSTRAINT course_events_pkey, "
+            "DROP CONSTRAINT course_events_course_sequence_key, DROP CONSTRAINT "
+            "course_events_course_uuid_fkey"
+        )
         chunk = []
         with conn.cursor().copy(
             "COPY course_events (event_uuid, course_uuid, sequence_number, event_type, data) FROM STDIN"
         ) as cp:
             for i in range(rows):
-                data = (f'{{"student_uuid": "{fake_uuid()}", "exercise_uuid": "{fake_uuid()}", '
-                        f'"is_correct": {"true" if i % 3 else "false"}}}')
-                chunk.append(f"{fake_uuid()}\t{courses[i % COURSES]}\t{i // COURSES}\trecord_response\t{data}\n")
+                data = (
+                    f'{{"student_uuid": "{fake_uuid()}", "exercise_uuid": "{fake_uuid()}", '
+                    f'"is_correct": {"true" if i % 3 else "false"}}}'
+                )
+                chunk.append(
+                    f"{fake_uuid()}\t{courses[i % COURSES]}\t{i // COURSES}\trecord_response\t{data}\n"
+                )
                 if len(chunk) == 20000:
                     cp.write("".join(chunk))
                     chunk.clear()
             cp.write("".join(chunk))
         t_copy = time.monotonic() - t0
-        conn.execute("ALTER TABLE course_events ADD CONSTRAINT course_events_pkey PRIMARY KEY (event_uuid), "
-                     "ADD CONSTRAINT course_events_course_sequence_key UNIQUE (course_uuid, sequence_number), "
-                     "ADD CONSTRAINT course_events_course_uuid_fkey FOREIGN KEY (course_uuid) REFERENCES courses")
+        conn.execute(
+            "ALTER TABLE course_events ADD CONSTRAINT course_events_pkey PRIMARY KEY (event_uuid), "
+            "ADD CONSTRAINT course_events_course_sequence_key UNIQUE (course_uuid, sequence_number), "
+            "ADD CONSTRAINT course_events_course_uuid_fkey FOREIGN KEY (course_uuid) REFERENCES courses"
+        )
         conn.execute("UPDATE courses SET next_sequence_number = %s", (rows // COURSES + 1,))
         conn.execute("VACUUM ANALYZE course_events")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE DATABASE bench_naive TEMPLATE bench_online")
         size = conn.execute("SELECT pg_size_pretty(pg_database_size('bench_online'))").fetchone()[0]
-    print(f"seeded {rows:,} course_events ({size}) in {time.monotonic() - t0:.0f}s (COPY {t_copy:.0f}s), "
-          "cloned into bench_naive", flush=True)
+    print(
+        f"seeded {rows:,} course_events ({size}) in {time.monotonic() - t0:.0f}s (COPY {t_copy:.0f}s), "
+        "cloned into bench_naive",
+        flush=True,
+    )
 
 
 class Writer(threading.Thread):
@@ -130,7 +169,7 @@ class Writer(threading.Thread):
         super().__init__(daemon=True)
         self.dsn, self.rate, self.timeout_ms = dsn, rate, timeout_ms
         self.stop = threading.Event()
-        self.latencies: list[tuple[float, float]] = []   # (t, seconds)
+        self.latencies: list[tuple[float, float]] = []  # (t, seconds)
         self.errors: list[str] = []
 
     def run(self) -> None:
@@ -144,9 +183,11 @@ class Writer(threading.Thread):
                 start = time.monotonic()
                 try:
                     conn.execute(
-                        "INSERT INTO course_events (event_uuid, course_uuid, sequence_number, event_type, data) "
+                        "INSERT INTO course_events (event_uuid, course_uuid, sequence_number, event_type, "
+                        "data) "
                         "VALUES (%s, %s, %s, 'record_response', %s)",
-                        (uuid.uuid4(), course, seq, json.dumps({"student_uuid": str(uuid.uuid4())})))
+                        (uuid.uuid4(), course, seq, json.dumps({"student_uuid": str(uuid.uuid4())})),
+                    )
                 except psycopg.Error as e:
                     self.errors.append(type(e).__name__)
                 self.latencies.append((start - t0, time.monotonic() - start))
@@ -158,9 +199,15 @@ def run_online(dsn: str, rate: float, timeout_ms: int) -> dict:
     writer = Writer(dsn, rate, timeout_ms)
     writer.start()
     time.sleep(1)
-    result = run(dsn, migrations_dir(2), "expand", settings=Settings(max_active_sessions=20),
-                 progress=lambda e, d: print(f"  online {e}: {d}", flush=True)
-                 if e != "batch" or d["batch"] % 100 == 0 else None)
+    result = run(
+        dsn,
+        migrations_dir(2),
+        "expand",
+        settings=Settings(max_active_sessions=20),
+        progress=lambda e, d: (
+            print(f"  online {e}: {d}", flush=True) if e != "batch" or d["batch"] % 100 == 0 else None
+        ),
+    )
     time.sleep(1)
     writer.stop.set()
     writer.join()
@@ -191,7 +238,9 @@ def run_naive(dsn: str, rate: float, timeout_ms: int) -> dict:
     writer.join()
     with psycopg.connect(dsn) as conn:
         missing = conn.execute("SELECT count(*) FROM course_events WHERE student_uuid IS NULL").fetchone()[0]
-    return figures("naive (one transaction)", result, writer, updated / update_s if update_s else 0.0, missing)
+    return figures(
+        "naive (one transaction)", result, writer, updated / update_s if update_s else 0.0, missing
+    )
 
 
 def figures(name: str, result: RunResult, w: Writer, rows_per_s: float, missing: int) -> dict:
@@ -225,13 +274,17 @@ def main() -> None:
     t0 = time.monotonic()
     try:
         seed(dsn, args.rows)
-        out = [run_online(db(dsn, "bench_online"), args.rate, args.writer_timeout_ms),
-               run_naive(db(dsn, "bench_naive"), args.rate, args.writer_timeout_ms)]
+        out = [
+            run_online(db(dsn, "bench_online"), args.rate, args.writer_timeout_ms),
+            run_naive(db(dsn, "bench_naive"), args.rate, args.writer_timeout_ms),
+        ]
     finally:
         if stop:
             stop()
-    print(f"\n0002 expand on {args.rows:,} course_events, writer at {args.rate:g} inserts/s "
-          f"(statement_timeout {args.writer_timeout_ms} ms); whole bench {time.monotonic() - t0:.0f}s")
+    print(
+        f"\n0002 expand on {args.rows:,} course_events, writer at {args.rate:g} inserts/s "
+        f"(statement_timeout {args.writer_timeout_ms} ms); whole bench {time.monotonic() - t0:.0f}s"
+    )
     keys = list(out[0])
     width = max(len(k) for k in keys)
     for k in keys:

@@ -167,7 +167,8 @@ def _build_plan(conn, migrations: list[Migration], phase: str, fleet_versions) -
             if recorded is not None and recorded != step_checksum(s):
                 raise MigrationError(
                     f"{m.path.name}: {phase} step {i} {s.key!r} was applied with different SQL than the file "
-                    "says now. Nothing was run. Restore that step as it was (steps after the last applied one "
+                    "says now. Nothing was run. Restore that step as it was (steps after the last applied "
+                    "one "
                     "may change), finish the phase, then change things in a new migration."
                 )
             p.steps.append(PlannedStep(m.id, phase, i, s.key, s.kind, s.sql, recorded is not None))
@@ -198,7 +199,7 @@ def plan(
 
 # --- run --------------------------------------------------------------------------------------
 class _Runner:
-    def __init__(self, conn, conninfo: str, s: Settings, result: RunResult, progress: Progress, t0: float):
+    def __init__(self, conn, conninfo: str, s: Settings, result: RunResult, progress: Progress, t0: float):  # noqa: PLR0917 - private, called once
         self.conn, self.conninfo, self.s, self.result, self.progress, self.t0 = (
             conn,
             conninfo,
@@ -216,7 +217,7 @@ class _Runner:
         self.conn.execute(f"SET {scope}lock_timeout = {int(lock_ms)}")
         self.conn.execute(f"SET {scope}statement_timeout = {int(stmt_ms)}")
 
-    def record(self, m: Migration, phase: str, i: int, step: Step, seconds: float, attempts: int) -> None:
+    def record(self, m: Migration, phase: str, i: int, step: Step, seconds: float, attempts: int) -> None:  # noqa: PLR0917 - the ledger row, in order
         self.conn.execute(
             "INSERT INTO opsbook_migration_steps (migration, phase, step, key, checksum, seconds, attempts) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
@@ -233,7 +234,12 @@ class _Runner:
 
         try:
             return guards.with_retries(
-                attempt, self.s, what=step.key, on_retry=on_retry, before_retry=before_retry, retry_on=_lock_failure
+                attempt,
+                self.s,
+                what=step.key,
+                on_retry=on_retry,
+                before_retry=before_retry,
+                retry_on=_lock_failure,
             )
         except Exception as e:
             if not _lock_failure(e):
@@ -283,7 +289,8 @@ class _Runner:
         except (pe.CheckViolation, pe.ForeignKeyViolation, pe.NotNullViolation) as e:
             raise MigrationError(
                 f"{m.id} {phase} step {i} {step.key!r}: existing rows break the constraint: {e}. "
-                f"The constraint {step.args['constraint']} stays in place NOT VALID (it already guards new rows); "
+                f"The constraint {step.args['constraint']} stays in place NOT VALID (it already guards new "
+                "rows); "
                 "fix the existing rows, then rerun to validate it."
             ) from e
 
@@ -324,8 +331,10 @@ class _Runner:
                 self.drop_invalid_index(name)
             except Exception as cleanup:  # noqa: BLE001 - reported in the message below
                 raise MigrationError(
-                    f"{m.id} {phase} step {i} {step.key!r} failed ({e}); the invalid index {name} it left could "
-                    f"not be dropped now ({cleanup}). It does not serve reads but slows writes: the rerun drops "
+                    f"{m.id} {phase} step {i} {step.key!r} failed ({e}); the invalid index {name} it left "
+                    "could "
+                    f"not be dropped now ({cleanup}). It does not serve reads but slows writes: the rerun "
+                    "drops "
                     f"it first, or run DROP INDEX CONCURRENTLY {name}."
                 ) from e
             raise
@@ -368,7 +377,8 @@ class _Runner:
                 return
             if waited >= self.s.max_throttle_wait_s:
                 raise MigrationError(
-                    f"backfill {step.key!r} throttled for {waited:.0f}s in a row ({'; '.join(over)}). Its progress "
+                    f"backfill {step.key!r} throttled for {waited:.0f}s in a row ({'; '.join(over)}). Its "
+                    "progress "
                     "is checkpointed; rerun when the database is less busy, or raise the limits."
                 )
             self.result.throttles.append(
@@ -386,7 +396,8 @@ class _Runner:
         sql = spec.backfill_sql(step.table, a["column"], expression, where, pk, pk_type)
         first_sql = sql.replace(f"WHERE {pk} > %(after)s::{pk_type} ", "")
         row = self.conn.execute(
-            "SELECT last_key, batches FROM opsbook_backfill_progress WHERE migration=%s AND phase=%s AND step=%s",
+            "SELECT last_key, batches FROM opsbook_backfill_progress WHERE migration=%s AND phase=%s AND "
+            "step=%s",
             (m.id, phase, i),
         ).fetchone()
         after, batch_no = (row[0], row[1]) if row else (None, 0)
@@ -394,6 +405,7 @@ class _Runner:
             self.progress("resume", {"step": step.key, "after": after, "batches": batch_no})
         n = a["batch_size"]
         t_step, attempts_max = time.monotonic(), 1
+        attempts_seen = [1]  # read by the batch closure when it records the finished step
         while True:
             self.throttle(step)
             t = time.monotonic()
@@ -409,17 +421,19 @@ class _Runner:
                             """INSERT INTO opsbook_backfill_progress AS p
                                    (migration, phase, step, last_key, batches, rows_scanned, rows_updated)
                                VALUES (%s, %s, %s, %s, 1, %s, %s)
-                               ON CONFLICT (migration, phase, step) DO UPDATE SET last_key = excluded.last_key,
-                                   batches = p.batches + 1, rows_scanned = p.rows_scanned + excluded.rows_scanned,
-                                   rows_updated = p.rows_updated + excluded.rows_updated, updated_at = now()""",
+                               ON CONFLICT (migration, phase, step) DO UPDATE SET
+                                   last_key = excluded.last_key, batches = p.batches + 1,
+                                   rows_scanned = p.rows_scanned + excluded.rows_scanned,
+                                   rows_updated = p.rows_updated + excluded.rows_updated,
+                                   updated_at = now()""",
                             (m.id, phase, i, last, scanned, updated),
                         )
                     else:
-                        self.record(m, phase, i, step, time.monotonic() - t_step, attempts_max)
+                        self.record(m, phase, i, step, time.monotonic() - t_step, attempts_seen[0])
                     return last, scanned, updated
 
             (last, scanned, updated), attempts = self.retrying(batch, step)
-            attempts_max = max(attempts_max, attempts)
+            attempts_max = attempts_seen[0] = max(attempts_max, attempts)
             if not scanned:
                 return attempts_max
             batch_no += 1
@@ -485,7 +499,8 @@ class _Runner:
                 raise MigrationError(
                     f"migration {m.id} ({phase}) stopped at step {i} {step.key!r}: {what}\n"
                     f"{LEFT_BEHIND.get(step.kind, LEFT_BEHIND[TX])} {state}"
-                    "Fix the cause and rerun: recorded steps are skipped and a backfill resumes from its checkpoint."
+                    "Fix the cause and rerun: recorded steps are skipped and a backfill resumes from its "
+                    "checkpoint."
                 ) from e
             self.result.steps.append(
                 StepResult(
@@ -493,7 +508,8 @@ class _Runner:
                 )
             )
         self.conn.execute(
-            "INSERT INTO opsbook_migrations (migration, phase, checksum) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            "INSERT INTO opsbook_migrations (migration, phase, checksum) VALUES (%s, %s, %s) ON CONFLICT "
+            "DO NOTHING",
             (m.id, phase, m.checksum),
         )
         self.result.applied.append(m.id)

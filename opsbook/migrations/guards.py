@@ -90,7 +90,8 @@ class Session:
 
     def __str__(self) -> str:
         q = " ".join(self.query.split())[:120]
-        return f"pid {self.pid} user {self.user} ({self.application or 'no app name'}) {self.state} for {self.age_s:.0f}s: {q}"
+        app = self.application or "no app name"
+        return f"pid {self.pid} user {self.user} ({app}) {self.state} for {self.age_s:.0f}s: {q}"
 
 
 BLOCKERS_SQL = """
@@ -145,7 +146,8 @@ def refuse_blockers(conn, s: Settings) -> None:
         names = "\n  ".join(str(x) for x in found)
         raise MigrationError(
             f"refusing to start: {len(found)} session(s) hold transactions open long enough to block or be "
-            f"blocked by schema changes (older than {s.max_transaction_age_s:.0f}s, or idle in transaction over "
+            f"blocked by schema changes (older than {s.max_transaction_age_s:.0f}s, or idle in transaction "
+            "over "
             f"{s.max_idle_in_transaction_s:.0f}s):\n  {names}\n"
             "Nothing was changed. Let them finish or end them (pg_terminate_backend(pid)), then rerun."
         )
@@ -180,7 +182,8 @@ def read_signals(conn, s: Settings) -> Signals:
         (APP_NAME,),
     ).fetchone()[0]
     lag = conn.execute(
-        "SELECT max(extract(epoch FROM greatest(write_lag, flush_lag, replay_lag)))::float8 FROM pg_stat_replication"
+        "SELECT max(extract(epoch FROM greatest(write_lag, flush_lag, replay_lag)))::float8 FROM "
+        "pg_stat_replication"
     ).fetchone()[0]
     t0 = time.perf_counter()
     conn.execute(s.canary_sql).fetchall()
@@ -194,7 +197,9 @@ def parse_version(v: str):
 
         return Version(v)
     except ImportError:  # pragma: no cover - packaging ships with pip's environments
-        return tuple(int(p) for p in v.split("+", maxsplit=1)[0].split("-", maxsplit=1)[0].split(".") if p.isdigit())
+        return tuple(
+            int(p) for p in v.split("+", maxsplit=1)[0].split("-", maxsplit=1)[0].split(".") if p.isdigit()
+        )
 
 
 @dataclass(frozen=True)

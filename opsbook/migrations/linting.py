@@ -34,7 +34,7 @@ ENGINE_PROVIDES = {
 }
 # Rules the engine meets for statements it runs inside a transaction with the step's ledger row.
 ENGINE_PROVIDES_IN_TX = {
-    "prefer-robust-stmts": "the step runs in one transaction with its ledger row, so a rerun never repeats it",
+    "prefer-robust-stmts": "the step runs in one transaction with its ledger row; a rerun never repeats it",
     "transaction-nesting": "the engine owns the transaction; steps must not open their own",
 }
 PG_VERSION = "15"

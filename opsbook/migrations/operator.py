@@ -27,7 +27,9 @@ def parse_fleet(text: str | None) -> dict[str, str] | None:
     for pair in text.split(","):
         host, sep, version = pair.strip().partition("=")
         if not (sep and host and version):
-            raise MigrationError(f"--fleet takes host=version pairs separated by commas, got {pair!r}; nothing was run")
+            raise MigrationError(
+                f"--fleet takes host=version pairs separated by commas, got {pair!r}; nothing was run"
+            )
         out[host] = version
     return out
 
@@ -36,7 +38,8 @@ def resolve_dsn(env: str, dsn: str | None) -> str:
     dsn = dsn or os.environ.get("OPSBOOK_MIGRATE_DSN")
     if not dsn:
         raise MigrationError(
-            f"no database known for env {env!r}: pass --dsn 'host=... dbname=...' (or set OPSBOOK_MIGRATE_DSN). "
+            f"no database known for env {env!r}: pass --dsn 'host=... dbname=...' (or set "
+            "OPSBOOK_MIGRATE_DSN). "
             "Nothing was run."
         )
     return dsn
@@ -47,7 +50,10 @@ def lint_report(directory: Path = APP_MIGRATIONS, out: Callable[[str], None] = p
     findings = linting.lint(directory)
     for f in findings:
         out(str(f))
-    out(f"{len(list(directory.glob('*.y*ml')))} migration file(s) lint clean ({len(findings)} accepted finding(s))")
+    out(
+        f"{len(list(directory.glob('*.y*ml')))} migration file(s) lint clean ({len(findings)} accepted "
+        "finding(s))"
+    )
     return len(findings)
 
 
@@ -76,7 +82,8 @@ def migrate(
         if event != "batch" or data["batch"] % 20 == 1:
             out(f"{event}: {data}")
 
-    result = engine.run(conninfo, directory, phase, fleet_versions=fleet_versions, settings=settings,
-                        progress=progress)
+    result = engine.run(
+        conninfo, directory, phase, fleet_versions=fleet_versions, settings=settings, progress=progress
+    )
     out(f"summary: {result.summary()}")
     return result
