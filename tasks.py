@@ -119,6 +119,38 @@ def check(c, env=None):
     checks.run_host_checks(env_name(c, env))
 
 
+# --- migrations ---------------------------------------------------------------------------
+@task
+@operator_errors
+def migrate_lint(c):
+    """Lint every migration without a database: the format, then squawk on raw and generated SQL."""
+    from opsbook.migrations import operator
+
+    operator.lint_report()
+
+
+@task(
+    help={
+        "env": "environment (inventories/ENV)",
+        "phase": "expand (default) or contract",
+        "dry_run": "print the plan (every pending step and its SQL), change nothing",
+        "dsn": "database conninfo (until env -> database wiring lands; or OPSBOOK_MIGRATE_DSN)",
+        "fleet": "app host versions for the contract gate: host=version,host=version",
+    }
+)
+@operator_errors
+def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None):  # noqa: PLR0917 - Invoke passes flags as parameters
+    """Run pending migrations (expand or contract) under the engine's guards, measuring lock waits."""
+    from opsbook.migrations import operator
+
+    operator.migrate(env_name(c, env), phase or "expand", dry_run=dry_run, dsn=dsn, fleet=fleet)
+
+
+migrate_ns = Collection("migrate")
+migrate_ns.add_task(migrate, "run", default=True)
+migrate_ns.add_task(migrate_lint, "lint")
+
+
 @task(
     help={
         "k": "only tests matching this pytest -k expression",
@@ -218,6 +250,7 @@ records_ns.add_task(records_index, "index")
 ns = Collection()
 ns.add_collection(lab_ns)
 ns.add_collection(records_ns)
+ns.add_collection(migrate_ns)
 ns.add_task(runbooks_list, "runbooks")
 for t in (build, provision, release, check, test, runbook, report):
     ns.add_task(t)

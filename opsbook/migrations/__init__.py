@@ -1,0 +1,32 @@
+"""Online schema migrations for Postgres (`app/migrations/NNNN_name.yml`).
+
+- spec: the file format, its validation and the safe SQL each operation becomes (no database)
+- linting: squawk over raw and generated SQL (no database)
+- guards: timeouts, retries, blocking-session preflight, backfill throttle, contract gate
+- measure: lock-wait sampler and the structured RunResult
+- engine: `plan` (what would run) and `run` (run it, step by step, measured)
+"""
+
+from opsbook.migrations.engine import Plan, PlannedStep, apply_pending, plan, run
+from opsbook.migrations.guards import Settings
+from opsbook.migrations.linting import Finding, lint
+from opsbook.migrations.measure import RunResult
+from opsbook.migrations.spec import PHASES, Migration, MigrationError, Step, compile_phase, load_migrations
+
+__all__ = [
+    "PHASES",
+    "Finding",
+    "Migration",
+    "MigrationError",
+    "Plan",
+    "PlannedStep",
+    "RunResult",
+    "Settings",
+    "Step",
+    "apply_pending",
+    "compile_phase",
+    "lint",
+    "load_migrations",
+    "plan",
+    "run",
+]
