@@ -63,7 +63,7 @@ def provision(env_name: str, check: bool = False) -> None:
     if env.kind == "lab":
         from opsbook import lab
 
-        lab.ensure_keys_and_secrets()
+        lab.up()   # the lab's hosts must exist before they can be provisioned (no-op when up)
     t0 = time.monotonic()
     run_playbook(env, "site.yml", check=check, what="provisioning")
     log(f"provisioned {env.name} in {time.monotonic() - t0:.0f}s" + (" (check mode)" if check else ""))
