@@ -291,6 +291,11 @@ def up(dry_run: bool = False, env: Env | None = None) -> bool:
             if info.get("Image") and info.get("ImageName") not in (image, None):
                 log(f"{h.name}: runs an older image ({info.get('ImageName')}); `invoke lab.down && "
                     f"invoke lab.up` moves it to {image}")
+            if not ssh_answers(h.address, key, timeout=3):
+                # Running, but made by another checkout with another key: give it ours.
+                _install_key(h, pub)
+                log(f"{h.name}: installed this checkout's SSH key")
+                changed = True
             continue
         if info:
             log(f"{h.name}: container exists but is not running; recreating it")
@@ -298,10 +303,7 @@ def up(dry_run: bool = False, env: Env | None = None) -> bool:
         podman("create", "--name", h.container, "--hostname", h.name, "--network", net_name,
                "--ip", h.address, "--privileged", "--label", f"{LABEL}=1", "--label", f"opsbook.host={h.name}",
                image, "/sbin/init")
-        authorized = lab_dir() / "ssh" / "authorized_keys"
-        authorized.write_bytes(pub)
-        authorized.chmod(0o600)
-        podman("cp", str(authorized), f"{h.container}:/root/.ssh/authorized_keys")
+        _install_key(h, pub)
         podman("start", h.container)
         log(f"{h.name}: started at {h.address}")
         changed = True
@@ -309,6 +311,13 @@ def up(dry_run: bool = False, env: Env | None = None) -> bool:
     if not changed:
         log("lab is up; nothing changed")
     return changed
+
+
+def _install_key(h: LabHost, pub: bytes) -> None:
+    authorized = lab_dir() / "ssh" / "authorized_keys"
+    authorized.write_bytes(pub)
+    authorized.chmod(0o600)
+    podman("cp", str(authorized), f"{h.container}:/root/.ssh/authorized_keys")
 
 
 def ssh_answers(address: str, key: Path, timeout: float = 5) -> bool:
