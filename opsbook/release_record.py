@@ -1,0 +1,88 @@
+"""What the release and rollback records show. `runbooks/release.ipynb` renders a release's
+data (written by opsbook.release as JSON) with these functions, so the record is a notebook
+like every other operation's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from opsbook.errors import OpsbookError
+
+
+class ReleaseFailed(OpsbookError):
+    """The release (or rollback) this record describes failed; the record says where and why."""
+
+
+def load(path: str) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def summary(data: dict[str, Any]) -> str:
+    lines = [
+        f"{data['kind']} of bl-api {data['version']} to {data['env']}: {data['outcome'].upper()}",
+        f"  operator {data['operator']}, opsbook git sha {data['git_sha']}",
+        f"  started {data['started_at']}, took {data['duration_s']:.0f} s",
+        f"  artifact {data.get('artifact', {}).get('file')} sha256 {data.get('artifact', {}).get('sha256')}",
+    ]
+    if data.get("reason"):
+        lines.append(f"  reason: {data['reason']}")
+    if data.get("lock"):
+        lines.append(f"  lock: {data['lock']}")
+    return "\n".join(lines)
+
+
+def plan_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    plan = data["plan"]
+    rows = []
+    for i, batch in enumerate(plan["batches"], 1):
+        for host in batch:
+            rows.append({"batch": i, "host": host, "serves_before": plan["current"].get(host),
+                         "target": plan["target"]})
+    return rows
+
+
+def phase_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"phase": k, "seconds": round(v, 1)} for k, v in data.get("phases", {}).items()]
+
+
+def batch_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return data.get("batches", [])
+
+
+def probe_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    probe = data.get("probe") or {}
+    return [{"phase": name, **figs} for name, figs in (probe.get("phases") or {}).items()]
+
+
+def key_figures(data: dict[str, Any]) -> dict[str, Any]:
+    probe = data.get("probe") or {}
+    figs = {
+        "kind": data["kind"],
+        "version": data["version"],
+        "previous_versions": sorted({v for v in data["plan"]["current"].values() if v}),
+        "outcome": data["outcome"],
+        "duration_s": round(data["duration_s"], 1),
+        "hosts": sum(len(b) for b in data["plan"]["batches"]),
+        "batches": len(data["plan"]["batches"]),
+        "commit_time": data.get("commit_time"),
+        "requests": probe.get("requests"),
+        "failed_requests": probe.get("failed"),
+        "p50_ms": probe.get("p50_ms"),
+        "p99_ms": probe.get("p99_ms"),
+        "p99_ms_before": probe.get("p99_ms_before"),
+        "p99_ms_during": probe.get("p99_ms_during"),
+        "missing_acknowledged_writes": probe.get("missing_acknowledged_writes"),
+        "migrations_applied": data.get("migrations", {}).get("applied", []),
+        "contracts_pending": data.get("migrations", {}).get("contracts_pending", []),
+    }
+    if data.get("reason"):
+        figs["reason"] = data["reason"]
+    return figs
+
+
+def conclude(data: dict[str, Any]) -> None:
+    """Raise when the release failed, so the record is stored as failed and the task exits non-zero."""
+    if data["outcome"] != "succeeded":
+        raise ReleaseFailed(f"{data['kind']} of {data['version']} to {data['env']} failed: {data.get('reason')}")
