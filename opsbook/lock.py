@@ -483,7 +483,13 @@ class ReleaseLock:
             held.release()
 
     def break_(self, reason: str, by: str | None = None) -> LockInfo | None:
-        """Remove the lock whoever holds it; returns the broken holder (None if it was free)."""
+        """Remove the lock whoever holds it; returns the broken holder (None if it was free).
+
+        ``reason`` and ``by`` (default: this user@host) are the caller's to record with the
+        returned holder; the store keeps no trace of a break. A release whose lock was broken
+        finds out at its next renewal (``held.check()`` raises LeaseLost).
+        """
+        by = by or whoami()
         if not reason or not reason.strip():
             raise OpsbookError("breaking the release lock needs a reason; nothing was changed.")
         while True:
@@ -539,3 +545,12 @@ def lock_for(env: Any, *, lease_seconds: float | None = None) -> ReleaseLock:
             f"opsbook_lock_backend for {e.name!r} is {backend!r}; it must be file, s3 or dynamodb. "
             f"Fix {e.path}/group_vars/all/. Nothing was changed.")
     return ReleaseLock(e.name, store, lease_seconds=lease)
+
+
+def status_text(lock: ReleaseLock) -> str:
+    """What `invoke lock` prints: the holder, or that the lock is free, and where it lives."""
+    holder = lock.holder()
+    if holder is None:
+        return f"release lock for {lock.env}: free ({lock.store.where})"
+    state = "held (lease expired: the next release will take it over)" if holder.expired() else "held"
+    return f"release lock for {lock.env}: {state} by {holder.describe()} ({lock.store.where})"
