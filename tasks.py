@@ -247,10 +247,53 @@ records_ns.add_task(records_show, "show")
 records_ns.add_task(records_index, "index")
 
 
+# --- release lock -----------------------------------------------------------------------
+@task(help={"env": "environment (inventories/ENV)"})
+@operator_errors
+def lock_status(c, env=None):
+    """Show who holds an environment's release lock (owner, reason, since, lease), or "free"."""
+    from opsbook import lock
+
+    print(lock.status_text(lock.lock_for(env_name(c, env))))
+
+
+@task(
+    help={
+        "env": "environment (inventories/ENV)",
+        "reason": "why the lock is broken (required; printed with the holder it broke)",
+        "dry_run": "show who holds the lock, break nothing",
+    }
+)
+@operator_errors
+def lock_break(c, env=None, reason=None, dry_run=False):
+    """Break an environment's release lock (a dead or stuck release) and print who held it."""
+    from opsbook import lock
+
+    rl = lock.lock_for(env_name(c, env))
+    if dry_run:
+        print(f"dry run, nothing broken: {lock.status_text(rl)}")
+        return
+    if not reason:
+        raise Exit("error: --reason is required: say why the lock is broken. Nothing was changed.", code=1)
+    by = lock.whoami()
+    broken = rl.break_(reason, by=by)
+    if broken is None:
+        print(f"release lock for {rl.env} was free; nothing to break ({rl.store.where})")
+    else:
+        print(f"broke the release lock for {rl.env} ({rl.store.where}) for {reason!r} by {by}; "
+              f"it was held by {broken.describe()}")
+
+
+lock_ns = Collection("lock")
+lock_ns.add_task(lock_status, "status", default=True)
+lock_ns.add_task(lock_break, "break")
+
+
 ns = Collection()
 ns.add_collection(lab_ns)
 ns.add_collection(records_ns)
 ns.add_collection(migrate_ns)
+ns.add_collection(lock_ns)
 ns.add_task(runbooks_list, "runbooks")
 for t in (build, provision, release, check, test, runbook, report):
     ns.add_task(t)

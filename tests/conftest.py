@@ -2,6 +2,7 @@ pytest_plugins = [
     "tests.fixtures.lab",
     "tests.fixtures.postgres",
     "tests.fixtures.moto",
+    "tests.fixtures.service",
 ]
 
 
