@@ -35,6 +35,10 @@ def releases(entries: list[dict[str, Any]]):
     rows = []
     by_env: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
+        # `invoke rollback` writes its record with the release runbook; figures.kind says which.
+        kind = (e.get("figures") or {}).get("kind") if e.get("runbook") == RELEASE else None
+        if kind == ROLLBACK:
+            e = {**e, "runbook": ROLLBACK}
         if e.get("runbook") in (RELEASE, ROLLBACK):
             by_env.setdefault(e.get("env", "?"), []).append(e)
     for env, items in sorted(by_env.items()):

@@ -249,6 +249,7 @@ def run(
     params: dict[str, Any] | None = None,
     *,
     parent_record_id: str | None = None,
+    record_id: str | None = None,
     store=None,
     secrets: dict[str, str] | None = None,
     runbooks_dir: Path | None = None,
@@ -283,7 +284,9 @@ def run(
     store.check()
     redactor = Redactor(secrets)
 
-    record_id = new_record_id(name)
+    # A caller may reserve the id up front (a release names its record before it starts, so the
+    # records of what it runs can point to it).
+    record_id = check_record_id(record_id) if record_id else new_record_id(name)
     injected = {**given, "env": env_name, "record_id": record_id, "parent_record_id": parent_record_id}
     log(f"running runbook {name} for {env_name} as record {record_id}")
     start, t0 = _now(), time.monotonic()
