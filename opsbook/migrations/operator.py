@@ -61,12 +61,14 @@ def migrate(
     fleet: str | None = None,
     directory: Path = APP_MIGRATIONS,
     out: Callable[[str], None] = print,
+    pairs: list[str] | None = None,
     **runbook_params: Any,
 ) -> dict[str, Any] | engine.Plan:
     """`env` is an environment name (or an inventory Env).
 
     Dry run: print the plan and the gate's verdict, return the Plan. Otherwise run the `migrate`
-    runbook for `env` and return its ledger entry (RunbookFailed, with the record, on failure)."""
+    runbook for `env` and return its ledger entry (RunbookFailed, with the record, on failure).
+    `pairs` (`NAME=VALUE`) and `runbook_params` set the runbook's other parameters (throttle, timeouts)."""
     from opsbook.migrations import notebook
 
     if phase not in PHASES:
@@ -78,6 +80,16 @@ def migrate(
         return dry_run_plan(env, phase, dsn=dsn, fleet_override=fleet_override, directory=directory, out=out)
     from opsbook import runbooks
 
+    flagged = {"phase", "dry_run", "dsn_override", "fleet_override", "migrations_dir"}
+    given = {pair.partition("=")[0].strip() for pair in pairs or []} | set(runbook_params)
+    if given & flagged:
+        raise MigrationError(
+            f"set {', '.join(sorted(given & flagged))} with its own flag (--phase, --dry-run, --dsn, --fleet), "
+            "not as a runbook parameter. Nothing was run."
+        )
+    if pairs:  # `lock_timeout_ms=1000`: converted by the runbook's declared types
+        runbook_params = {**runbooks.parse_cli_parameters("migrate", runbooks.parameters("migrate"), pairs),
+                          **runbook_params}
     params = {"phase": phase, "dsn_override": dsn or "", "fleet_override": fleet_override or {}, **runbook_params}
     if directory != APP_MIGRATIONS:
         params["migrations_dir"] = str(directory)

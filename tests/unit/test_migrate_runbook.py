@@ -145,3 +145,26 @@ def test_invoke_migrate_refuses_a_dsn_with_a_password_before_anything_runs(pg_db
     with pytest.raises(MigrationError, match="PGPASSWORD"):
         operator.migrate("test", "expand", dsn=pg_db + " password=hunter2hunter2")
     assert ran == []
+
+
+def test_invoke_migrate_runs_the_runbook_for_the_environment_with_its_parameters(pg_db, tmp_path):
+    """What `invoke migrate --env E --dsn ... -a lock_timeout_ms=1500` does, on an environment
+    whose record store is a local directory."""
+    from opsbook.inventory import Env
+    from opsbook.migrations import MigrationError, operator
+
+    inv = tmp_path / "inv"
+    (inv / "group_vars" / "all").mkdir(parents=True)
+    (inv / "hosts.yml").write_text("all:\n  children:\n    app:\n      hosts: {}\n")
+    (inv / "group_vars" / "all" / "main.yml").write_text(
+        f"opsbook_env_kind: lab\nopsbook_record_store: {tmp_path / 'records'}\n")
+    env = Env("migratetest", path=inv)
+    seed(pg_db, tmp_path)
+    entry = operator.migrate(env, "expand", dsn=pg_db, pairs=["lock_timeout_ms=1500", "max_canary_ms=0"],
+                             out=lambda _m: None)
+    assert entry["outcome"] == "succeeded", entry["error"]
+    assert entry["parameters"]["lock_timeout_ms"] == 1500
+    assert entry["parameters"]["phase"] == "expand"
+    assert [e["id"] for e in LocalStore(tmp_path / "records").ledger()] == [entry["id"]]
+    with pytest.raises(MigrationError, match="with its own flag"):
+        operator.migrate(env, "expand", dsn=pg_db, pairs=["phase=contract"])
