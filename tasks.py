@@ -133,17 +133,25 @@ def migrate_lint(c):
     help={
         "env": "environment (inventories/ENV)",
         "phase": "expand (default) or contract",
-        "dry_run": "print the plan (every pending step and its SQL), change nothing",
-        "dsn": "database conninfo (until env -> database wiring lands; or OPSBOOK_MIGRATE_DSN)",
-        "fleet": "app host versions for the contract gate: host=version,host=version",
-    }
+        "dry_run": "print the plan (pending steps and SQL), lint and the contract gate's verdict; change "
+        "nothing, leave no record",
+        "dsn": "override: database conninfo instead of the environment's (no password: PGPASSWORD or ~/.pgpass)",
+        "fleet": "override: app host versions for the contract gate (host=version,host=version) instead of "
+        "asking every app host's /version",
+        "param": "another migrate runbook parameter as NAME=VALUE (e.g. lock_timeout_ms=1000); repeatable; "
+        "`invoke runbooks` lists them",
+    },
+    iterable=["param"],
 )
 @operator_errors
-def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None):  # noqa: PLR0917 - Invoke passes flags as parameters
-    """Run pending migrations (expand or contract) under the engine's guards, measuring lock waits."""
+def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None, param=None):  # noqa: PLR0917 - Invoke passes flags as parameters
+    """Run the pending migration phase of an environment as a record (runbooks/migrate.ipynb).
+
+    The database is the environment's (admin role); the contract gate asks every app host's /version.
+    """
     from opsbook.migrations import operator
 
-    operator.migrate(env_name(c, env), phase or "expand", dry_run=dry_run, dsn=dsn, fleet=fleet)
+    operator.migrate(env_name(c, env), phase or "expand", dry_run=dry_run, dsn=dsn, fleet=fleet, pairs=param)
 
 
 migrate_ns = Collection("migrate")

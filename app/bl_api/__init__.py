@@ -4,7 +4,7 @@ import os
 
 # The release version is stamped into the wheel by `invoke build --version V`;
 # BL_API_VERSION overrides it only for tests that fake a broken release.
-__version__ = "0.1.0"
+__version__ = "1.1.0"
 
 
 def running_version() -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -25,6 +27,50 @@ log = logging.getLogger(__name__)
 DATABASE_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 _RECORD_ATTEMPTS = 3   # a concurrent duplicate on another course makes the loser retry once
+SCHEMA_MAX_AGE_S = 60.0  # re-read the schema at least this often (a migration may run while we serve)
+STUDENT_CHECK = "course_events_student_uuid_present"  # 0002's contract: rows naming a student set the column
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Which course_events columns exist. The service works against every schema a rollout passes
+    through: 0001 only; 0002/0003 expanded (student_uuid and kind added, kept in sync by triggers);
+    contracted (event_type gone, no triggers, so this version must write student_uuid and kind itself).
+    """
+
+    student_uuid: bool
+    kind: bool
+    event_type: bool
+
+    @classmethod
+    def detect(cls, conn: psycopg.Connection) -> Schema:
+        cols = {r[0] for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'course_events'"
+        )}
+        return cls("student_uuid" in cols, "kind" in cols, "event_type" in cols)
+
+    @property
+    def type_columns(self) -> list[str]:
+        """Every event-type column that exists: writing both while both exist keeps them equal even
+        before 0003's sync trigger is in place."""
+        return [c for c, there in (("kind", self.kind), ("event_type", self.event_type)) if there] or ["event_type"]
+
+    @property
+    def type_expression(self) -> str:
+        """What to read the event type from: kind once it exists (event_type while 0003's backfill
+        has not reached a row yet)."""
+        if self.kind and self.event_type:
+            return "coalesce(kind, event_type)"
+        return "kind" if self.kind else "event_type"
+
+
+def _schema_changed(e: Exception) -> bool:
+    """An error a newer schema than the one we detected explains: a column we name was dropped
+    (contract of a rename) or a row we wrote lacks a column a contract now requires."""
+    if isinstance(e, psycopg.errors.UndefinedColumn):
+        return True
+    return isinstance(e, psycopg.errors.CheckViolation) and e.diag.constraint_name == STUDENT_CHECK
 
 
 class UnknownCourses(Exception):
@@ -55,6 +101,8 @@ class Database:
         self._pool: ConnectionPool | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._schema: Schema | None = None
+        self._schema_at = 0.0
 
     @property
     def pool(self) -> ConnectionPool:
@@ -85,6 +133,30 @@ class Database:
             pool.close(timeout=timeout)
             log.info("database pool closed")
 
+    # --- schema -------------------------------------------------------------------------
+
+    def schema(self, conn: psycopg.Connection, *, refresh: bool = False) -> Schema:
+        """The detected schema: read when the pool starts, re-read when stale or on `refresh`."""
+        if refresh or self._schema is None or time.monotonic() - self._schema_at > SCHEMA_MAX_AGE_S:
+            schema = Schema.detect(conn)
+            if schema != self._schema:
+                log.info("course_events schema: %s", schema)
+            self._schema, self._schema_at = schema, time.monotonic()
+        return self._schema
+
+    def _with_schema(self, work):
+        """Run `work(conn, schema)`; when it fails because the schema changed under us (a contract
+        ran while we serve), re-detect and run it once more. Its transaction was rolled back."""
+        for attempt in (1, 2):
+            try:
+                with self.pool.connection() as conn:
+                    return work(conn, self.schema(conn, refresh=attempt == 2))
+            except psycopg.Error as e:
+                if attempt == 2 or not _schema_changed(e):
+                    raise
+                log.info("schema changed under a request (%s); re-reading it and retrying", type(e).__name__)
+        raise AssertionError("unreachable")
+
     # --- health -------------------------------------------------------------------------
 
     def ping(self, timeout: float) -> None:
@@ -97,25 +169,7 @@ class Database:
 
     def create_course(self, course_uuid: str, ecosystem_uuid: str) -> None:
         """Create the course and its `create_course` event (sequence 0); repeatable."""
-        with self.pool.connection() as conn:
-            created = conn.execute(
-                "INSERT INTO courses (course_uuid, ecosystem_uuid, next_sequence_number) "
-                "VALUES (%s, %s, 1) ON CONFLICT (course_uuid) DO NOTHING RETURNING course_uuid",
-                [course_uuid, ecosystem_uuid],
-            ).fetchone()
-            if created:
-                conn.execute(
-                    "INSERT INTO course_events (event_uuid, course_uuid, sequence_number, event_type, data) "
-                    "VALUES (%s, %s, 0, 'create_course', %s)",
-                    [uuid.uuid4(), course_uuid,
-                     Jsonb({"course_uuid": course_uuid, "ecosystem_uuid": ecosystem_uuid})],
-                )
-                return
-            existing = conn.execute(
-                "SELECT ecosystem_uuid FROM courses WHERE course_uuid = %s", [course_uuid]
-            ).fetchone()[0]
-            if str(existing) != ecosystem_uuid:
-                raise EcosystemConflict(course_uuid, str(existing), ecosystem_uuid)
+        self._with_schema(lambda conn, schema: _create_course(conn, schema, course_uuid, ecosystem_uuid))
 
     def record_responses(self, responses: list[dict[str, Any]]) -> list[str]:
         """Append each response not yet recorded, all-or-nothing; return every response uuid.
@@ -125,8 +179,7 @@ class Database:
         """
         for attempt in range(1, _RECORD_ATTEMPTS + 1):
             try:
-                with self.pool.connection() as conn:
-                    return _record_responses(conn, responses)
+                return self._with_schema(lambda conn, schema: _record_responses(conn, schema, responses))
             except psycopg.errors.UniqueViolation as e:
                 # Only possible when the same response_uuid is sent concurrently for two
                 # different courses (different row locks). Retrying sees it as recorded.
@@ -139,34 +192,61 @@ class Database:
 
     def fetch_course_events(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """For each request, events at or after the offset in sequence order, up to the limit."""
-        out = []
-        with self.pool.connection() as conn:
-            for req in requests:
-                rows = conn.execute(
-                    "SELECT sequence_number, event_uuid, event_type, data FROM course_events "
-                    "WHERE course_uuid = %s AND sequence_number >= %s "
-                    "AND (%s::text[] IS NULL OR event_type = ANY(%s::text[])) "
-                    "ORDER BY sequence_number LIMIT %s",
-                    [req["course_uuid"], req["sequence_number_offset"],
-                     req["event_types"], req["event_types"], req["max_num_events"] + 1],
-                ).fetchall()
-                more = len(rows) > req["max_num_events"]
-                out.append({
-                    "request_uuid": req["request_uuid"],
-                    "course_uuid": req["course_uuid"],
-                    "events": [
-                        {"sequence_number": seq, "event_uuid": str(ev), "event_type": et, "event_data": data}
-                        for seq, ev, et, data in rows[: req["max_num_events"]]
-                    ],
-                    # Sequence numbers are committed in order (see module docstring), so a
-                    # reader never sees a hole that a later commit would fill.
-                    "is_gap": False,
-                    "is_end": not more,
-                })
-        return out
+        return self._with_schema(lambda conn, schema: _fetch_course_events(conn, schema, requests))
 
 
-def _record_responses(conn: psycopg.Connection, responses: list[dict[str, Any]]) -> list[str]:
+def _create_course(conn: psycopg.Connection, schema: Schema, course_uuid: str, ecosystem_uuid: str) -> None:
+    created = conn.execute(
+        "INSERT INTO courses (course_uuid, ecosystem_uuid, next_sequence_number) "
+        "VALUES (%s, %s, 1) ON CONFLICT (course_uuid) DO NOTHING RETURNING course_uuid",
+        [course_uuid, ecosystem_uuid],
+    ).fetchone()
+    if created:
+        types = schema.type_columns
+        columns = ", ".join(types)
+        conn.execute(
+            f"INSERT INTO course_events (event_uuid, course_uuid, sequence_number, {columns}, data) "
+            f"VALUES (%s, %s, 0, {', '.join(['%s'] * len(types))}, %s)",
+            [uuid.uuid4(), course_uuid, *(["create_course"] * len(types)),
+             Jsonb({"course_uuid": course_uuid, "ecosystem_uuid": ecosystem_uuid})],
+        )
+        return
+    existing = conn.execute(
+        "SELECT ecosystem_uuid FROM courses WHERE course_uuid = %s", [course_uuid]
+    ).fetchone()[0]
+    if str(existing) != ecosystem_uuid:
+        raise EcosystemConflict(course_uuid, str(existing), ecosystem_uuid)
+
+
+def _fetch_course_events(conn: psycopg.Connection, schema: Schema, requests: list[dict[str, Any]]) -> list[dict]:
+    out = []
+    event_type = schema.type_expression
+    for req in requests:
+        rows = conn.execute(
+            f"SELECT sequence_number, event_uuid, {event_type}, data FROM course_events "
+            "WHERE course_uuid = %s AND sequence_number >= %s "
+            f"AND (%s::text[] IS NULL OR {event_type} = ANY(%s::text[])) "
+            "ORDER BY sequence_number LIMIT %s",
+            [req["course_uuid"], req["sequence_number_offset"],
+             req["event_types"], req["event_types"], req["max_num_events"] + 1],
+        ).fetchall()
+        more = len(rows) > req["max_num_events"]
+        out.append({
+            "request_uuid": req["request_uuid"],
+            "course_uuid": req["course_uuid"],
+            "events": [
+                {"sequence_number": seq, "event_uuid": str(ev), "event_type": et, "event_data": data}
+                for seq, ev, et, data in rows[: req["max_num_events"]]
+            ],
+            # Sequence numbers are committed in order (see module docstring), so a
+            # reader never sees a hole that a later commit would fill.
+            "is_gap": False,
+            "is_end": not more,
+        })
+    return out
+
+
+def _record_responses(conn: psycopg.Connection, schema: Schema, responses: list[dict[str, Any]]) -> list[str]:
     all_uuids = list(dict.fromkeys(r["response_uuid"] for r in responses))
     if not responses:
         return []
@@ -211,9 +291,15 @@ def _record_responses(conn: psycopg.Connection, responses: list[dict[str, Any]])
         numbers.append(cursor[r["course_uuid"]])
         cursor[r["course_uuid"]] += 1
         data.append(Jsonb(r))
+    types = schema.type_columns
+    columns = ["event_uuid", "course_uuid", "sequence_number", *types, "data"]
+    values = ["e", "c", "s", *(["'record_response'"] * len(types)), "d"]
+    if schema.student_uuid:
+        # The same value 0002's sync trigger computes; after its contract nothing else sets it.
+        columns.append("student_uuid")
+        values.append("(d->>'student_uuid')::uuid")
     conn.execute(
-        "INSERT INTO course_events (event_uuid, course_uuid, sequence_number, event_type, data) "
-        "SELECT e, c, s, 'record_response', d "
+        f"INSERT INTO course_events ({', '.join(columns)}) SELECT {', '.join(values)} "
         "FROM unnest(%s::uuid[], %s::uuid[], %s::int[], %s::jsonb[]) AS t(e, c, s, d)",
         [event_uuids, course_uuids, numbers, data],
     )

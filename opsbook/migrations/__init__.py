@@ -7,7 +7,7 @@
 - engine: `plan` (what would run) and `run` (run it, step by step, measured)
 """
 
-from opsbook.migrations.engine import Plan, PlannedStep, apply_pending, plan, run
+from opsbook.migrations.engine import PendingContract, Plan, PlannedStep, apply_pending, pending_contracts, plan, run
 from opsbook.migrations.guards import Settings
 from opsbook.migrations.linting import Finding, lint
 from opsbook.migrations.measure import RunResult
@@ -18,6 +18,7 @@ __all__ = [
     "Finding",
     "Migration",
     "MigrationError",
+    "PendingContract",
     "Plan",
     "PlannedStep",
     "RunResult",
@@ -27,6 +28,7 @@ __all__ = [
     "compile_phase",
     "lint",
     "load_migrations",
+    "pending_contracts",
     "plan",
     "run",
 ]

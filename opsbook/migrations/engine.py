@@ -176,7 +176,7 @@ def _build_plan(conn, migrations: list[Migration], phase: str, fleet_versions) -
 
 
 def plan(
-    conninfo: str | None, directory: Path, phase: str = "expand", fleet_versions: dict[str, str] | None = None
+    conninfo: str | None, directory: Path, phase: str = "expand", fleet_versions: dict[str, str | None] | None = None
 ) -> Plan:
     """What `run` would do: every step of every pending migration with the SQL it runs, marked done
     or to do (without a database everything is to do), lint findings, and contract refusals."""
@@ -528,7 +528,7 @@ def run(
     directory: Path,
     phase: str = "expand",
     *,
-    fleet_versions: dict[str, str] | None = None,
+    fleet_versions: dict[str, str | None] | None = None,
     settings: Settings | None = None,
     progress: Progress | None = None,
     only: list[str] | None = None,
@@ -587,6 +587,35 @@ def run(
 
 def _requires(directory: Path, mid: str) -> str:
     return next(m.contract_requires_version for m in spec.load_migrations(directory) if m.id == mid) or "?"
+
+
+@dataclass(frozen=True)
+class PendingContract:
+    migration: str
+    description: str
+    requires: str | None  # the app version every host must serve first (contract_requires_version)
+    steps: int
+
+    def __str__(self) -> str:
+        need = f"once every app host serves >= {self.requires}" if self.requires else "any time"
+        return f"{self.migration} ({self.description}): {self.steps} step(s), runs {need}"
+
+
+def pending_contracts(conninfo: str, directory: Path) -> list[PendingContract]:
+    """Migrations whose expand phase is applied and whose contract phase (with steps) is not, in
+    order: what `invoke migrate --phase contract` would run once the fleet allows it. Read-only."""
+    import psycopg
+
+    migrations = spec.load_migrations(directory)
+    with psycopg.connect(conninfo, autocommit=True, application_name=APP_NAME) as conn:
+        applied = _applied(conn)
+    out = []
+    for m in migrations:
+        if (m.id, "expand") in applied and (m.id, "contract") not in applied:
+            steps = spec.compile_phase(m, "contract")
+            if steps:
+                out.append(PendingContract(m.id, m.description, m.contract_requires_version, len(steps)))
+    return out
 
 
 def apply_pending(

@@ -141,7 +141,10 @@ def lock_holders(conn, table: str | None) -> list[Session]:
 
 
 def refuse_blockers(conn, s: Settings) -> None:
-    found = blocking_sessions(conn, s)
+    refuse_blockers_found(blocking_sessions(conn, s), s)
+
+
+def refuse_blockers_found(found: list[Session], s: Settings) -> None:
     if found:
         names = "\n  ".join(str(x) for x in found)
         raise MigrationError(
@@ -209,14 +212,18 @@ class GateRefusal:
     hosts: dict[str, str] = field(default_factory=dict)  # host -> the older version it serves
 
 
-def contract_gate(requires: str, fleet_versions: dict[str, str] | None) -> dict[str, str]:
+def contract_gate(requires: str, fleet_versions: dict[str, str | None] | None) -> dict[str, str]:
     """Hosts (host -> version) that serve a version older than `requires`. Unknown versions count
     as old: a host we cannot read may well still use the old schema."""
     if fleet_versions is None:
         return {"<fleet unknown>": "no fleet versions were given"}
     need = parse_version(requires)
+    reasons = getattr(fleet_versions, "reasons", {})  # opsbook.fleet.FleetVersions says why a host is unknown
     old = {}
     for host, v in sorted(fleet_versions.items()):
+        if v is None:
+            old[host] = f"unknown ({reasons.get(host, 'no version known')})"
+            continue
         try:
             if parse_version(str(v)) < need:
                 old[host] = str(v)
