@@ -99,15 +99,44 @@ def provision(c, env=None, check=False):
 @task(
     help={
         "env": "environment (inventories/ENV)",
-        "version": "artifact version to release (default: the newest in dist/, built if none)",
+        "version": "artifact version to release (default: the current code, built if missing)",
+        "batch": "hosts per batch: a number or a percentage like 25% (default: the inventory's)",
+        "dry_run": "print the plan and stop: no lock taken, no host touched",
+        "wait": "seconds to wait for another release's lock before giving up (default 0)",
     }
 )
 @operator_errors
-def release(c, env=None, version=None):
-    """Release a version to an environment: migrate (expand), then roll the fleet batch by batch."""
+def release(c, env=None, version=None, batch=None, dry_run=False, wait=0):
+    """Release a version: plan, lock, preflight, expand migrations, rolling switch gated by a probe."""
     from opsbook import release as rel
 
-    rel.release(env_name(c, env), version=version)
+    rel.release(env_name(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait))
+
+
+@task(
+    help={
+        "env": "environment (inventories/ENV)",
+        "to": "version to return to (default: the newest earlier good release)",
+        "batch": "hosts per batch: a number or a percentage (default: the inventory's)",
+        "dry_run": "print the plan and stop: no lock taken, no host touched",
+        "wait": "seconds to wait for another release's lock before giving up (default 0)",
+    }
+)
+@operator_errors
+def rollback(c, env=None, to=None, batch=None, dry_run=False, wait=0):
+    """Roll the fleet back to the previous good release (or --to V), rolling and gated; no database change."""
+    from opsbook import release as rel
+
+    rel.rollback(env_name(c, env), to=to, batch=batch, dry_run=dry_run, wait=int(wait))
+
+
+@task(help={"env": "environment (inventories/ENV)"})
+@operator_errors
+def status(c, env=None):
+    """What an environment runs now: version per host, lock holder, last release, pending migrations."""
+    from opsbook import status as st
+
+    print(st.status_text(env_name(c, env)))
 
 
 @task(help={"env": "environment (inventories/ENV)"})
@@ -144,7 +173,7 @@ def migrate_lint(c):
     iterable=["param"],
 )
 @operator_errors
-def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None, param=None):  # noqa: PLR0917 - Invoke passes flags as parameters
+def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None, param=None):
     """Run the pending migration phase of an environment as a record (runbooks/migrate.ipynb).
 
     The database is the environment's (admin role); the contract gate asks every app host's /version.
@@ -303,6 +332,6 @@ ns.add_collection(records_ns)
 ns.add_collection(migrate_ns)
 ns.add_collection(lock_ns)
 ns.add_task(runbooks_list, "runbooks")
-for t in (build, provision, release, check, test, runbook, report):
+for t in (build, provision, release, rollback, status, check, test, runbook, report):
     ns.add_task(t)
 ns.configure({"opsbook": {"env": "lab"}})

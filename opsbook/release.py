@@ -1,26 +1,44 @@
-"""Provisioning and release of an environment.
+"""Provisioning, release and rollback of an environment.
 
-A release: check the environment and the artifact, provision (idempotent), apply the
-artifact's pending expand migrations, then roll the fleet batch by batch with
-playbooks/deploy.yml (drain, switch `current`, restart, health, re-enable).
+A release: guardrails (known env, existing artifact), plan (hosts in batches, the version each
+serves, migrations), then under the environment's release lock and a probe driving traffic
+through the load balancer: preflight (host checks, database sessions), provisioning, expand
+migrations, staging the release on every host, and the rolling switch batch by batch (drain,
+switch `current`, restart, health, re-enable) with a gate after each batch. A batch that fails
+its health check or its gate is returned to the version it had and the release stops. Every
+release and rollback ends with a record (runbooks/release.ipynb), succeeded or failed.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
+import math
 import os
+import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from opsbook import ROOT, artifact, migrations
 from opsbook.errors import OpsbookError
 from opsbook.inventory import Env, load
 
 PLAYBOOKS = ROOT / "playbooks"
+RELEASES = "/srv/bl-api/releases"
 
 
 class PlaybookFailed(OpsbookError):
+    pass
+
+
+class ReleaseFailed(OpsbookError):
     pass
 
 
@@ -32,7 +50,7 @@ def ansible_env() -> dict[str, str]:
     env = dict(os.environ)
     env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
     env.setdefault("ANSIBLE_FORCE_COLOR", "0")
-    venv_bin = Path(os.sys.executable).parent
+    venv_bin = Path(sys.executable).parent
     env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
     return env
 
@@ -40,8 +58,6 @@ def ansible_env() -> dict[str, str]:
 def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, check: bool = False,
                  limit: str | None = None, what: str = "") -> None:
     """Run a playbook against an environment, streaming Ansible's progress to the terminal."""
-    import json
-
     cmd = ["ansible-playbook", "-i", str(env.path), str(PLAYBOOKS / playbook)]
     if extra_vars:
         cmd += ["-e", json.dumps(extra_vars)]
@@ -53,8 +69,7 @@ def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, che
     if proc.returncode != 0:
         raise PlaybookFailed(
             f"{what or playbook} failed on {env.name} (ansible-playbook exit {proc.returncode}); "
-            f"the failing task and host are in the output above. Hosts that had not been reached "
-            f"were left as they were."
+            f"the failing task and host are in the output above."
         )
 
 
@@ -91,28 +106,377 @@ def resolve_artifact(version: str | None) -> artifact.Artifact:
     return artifact.build()
 
 
-def release(env_name: str, version: str | None = None) -> str:
-    env = load(env_name)   # unknown environment: names the ones that exist, changes nothing
-    art = resolve_artifact(version)
-    t0 = time.monotonic()
-    log(f"releasing bl-api {art.version} to {env.name} ({art.path.name}, sha256 {art.sha256[:12]}…)")
-    provision(env.name)
+# --- the fleet ----------------------------------------------------------------------------
+def fleet_versions(env: Env) -> dict[str, str | None]:
+    """host -> the version its service reports on /version (None when it does not answer)."""
+    from opsbook import fleet
+
+    return dict(fleet.served_versions(env))
+
+
+def batches_of(hosts: list[str], size: str | int) -> list[list[str]]:
+    """Split hosts into batches of `size` hosts, or of a percentage of the fleet ("25%")."""
+    text = str(size).strip()
+    n = 0
+    if text.endswith("%") and text[:-1].replace(".", "", 1).isdigit() and 0 < float(text[:-1]) <= 100:
+        n = max(1, math.floor(len(hosts) * float(text[:-1]) / 100))
+    elif text.isdigit():
+        n = int(text)
+    if n < 1:
+        raise OpsbookError(f"batch size {size!r} is neither a positive number of hosts nor a percentage "
+                           f"like 25%. Nothing was changed.")
+    return [hosts[i : i + n] for i in range(0, len(hosts), n)]
+
+
+@dataclass
+class Plan:
+    env: str
+    kind: str                                  # release | rollback
+    target: str
+    artifact_file: str
+    artifact_sha256: str
+    current: dict[str, str | None]             # host -> version it serves now (None: nothing)
+    batches: list[list[str]]
+    drain_timeout: int
+    migrations_pending: list[str] = field(default_factory=list)
+    contracts_pending: list[str] = field(default_factory=list)
+
+    @property
+    def mixed(self) -> bool:
+        return len(set(self.current.values())) > 1
+
+    def text(self) -> str:
+        lines = [f"plan: {self.kind} bl-api {self.target} to {self.env} "
+                 f"({len(self.current)} app hosts, {len(self.batches)} batches, drain timeout "
+                 f"{self.drain_timeout}s)"]
+        if self.mixed:
+            served = ", ".join(f"{h}={v or 'nothing'}" for h, v in self.current.items())
+            lines.append(f"  the fleet serves mixed versions ({served}); this {self.kind} converges it")
+        for i, batch in enumerate(self.batches, 1):
+            parts = []
+            for h in batch:
+                now = self.current.get(h) or "nothing"
+                parts.append(f"{h} ({now}{'' if now != self.target else ', already there'})")
+            lines.append(f"  batch {i}: " + ", ".join(parts))
+        if self.kind == "release":
+            lines.append("  expand migrations to run first: " + (", ".join(self.migrations_pending) or "none"))
+            lines.append("  contracts pending (not run by a release): "
+                         + (", ".join(self.contracts_pending) or "none"))
+        return "\n".join(lines)
+
+
+def _pending_migrations(env: Env, art: artifact.Artifact) -> tuple[list[str], list[str]]:
+    """(expand phases this artifact would apply, contracts already pending) on env's database."""
+    import psycopg
+
     with tempfile.TemporaryDirectory(prefix="opsbook-migrations-") as tmp:
         mig_dir = art.extract_migrations(Path(tmp))
-        applied = migrations.apply_pending(admin_conninfo(env), mig_dir, phase="expand",
-                                           log=lambda m: log(f"migrate: {m}"))
-    log(f"expand migrations applied: {', '.join(applied) if applied else 'none pending'}")
-    run_playbook(
-        env,
-        "deploy.yml",
-        extra_vars={
-            "opsbook_release_version": art.version,
-            "opsbook_release_artifact": str(art.path),
-            # `serial` is read before inventory variables exist, so the batch size (from the
-            # inventory) is passed as an extra var.
-            "opsbook_release_batch_size": env.var("opsbook_release_batch_size"),
-        },
-        what=f"rolling deploy of {art.version}",
+        found = migrations.load_migrations(mig_dir)
+        try:
+            conninfo = admin_conninfo(env)
+            with psycopg.connect(conninfo) as conn:
+                done: set[tuple[str, str]] = set()
+                if conn.execute("SELECT to_regclass('opsbook_migrations')").fetchone()[0]:
+                    done = set(map(tuple, conn.execute("SELECT migration, phase FROM opsbook_migrations")))
+            contracts = [str(c) for c in migrations.pending_contracts(conninfo, mig_dir)]
+        except psycopg.Error as e:
+            raise OpsbookError(f"cannot read the applied migrations on {env.name}'s database: {e}. "
+                               f"Nothing was changed. Is `invoke provision --env {env.name}` done?") from e
+    return [m.id for m in found if (m.id, "expand") not in done], contracts
+
+
+def make_plan(env: Env, art: artifact.Artifact, *, kind: str = "release", batch: str | None = None) -> Plan:
+    hosts = [h.name for h in env.hosts("app")]
+    if not hosts:
+        raise OpsbookError(f"environment {env.name} has no app hosts in its inventory; nothing to {kind}. "
+                           f"Nothing was changed.")
+    plan = Plan(
+        env=env.name, kind=kind, target=art.version, artifact_file=art.path.name, artifact_sha256=art.sha256,
+        current=fleet_versions(env), batches=batches_of(hosts, batch or env.var("opsbook_release_batch_size")),
+        drain_timeout=int(env.var("opsbook_release_drain_timeout")),
     )
-    log(f"released {art.version} to {env.name} in {time.monotonic() - t0:.0f}s")
-    return art.version
+    if kind == "release":
+        try:
+            plan.migrations_pending, plan.contracts_pending = _pending_migrations(env, art)
+        except OpsbookError as e:
+            if any(plan.current.values()):
+                raise
+            log(f"database not reachable yet ({e}); the first release will provision it")
+            plan.migrations_pending = ["(all: database not provisioned yet)"]
+    return plan
+
+
+# --- running a release --------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a release or rollback did, for its record."""
+
+    plan: Plan
+    started_at: str
+    t0: float = field(default_factory=time.monotonic)
+    phases: dict[str, float] = field(default_factory=dict)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    migrations: dict[str, Any] = field(default_factory=dict)
+    outcome: str = "failed"
+    reason: str | None = None
+    lock: str | None = None
+    probe: dict[str, Any] | None = None
+    probe_plot: str | None = None
+    live_probe: Any = None   # the running Probe, so its samples are labelled with the phase
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.monotonic()
+        log(f"{name} …")
+        if self.live_probe is not None and name != "rolling switch":   # batches label themselves
+            self.live_probe.mark(name)
+        try:
+            yield
+        finally:
+            self.phases[name] = time.monotonic() - t
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "kind": self.plan.kind, "env": self.plan.env, "version": self.plan.target,
+            "operator": f"{getpass.getuser()}@{socket.gethostname()}", "git_sha": artifact.git_sha(),
+            "commit_time": _commit_time(),
+            "started_at": self.started_at, "duration_s": time.monotonic() - self.t0,
+            "artifact": {"file": self.plan.artifact_file, "sha256": self.plan.artifact_sha256},
+            "plan": asdict(self.plan), "phases": self.phases, "batches": self.batches,
+            "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason,
+            "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot,
+        }
+
+
+def _commit_time() -> str | None:
+    proc = subprocess.run(["git", "log", "-1", "--format=%cI"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    return proc.stdout.strip() or None
+
+
+def _switch(env: Env, hosts: list[str], version: str, art_path: Path, what: str) -> None:
+    run_playbook(env, "switch.yml", limit=",".join(hosts), what=what, extra_vars={
+        "opsbook_release_version": version, "opsbook_release_artifact": str(art_path),
+        # `serial` is read before inventory variables exist; a batch is switched one host after
+        # another inside it, so a failing host stops its batch early.
+        "opsbook_release_batch_size": len(hosts),
+    })
+
+
+def _return_batch(env: Env, plan: Plan, batch: list[str]) -> str:
+    """Switch a failed batch's hosts back to the versions they served before. Returns a summary."""
+    by_version: dict[str, list[str]] = {}
+    for h in batch:
+        prev = plan.current.get(h)
+        if prev and prev != plan.target:
+            by_version.setdefault(prev, []).append(h)
+    if not by_version:
+        return "no previous version to return to"
+    done = []
+    for prev, hosts in by_version.items():
+        try:
+            art = artifact.find(prev)
+        except OpsbookError:
+            art = None
+        try:
+            _switch(env, hosts, prev, art.path if art else Path("/nonexistent"), f"returning {hosts} to {prev}")
+            done.append(f"{', '.join(hosts)} returned to {prev}")
+        except PlaybookFailed as e:
+            done.append(f"{', '.join(hosts)} could NOT be returned to {prev}: {e}")
+    return "; ".join(done)
+
+
+def preflight(env: Env, plan: Plan) -> None:
+    from opsbook import checks
+    from opsbook.migrations import guards
+
+    suites = ["test_lb_hosts.py", "test_db_hosts.py"]
+    if all(plan.current.values()):
+        suites.append("test_app_hosts.py")   # app hosts are checked once they serve something
+    checks.run_host_checks(env.name, extra=[str(ROOT / "tests" / "infra" / s) for s in suites])
+    try:
+        import psycopg
+
+        with psycopg.connect(admin_conninfo(env)) as conn:
+            blocking = guards.blocking_sessions(conn, guards.Settings())
+    except psycopg.Error as e:
+        if any(plan.current.values()):
+            raise ReleaseFailed(f"preflight: the database does not answer ({e})") from e
+        blocking = []
+    if blocking:
+        raise ReleaseFailed("preflight: sessions that would block migrations: "
+                            + "; ".join(str(b) for b in blocking))
+
+
+def release(env_name: str, version: str | None = None, *, batch: str | None = None, dry_run: bool = False,
+            wait: int = 0) -> str:
+    env = load(env_name)   # unknown environment: names the ones that exist, changes nothing
+    art = resolve_artifact(version)
+    if env.kind == "lab" and not dry_run:
+        from opsbook import lab
+
+        lab.up()
+    plan = make_plan(env, art, kind="release", batch=batch)
+    print(plan.text(), flush=True)
+    if dry_run:
+        log("dry run: nothing was locked or changed")
+        return art.version
+    return _execute(env, plan, art, wait=wait)
+
+
+def rollback(env_name: str, to: str | None = None, *, batch: str | None = None, dry_run: bool = False,
+             wait: int = 0) -> str:
+    env = load(env_name)
+    current = fleet_versions(env)
+    target = to or previous_good(env, exclude={v for v in current.values() if v})
+    if not target:
+        raise OpsbookError(f"no earlier good release of {env.name} is known to roll back to; name one with "
+                           f"--to V (`invoke records --env {env.name} --runbook release`). Nothing was changed.")
+    art = artifact.find(target)
+    plan = make_plan(env, art, kind="rollback", batch=batch)
+    print(plan.text(), flush=True)
+    if dry_run:
+        log("dry run: nothing was locked or changed")
+        return target
+    return _execute(env, plan, art, wait=wait)
+
+
+def previous_good(env: Env, exclude: set[str]) -> str | None:
+    """The newest version whose release to this environment succeeded, other than `exclude`."""
+    from opsbook.record_store import store_for
+
+    entries = [e for e in store_for(env).ledger() if e.get("runbook") == "release"
+               and e.get("outcome") == "succeeded"]
+    for e in sorted(entries, key=lambda e: e.get("start", ""), reverse=True):
+        v = (e.get("figures") or {}).get("version")
+        if v and v not in exclude and artifact.artifact_path(v).exists():
+            return v
+    return None
+
+
+def _execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int) -> str:
+    from opsbook import lock as locks
+    from opsbook import probe as probes
+    from opsbook.record_store import new_record_id
+
+    run = Run(plan=plan, started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    record_id = new_record_id(plan.kind)
+    slo = probes.slo_for(env)
+    lock = locks.lock_for(env)
+    with lock.hold(f"{plan.kind} {plan.target} (record {record_id})", wait=wait) as held:
+        log(held.message)
+        run.lock = held.message
+        probe = probes.probe_for(env)
+        probe_started = False
+        try:
+            if any(plan.current.values()):
+                probe.start("before")
+                probe_started = True
+                run.live_probe = probe
+                time.sleep(2)   # a baseline of what users feel before anything changes
+            _steps(env, plan, art, run, held=held, probe=probe if probe_started else None, slo=slo)
+            run.outcome = "succeeded"
+        except (OpsbookError, KeyboardInterrupt) as e:
+            run.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log(f"{plan.kind} FAILED: {run.reason}")
+        finally:
+            if probe_started:
+                run.live_probe = None
+                with run.phase("probe read-back"):
+                    report = probe.stop()
+                run.probe = _probe_figures(report)
+                plot = Path(tempfile.mkdtemp(prefix="opsbook-probe-")) / "probe.png"
+                run.probe_plot = str(report.plot(plot, title=f"{plan.kind} {plan.target} to {env.name}"))
+                ok, reasons = report.within(slo)
+                if not ok and run.outcome == "succeeded":
+                    run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
+        if run.outcome == "succeeded":
+            _mark_good(env, plan)
+    _write_record(env, run, record_id)
+    if run.outcome != "succeeded":
+        raise ReleaseFailed(f"{plan.kind} of {plan.target} to {env.name} failed: {run.reason}. "
+                            f"Record {record_id} has the details; `invoke status --env {env.name}` shows "
+                            f"what each host serves now.")
+    log(f"{plan.kind} of {plan.target} to {env.name} succeeded in {time.monotonic() - run.t0:.0f}s "
+        f"(record {record_id})")
+    return plan.target
+
+
+def _probe_figures(report) -> dict[str, Any]:
+    figs = dict(report.figures())
+    phases = {name: report.phase(name) for name in report.phase_names()}
+    figs["phases"] = phases
+    before = phases.get("before", {})
+    during = [p for n, p in phases.items() if n.startswith("batch")]
+    figs["p99_ms_before"] = before.get("p99_ms")
+    figs["p99_ms_during"] = max((p.get("p99_ms") or 0 for p in during), default=None)
+    return figs
+
+
+def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
+    with run.phase("preflight"):
+        preflight(env, plan)
+    if plan.kind == "release":
+        with run.phase("provision"):
+            provision(env.name)
+        with run.phase("expand migrations"), tempfile.TemporaryDirectory(prefix="opsbook-migrations-") as tmp:
+            mig_dir = art.extract_migrations(Path(tmp))
+            applied = migrations.apply_pending(admin_conninfo(env), mig_dir, phase="expand",
+                                               log=lambda m: log(f"migrate: {m}"))
+            contracts = [str(c) for c in migrations.pending_contracts(admin_conninfo(env), mig_dir)]
+            run.migrations = {"applied": applied, "contracts_pending": contracts}
+            for c in contracts:
+                log(f"contract pending: {c} (run `invoke migrate --env {env.name} --phase contract` once "
+                    f"every app host serves the version it needs)")
+    with run.phase("stage"):
+        run_playbook(env, "stage.yml", what=f"staging {plan.target}", extra_vars={
+            "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)})
+    with run.phase("rolling switch"):
+        for i, batch in enumerate(plan.batches, 1):
+            name = f"batch {i}"
+            if probe:
+                probe.mark(name)
+            t = time.monotonic()
+            entry: dict[str, Any] = {"batch": i, "hosts": ", ".join(batch)}
+            run.batches.append(entry)
+            try:
+                _switch(env, batch, plan.target, art.path, f"{plan.kind} {name} ({', '.join(batch)})")
+            except PlaybookFailed as e:
+                entry.update(result="failed health", seconds=round(time.monotonic() - t, 1))
+                entry["returned"] = _return_batch(env, plan, batch)
+                raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e} {entry['returned']}.") from e
+            held.check()
+            if probe:
+                time.sleep(1)   # let requests sent during the batch complete before judging it
+                ok, reasons = probe.report().phase_within(name, slo)
+                entry["gate"] = "passed" if ok else "failed: " + "; ".join(reasons)
+                if not ok:
+                    entry.update(result="failed gate", seconds=round(time.monotonic() - t, 1))
+                    entry["returned"] = _return_batch(env, plan, batch)
+                    raise ReleaseFailed(f"{name} ({', '.join(batch)}) missed the SLO: {'; '.join(reasons)}. "
+                                        f"{entry['returned']}.")
+            entry.update(result="passed", seconds=round(time.monotonic() - t, 1))
+            log(f"{name} done in {entry['seconds']}s")
+        if probe:
+            probe.mark("after")
+            time.sleep(2)
+
+
+def _mark_good(env: Env, plan: Plan) -> None:
+    """Mark the release good on every host: retention never deletes the newest good release."""
+    run_playbook(env, "mark-good.yml", what="marking the release good",
+                 extra_vars={"opsbook_release_version": plan.target})
+
+
+def _write_record(env: Env, run: Run, record_id: str) -> None:
+    from opsbook import runbooks
+
+    data = run.data()
+    with tempfile.TemporaryDirectory(prefix="opsbook-release-") as tmp:
+        path = Path(tmp) / "release.json"
+        path.write_text(json.dumps(data, indent=2, default=str))
+        try:
+            runbooks.run("release", env, {"release_data": str(path)}, record_id=record_id)
+        except runbooks.RunbookFailed:
+            if run.outcome == "succeeded":
+                raise

@@ -37,10 +37,9 @@ def releases(entries: list[dict[str, Any]]):
     for e in entries:
         # `invoke rollback` writes its record with the release runbook; figures.kind says which.
         kind = (e.get("figures") or {}).get("kind") if e.get("runbook") == RELEASE else None
-        if kind == ROLLBACK:
-            e = {**e, "runbook": ROLLBACK}
-        if e.get("runbook") in (RELEASE, ROLLBACK):
-            by_env.setdefault(e.get("env", "?"), []).append(e)
+        item = {**e, "runbook": ROLLBACK} if kind == ROLLBACK else e
+        if item.get("runbook") in (RELEASE, ROLLBACK):
+            by_env.setdefault(item.get("env", "?"), []).append(item)
     for env, items in sorted(by_env.items()):
         items.sort(key=lambda e: e.get("start", ""))
         for i, e in enumerate(items):
