@@ -130,8 +130,11 @@ def verify(artifact: Artifact) -> Artifact:
     return artifact
 
 
-def build(version: str | None = None, log=print) -> Artifact:
-    """Build dist/bl-api-V.tar.gz unless it exists already (artifacts are immutable)."""
+def build(version: str | None = None, log=print, source: Path = APP) -> Artifact:
+    """Build dist/bl-api-V.tar.gz unless it exists already (artifacts are immutable).
+
+    `source` is the service's source tree (app/); tests build deliberately broken versions
+    from a patched copy."""
     version = version or default_version()
     if not VERSION_RE.match(version):
         raise ArtifactError(f"{version!r} is not a usable version: start with a digit; letters, digits, "
@@ -145,7 +148,7 @@ def build(version: str | None = None, log=print) -> Artifact:
     with tempfile.TemporaryDirectory(prefix="opsbook-build-") as tmpdir:
         tmp = Path(tmpdir)
         src = tmp / "src"
-        shutil.copytree(APP, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
+        shutil.copytree(source, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
         init = src / "bl_api" / "__init__.py"
         init.write_text(re.sub(r'^__version__ = "[^"]+"', f'__version__ = "{version}"', init.read_text(),
                                count=1, flags=re.M))
@@ -159,7 +162,7 @@ def build(version: str | None = None, log=print) -> Artifact:
             capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise ArtifactError(f"pip wheel failed; nothing was written to dist/:\n{proc.stderr[-3000:]}")
-        shutil.copytree(APP / "migrations", root / "migrations")
+        shutil.copytree(source / "migrations", root / "migrations")
         files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
         manifest = {
             "name": NAME,

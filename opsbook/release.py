@@ -185,7 +185,33 @@ def _pending_migrations(env: Env, art: artifact.Artifact) -> tuple[list[str], li
     return [m.id for m in found if (m.id, "expand") not in done], contracts
 
 
+def refuse_below_schema(env: Env, version: str) -> None:
+    """A version older than what an applied contract requires would meet a schema it cannot use."""
+    import psycopg
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        with psycopg.connect(admin_conninfo(env)) as conn:
+            if not conn.execute("SELECT to_regclass('opsbook_migrations')").fetchone()[0]:
+                return
+            done = {r[0] for r in conn.execute("SELECT migration FROM opsbook_migrations WHERE phase = 'contract'")}
+    except psycopg.Error:
+        return   # a database that does not answer has no contracts to protect; preflight says so
+    try:
+        target = Version(version)
+    except InvalidVersion:
+        return
+    blocking = [f"{m.id} (needs >= {m.contract_requires_version})"
+                for m in migrations.load_migrations(ROOT / "app" / "migrations")
+                if m.id in done and m.contract_requires_version and target < Version(m.contract_requires_version)]
+    if blocking:
+        raise OpsbookError(f"{version} is older than the schema of {env.name} allows: contract(s) "
+                           f"{', '.join(blocking)} already ran, so {version} would fail against it. Nothing "
+                           f"was changed. Release or roll back to a version at or above those.")
+
+
 def make_plan(env: Env, art: artifact.Artifact, *, kind: str = "release", batch: str | None = None) -> Plan:
+    refuse_below_schema(env, art.version)
     hosts = [h.name for h in env.hosts("app")]
     if not hosts:
         raise OpsbookError(f"environment {env.name} has no app hosts in its inventory; nothing to {kind}. "

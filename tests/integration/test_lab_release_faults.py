@@ -1,0 +1,198 @@
+"""A release you can trust, on the lab: lock, gates, probe, rollback, and the faults it must
+survive. Real hosts, real haproxy, real probe traffic through lb1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from opsbook import ROOT, artifact
+from opsbook.lock import lock_for
+from opsbook.record_store import store_for
+from tests.fixtures.lab import invoke, ssh
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def served(env) -> dict[str, str | None]:
+    from opsbook import fleet
+
+    return dict(fleet.served_versions(env))
+
+
+def haproxy_status(host: str) -> str:
+    stat = ssh("lb1", "echo 'show stat' | socat stdio /run/haproxy/admin.sock")
+    for line in stat.splitlines():
+        f = line.split(",")
+        if len(f) > 17 and f[0] == "bl_api" and f[1] == host:
+            return f[17]
+    raise AssertionError(f"{host} not in haproxy's bl_api backend")
+
+
+def last_record(env, kind: str) -> dict:
+    entries = [e for e in store_for(env).ledger()
+               if e.get("runbook") == "release" and (e.get("figures") or {}).get("kind") == kind]
+    assert entries, f"no {kind} record"
+    return entries[-1]
+
+
+@pytest.fixture(scope="module")
+def fleet_on_a(lab_env, test_versions):
+    """Every app host serves version a, released by opsbook (so it is a known good release)."""
+    a, _b = test_versions
+    invoke("release", "--env", "lab", "--version", a, check=True)
+    assert set(served(lab_env).values()) == {a}
+    return a
+
+
+def test_release_under_probe_then_rollback_with_zero_failed_requests(lab_env, test_versions, fleet_on_a):
+    a, b = test_versions
+    proc = invoke("release", "--env", "lab", "--version", b, check=True)
+    assert "plan: release" in proc.stdout
+    assert set(served(lab_env).values()) == {b}
+    rec = last_record(lab_env, "release")
+    figs = rec["figures"]
+    assert rec["outcome"] == "succeeded"
+    assert figs["version"] == b
+    assert figs["requests"] > 50
+    assert figs["failed_requests"] == 0
+    assert figs["missing_acknowledged_writes"] == 0
+    notebook = store_for(lab_env).get(rec["notebook"])
+    assert b'"image/png"' in notebook   # the latency/errors plot is in the record
+
+    proc = invoke("rollback", "--env", "lab", check=True)
+    assert f"rollback bl-api {a}" in proc.stdout
+    assert set(served(lab_env).values()) == {a}
+    rb = last_record(lab_env, "rollback")
+    assert rb["outcome"] == "succeeded"
+    assert rb["figures"]["failed_requests"] == 0
+    assert rb["figures"]["missing_acknowledged_writes"] == 0
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(lab_env, test_versions, fleet_on_a):
+    _a, b = test_versions
+    before = served(lab_env)
+    proc = invoke("release", "--env", "lab", "--version", b, "--dry-run", "--batch", "2", check=True)
+    assert "batch 1: app1" in proc.stdout
+    assert "app2" in proc.stdout
+    assert "batch 2: app3" in proc.stdout
+    assert "nothing was locked or changed" in proc.stdout
+    assert served(lab_env) == before
+    assert lock_for(lab_env).holder() is None
+
+
+def test_second_release_during_the_first_is_refused_and_changes_nothing(lab_env, test_versions, fleet_on_a):
+    _a, b = test_versions
+    before = served(lab_env)
+    with lock_for(lab_env).hold("a release already running (test)"):
+        proc = invoke("release", "--env", "lab", "--version", b)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "a release already running (test)" in err
+    assert "Nothing was changed" in err
+    assert served(lab_env) == before
+
+
+def test_killed_lock_holder_blocks_until_its_lease_expires(lab_env, test_versions, fleet_on_a):
+    a, _b = test_versions
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from opsbook.lock import lock_for; "
+         "lock_for('lab', lease_seconds=8).acquire('release that will be killed'); print('held', flush=True); "
+         "time.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    refused = invoke("release", "--env", "lab", "--version", a)
+    assert refused.returncode != 0
+    assert "release that will be killed" in refused.stdout + refused.stderr
+    time.sleep(9)
+    proc = invoke("release", "--env", "lab", "--version", a, check=True)
+    assert "expired" in proc.stdout   # the message says the previous holder's lease expired
+    assert set(served(lab_env).values()) == {a}
+
+
+def test_a_version_that_fails_its_health_check_returns_its_batch(lab_env, fleet_on_a, tmp_path):
+    a = fleet_on_a
+    src = tmp_path / "app"
+    shutil.copytree(ROOT / "app", src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    handlers = src / "bl_api" / "handlers.py"
+    text = handlers.read_text()
+    marker = '    """Load-balancer health check: 200 only when this worker can reach the database."""\n'
+    assert marker in text
+    handlers.write_text(text.replace(marker, marker + '    return jsonify(status="broken on purpose"), 503\n'))
+    broken = f"{artifact.default_version()}.broken"
+    artifact.build(broken, log=lambda _m: None, source=src)
+
+    proc = invoke("release", "--env", "lab", "--version", broken)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "batch 1 (app1) failed" in err
+    assert set(served(lab_env).values()) == {a}          # the batch went back; the rest never moved
+    rec = last_record(lab_env, "release")
+    assert rec["outcome"] == "failed"
+    assert "app1" in rec["figures"]["reason"]
+    assert rec["figures"]["failed_requests"] == 0        # the host was drained: users saw nothing
+    assert rec["figures"]["missing_acknowledged_writes"] == 0
+    assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
+
+
+def test_service_killed_while_its_host_is_released_stops_the_release(lab_env, test_versions, fleet_on_a):
+    a, b = test_versions
+    # Start a release of b and, as soon as app2 is drained for it, kill its service and keep it
+    # down (a crash loop), the way a host dies in the middle of a deploy.
+    env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
+    release = subprocess.Popen([sys.executable, "-m", "invoke", "release", "--env", "lab", "--version", b],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while haproxy_status("app2") != "MAINT":
+            assert release.poll() is None, release.stdout.read()
+            assert time.monotonic() < deadline, "app2 was never drained"
+            time.sleep(0.2)
+        ssh("app2", "systemctl mask --runtime bl-api && systemctl kill --signal=KILL bl-api")
+        out, _ = release.communicate(timeout=600)
+    finally:
+        if release.poll() is None:
+            release.kill()
+        ssh("app2", "systemctl unmask --runtime bl-api")
+    assert release.returncode != 0, out
+    assert "batch 2 (app2) failed" in out
+    rec = last_record(lab_env, "release")
+    assert rec["outcome"] == "failed"
+    assert "app2" in rec["figures"]["reason"]
+    assert haproxy_status("app2") != "UP"   # the balancer sends it no traffic
+    versions = served(lab_env)
+    assert versions["app1"] == b
+    assert versions["app3"] == a
+
+    invoke("release", "--env", "lab", "--version", b, check=True)   # the next release converges
+    assert set(served(lab_env).values()) == {b}
+    invoke("check", "--env", "lab", check=True)
+
+
+def test_status_is_read_only_and_names_versions_and_lock(lab_env):
+    n_before = len(store_for(lab_env).ledger())
+    proc = invoke("status", "--env", "lab", check=True)
+    for h in lab_env.hosts("app"):
+        assert h.name in proc.stdout
+    assert "lock:" in proc.stdout
+    assert "last " in proc.stdout
+    assert len(store_for(lab_env).ledger()) == n_before
+
+
+def test_release_record_json_has_no_secret(lab_env):
+    secrets = lab_env.secret_values().values()
+    for rec in store_for(lab_env).ledger()[-5:]:
+        blob = json.dumps(rec) + store_for(lab_env).get(rec["notebook"]).decode()
+        assert not any(s in blob for s in secrets)
+
+
