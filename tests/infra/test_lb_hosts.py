@@ -1,5 +1,7 @@
 """Load balancers: haproxy in front of every app host, with its runtime API for draining."""
 
+import pytest
+
 testinfra_hosts = ["ansible://lb"]
 
 
@@ -23,6 +25,7 @@ def test_config_is_valid(host):
     host.run_test("haproxy -c -f /etc/haproxy/haproxy.cfg")
 
 
+@pytest.mark.converges
 def test_every_app_host_is_a_backend_and_up(host, hostvars):
     stat = host.check_output("echo 'show stat' | socat stdio /run/haproxy/admin.sock")
     rows = [line.split(",") for line in stat.splitlines() if line and not line.startswith("#")]

@@ -147,8 +147,8 @@ def test_a_version_that_fails_its_health_check_returns_its_batch(lab_env, fleet_
 
 def test_service_killed_while_its_host_is_released_stops_the_release(lab_env, test_versions, fleet_on_a):
     a, b = test_versions
-    # Start a release of b and, as soon as app2 is drained for it, kill its service and keep it
-    # down (a crash loop), the way a host dies in the middle of a deploy.
+    # Start a release of b and, as soon as app2 is drained for it, kill its service again and
+    # again (a crash loop), the way a host dies in the middle of a deploy.
     env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
     release = subprocess.Popen([sys.executable, "-m", "invoke", "release", "--env", "lab", "--version", b],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -158,12 +158,13 @@ def test_service_killed_while_its_host_is_released_stops_the_release(lab_env, te
             assert release.poll() is None, release.stdout.read()
             assert time.monotonic() < deadline, "app2 was never drained"
             time.sleep(0.2)
-        ssh("app2", "systemctl mask --runtime bl-api && systemctl kill --signal=KILL bl-api")
+        ssh("app2", "rm -f /tmp/stop-killing; nohup timeout 300 sh -c 'until [ -e /tmp/stop-killing ]; do "
+                    "systemctl kill --signal=KILL bl-api 2>/dev/null; sleep 0.2; done' >/dev/null 2>&1 &")
         out, _ = release.communicate(timeout=600)
     finally:
         if release.poll() is None:
             release.kill()
-        ssh("app2", "systemctl unmask --runtime bl-api")
+        ssh("app2", "touch /tmp/stop-killing")
     assert release.returncode != 0, out
     assert "batch 2 (app2) failed" in out
     rec = last_record(lab_env, "release")
