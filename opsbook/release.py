@@ -65,11 +65,29 @@ def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, che
         cmd += ["--check", "--diff"]
     if limit:
         cmd += ["--limit", limit]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ansible_env(), check=False)
-    if proc.returncode != 0:
+    # Ansible's output streams to the terminal as it comes; the failing task's lines are also
+    # kept, so the error (and the release record) says which host failed and why.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    failures: list[str] = []
+    task = ""
+    keep = 0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        if line.startswith("TASK ["):
+            task = line.strip(" *\n")
+        if line.startswith(("fatal:", "failed:")):
+            failures.append(f"{task}: {line.strip()}")
+            keep = 6
+        elif keep and line.strip():
+            failures.append("    " + line.strip()[:300])
+            keep -= 1
+    sys.stdout.flush()
+    if proc.wait() != 0:
+        detail = ("\n  " + "\n  ".join(failures[:24])) if failures else ""
         raise PlaybookFailed(
-            f"{what or playbook} failed on {env.name} (ansible-playbook exit {proc.returncode}); "
-            f"the failing task and host are in the output above."
+            f"{what or playbook} failed on {env.name} (ansible-playbook exit {proc.returncode}){detail}"
         )
 
 
@@ -245,6 +263,7 @@ class Run:
     migrations: dict[str, Any] = field(default_factory=dict)
     outcome: str = "failed"
     reason: str | None = None
+    detail: str | None = None   # the whole error, e.g. the failing Ansible task's output
     lock: str | None = None
     probe: dict[str, Any] | None = None
     probe_plot: str | None = None
@@ -269,7 +288,7 @@ class Run:
             "started_at": self.started_at, "duration_s": time.monotonic() - self.t0,
             "artifact": {"file": self.plan.artifact_file, "sha256": self.plan.artifact_sha256},
             "plan": asdict(self.plan), "phases": self.phases, "batches": self.batches,
-            "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason,
+            "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot,
         }
 
@@ -403,6 +422,7 @@ def _execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int) -> str:
             run.outcome = "succeeded"
         except (OpsbookError, KeyboardInterrupt) as e:
             run.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            run.detail = str(e)
             log(f"{plan.kind} FAILED: {run.reason}")
         finally:
             if probe_started:

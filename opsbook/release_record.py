@@ -28,6 +28,8 @@ def summary(data: dict[str, Any]) -> str:
     ]
     if data.get("reason"):
         lines.append(f"  reason: {data['reason']}")
+    if data.get("detail") and data["detail"] != data.get("reason"):
+        lines.append("  detail:\n    " + data["detail"].replace("\n", "\n    "))
     if data.get("lock"):
         lines.append(f"  lock: {data['lock']}")
     return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Online migrations on the lab, end to end and under a probe: a fleet on the 0001 schema,
+a release that expands 0002/0003 while users write, a contract refused while old versions
+serve, the contract once they are gone, and no rollback below what the contract needs."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import psycopg
+import pytest
+
+from opsbook import ROOT, artifact, fleet
+from opsbook.probe import Probe, probe_url
+from opsbook.record_store import store_for
+from opsbook.release import admin_conninfo
+from tests.fixtures.lab import http_json, invoke, ssh
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def old_version(tmp_path_factory):
+    """A version that ships only migration 0001 and reports 1.0.0 (older than the contracts need)."""
+    src = tmp_path_factory.mktemp("old") / "app"
+    shutil.copytree(ROOT / "app", src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for extra in src.joinpath("migrations").glob("000[2-9]_*.yml"):
+        extra.unlink()
+    version = f"1.0.0+{artifact.default_version().split('+', 1)[1]}.schema0001"
+    artifact.build(version, log=lambda _m: None, source=src)
+    return version
+
+
+def last_ledger(env, runbook):
+    return [e for e in store_for(env).ledger() if e["runbook"] == runbook][-1]
+
+
+def seed(lb_url: str, courses: int = 5, per_course: int = 400) -> int:
+    total = 0
+    for _ in range(courses):
+        course = str(uuid.uuid4())
+        status, _body = http_json(f"{lb_url}/create_course", {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())})
+        assert status == 200
+        for _ in range(per_course // 100):
+            batch = [{"response_uuid": str(uuid.uuid4()), "course_uuid": course, "student_uuid": str(uuid.uuid4()),
+                      "exercise_uuid": str(uuid.uuid4()), "ecosystem_item_uuid": str(uuid.uuid4()),
+                      "trial_uuid": str(uuid.uuid4()), "is_correct": True, "is_real_response": True,
+                      "responded_at": "2026-11-28T12:00:00Z"} for _ in range(100)]
+            status, body = http_json(f"{lb_url}/record_responses", {"responses": batch})
+            assert status == 200, body
+            total += 100
+    return total
+
+
+def test_expand_release_contract_under_the_probe(lab_env, lb_url, old_version, test_versions):
+    _a, new = test_versions
+    # A fresh service database, and a fleet on the 0001 schema serving version 1.0.0.
+    ssh("db1", "runuser -u postgres -- dropdb --if-exists --force bl_api")
+    invoke("provision", "--env", "lab", check=True)
+    invoke("release", "--env", "lab", "--version", old_version, check=True)
+    assert set(fleet.served_versions(lab_env).values()) == {old_version}
+    seeded = seed(lb_url)
+
+    # The contract is refused while hosts serve a version that needs the old schema.
+    refused = invoke("migrate", "--env", "lab", "--phase", "contract")
+    assert refused.returncode != 0
+    for h in lab_env.hosts("app"):
+        assert h.name in refused.stdout + refused.stderr
+
+    # The release runs 0002/0003's expand (with a batched backfill) while the probe writes.
+    invoke("release", "--env", "lab", "--version", new, check=True)
+    rec = last_ledger(lab_env, "release")
+    assert rec["outcome"] == "succeeded"
+    assert rec["figures"]["migrations_applied"] == ["0002_course_events_student_uuid", "0003_course_events_kind"]
+    assert rec["figures"]["failed_requests"] == 0
+    assert rec["figures"]["missing_acknowledged_writes"] == 0
+
+    # The contract, now allowed, under a probe of our own.
+    probe = Probe(probe_url(lab_env), rate=30, max_seconds=600).start("contract")
+    proc = invoke("migrate", "--env", "lab", "--phase", "contract", check=True)
+    report = probe.stop()
+    assert "REFUSED" not in proc.stdout
+    assert report.failed == 0, report.errors()
+    assert report.figures()["missing_acknowledged_writes"] == 0
+    mig = last_ledger(lab_env, "migrate")
+    assert mig["outcome"] == "succeeded"
+
+    with psycopg.connect(admin_conninfo(lab_env)) as conn:
+        cols = {r[0] for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'course_events'")}
+        assert "kind" in cols
+        assert "event_type" not in cols
+        missing = conn.execute("SELECT count(*) FROM course_events WHERE data ? 'student_uuid' "
+                               "AND student_uuid IS DISTINCT FROM (data->>'student_uuid')::uuid").fetchone()[0]
+        assert missing == 0
+        assert conn.execute("SELECT count(*) FROM course_events WHERE event_uuid IS NOT NULL").fetchone()[0] >= seeded
+
+    # The service still writes and reads after the contract.
+    course = str(uuid.uuid4())
+    assert http_json(f"{lb_url}/create_course", {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())})[0] == 200
+
+    # And nothing rolls the fleet back below what the contract needs.
+    below = invoke("rollback", "--env", "lab", "--to", old_version)
+    assert below.returncode != 0
+    assert "older than the schema of lab allows" in below.stdout + below.stderr
+    assert set(fleet.served_versions(lab_env).values()) == {new}
