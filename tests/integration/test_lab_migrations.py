@@ -39,7 +39,8 @@ def seed(lb_url: str, courses: int = 5, per_course: int = 400) -> int:
     total = 0
     for _ in range(courses):
         course = str(uuid.uuid4())
-        status, _body = http_json(f"{lb_url}/create_course", {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())})
+        body = {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())}
+        status, _body = http_json(f"{lb_url}/create_course", body)
         assert status == 200
         for _ in range(per_course // 100):
             batch = [{"response_uuid": str(uuid.uuid4()), "course_uuid": course, "student_uuid": str(uuid.uuid4()),
