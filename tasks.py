@@ -303,22 +303,18 @@ def lock_status(c, env=None):
 )
 @operator_errors
 def lock_break(c, env=None, reason=None, dry_run=False):
-    """Break an environment's release lock (a dead or stuck release) and print who held it."""
+    """Break an environment's release lock (a dead or stuck release); the break is recorded."""
     from opsbook import lock
 
-    rl = lock.lock_for(env_name(c, env))
     if dry_run:
-        print(f"dry run, nothing broken: {lock.status_text(rl)}")
+        print(f"dry run, nothing broken: {lock.status_text(lock.lock_for(env_name(c, env)))}")
         return
     if not reason:
         raise Exit("error: --reason is required: say why the lock is broken. Nothing was changed.", code=1)
-    by = lock.whoami()
-    broken = rl.break_(reason, by=by)
-    if broken is None:
-        print(f"release lock for {rl.env} was free; nothing to break ({rl.store.where})")
-    else:
-        print(f"broke the release lock for {rl.env} ({rl.store.where}) for {reason!r} by {by}; "
-              f"it was held by {broken.describe()}")
+    from opsbook import runbooks
+
+    # The break is an operation like any other: it leaves a record naming the holder it broke.
+    runbooks.run("lock_break", env_name(c, env), {"reason": reason})
 
 
 lock_ns = Collection("lock")

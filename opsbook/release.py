@@ -193,9 +193,7 @@ def _pending_migrations(env: Env, art: artifact.Artifact) -> tuple[list[str], li
         try:
             conninfo = admin_conninfo(env)
             with psycopg.connect(conninfo) as conn:
-                done: set[tuple[str, str]] = set()
-                if conn.execute("SELECT to_regclass('opsbook_migrations')").fetchone()[0]:
-                    done = set(map(tuple, conn.execute("SELECT migration, phase FROM opsbook_migrations")))
+                done = migrations.applied_phases(conn)
             contracts = [str(c) for c in migrations.pending_contracts(conninfo, mig_dir)]
         except psycopg.Error as e:
             raise OpsbookError(f"cannot read the applied migrations on {env.name}'s database: {e}. "
@@ -210,9 +208,7 @@ def refuse_below_schema(env: Env, version: str) -> None:
 
     try:
         with psycopg.connect(admin_conninfo(env)) as conn:
-            if not conn.execute("SELECT to_regclass('opsbook_migrations')").fetchone()[0]:
-                return
-            done = {r[0] for r in conn.execute("SELECT migration FROM opsbook_migrations WHERE phase = 'contract'")}
+            done = {m for m, phase in migrations.applied_phases(conn) if phase == "contract"}
     except psycopg.Error:
         return   # a database that does not answer has no contracts to protect; preflight says so
     try:
@@ -411,21 +407,17 @@ def _execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int) -> str:
         log(held.message)
         run.lock = held.message
         probe = probes.probe_for(env)
-        probe_started = False
         try:
             if any(plan.current.values()):
-                probe.start("before")
-                probe_started = True
-                run.live_probe = probe
-                time.sleep(2)   # a baseline of what users feel before anything changes
-            _steps(env, plan, art, run, held=held, probe=probe if probe_started else None, slo=slo)
+                _start_probe(run, probe, "before", required=False)
+            _steps(env, plan, art, run, held=held, probe=probe, slo=slo)
             run.outcome = "succeeded"
         except (OpsbookError, KeyboardInterrupt) as e:
             run.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             run.detail = str(e)
             log(f"{plan.kind} FAILED: {run.reason}")
         finally:
-            if probe_started:
+            if run.live_probe is not None:
                 run.live_probe = None
                 with run.phase("probe read-back"):
                     report = probe.stop()
@@ -458,6 +450,23 @@ def _probe_figures(report) -> dict[str, Any]:
     return figs
 
 
+def _start_probe(run: Run, probe, phase: str, *, required: bool) -> None:
+    """Start the probe; a service that cannot take the probe's first writes is already down."""
+    from opsbook.probe import ProbeError
+
+    try:
+        probe.start(phase)
+    except ProbeError as e:
+        if required:
+            raise ReleaseFailed(f"the service does not take traffic even after the expand migrations, so the "
+                                f"release cannot be judged: {e}") from e
+        log(f"the service does not take traffic before the {run.plan.kind} ({e}); the probe starts after "
+            f"the expand migrations")
+        return
+    run.live_probe = probe
+    time.sleep(2)   # a baseline of what users feel before anything changes
+
+
 def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
     with run.phase("preflight"):
         preflight(env, plan)
@@ -473,6 +482,9 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, prob
             for c in contracts:
                 log(f"contract pending: {c} (run `invoke migrate --env {env.name} --phase contract` once "
                     f"every app host serves the version it needs)")
+    if run.live_probe is None and any(plan.current.values()):
+        _start_probe(run, probe, "stage", required=True)
+    probe = run.live_probe
     with run.phase("stage"):
         run_playbook(env, "stage.yml", what=f"staging {plan.target}", extra_vars={
             "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)})

@@ -46,9 +46,7 @@ def _pending(env) -> str:
     try:
         contracts = migrations.pending_contracts(admin_conninfo(env), ROOT / "app" / "migrations")
         with psycopg.connect(admin_conninfo(env)) as conn:
-            done = set()
-            if conn.execute("SELECT to_regclass('opsbook_migrations')").fetchone()[0]:
-                done = {tuple(r) for r in conn.execute("SELECT migration, phase FROM opsbook_migrations")}
+            done = migrations.applied_phases(conn)
     except Exception as e:  # noqa: BLE001 - status reports an unreachable database instead of failing
         return f"database not reachable ({str(e).splitlines()[0]})"
     expand = [m.id for m in migrations.load_migrations(ROOT / "app" / "migrations") if (m.id, "expand") not in done]

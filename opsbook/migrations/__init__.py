@@ -7,7 +7,16 @@
 - engine: `plan` (what would run) and `run` (run it, step by step, measured)
 """
 
-from opsbook.migrations.engine import PendingContract, Plan, PlannedStep, apply_pending, pending_contracts, plan, run
+from opsbook.migrations.engine import (
+    PendingContract,
+    Plan,
+    PlannedStep,
+    applied_phases,
+    apply_pending,
+    pending_contracts,
+    plan,
+    run,
+)
 from opsbook.migrations.guards import Settings
 from opsbook.migrations.linting import Finding, lint
 from opsbook.migrations.measure import RunResult
@@ -24,6 +33,7 @@ __all__ = [
     "RunResult",
     "Settings",
     "Step",
+    "applied_phases",
     "apply_pending",
     "compile_phase",
     "lint",

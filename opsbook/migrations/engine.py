@@ -138,6 +138,11 @@ def _applied(conn) -> dict[tuple[str, str], str]:
     }
 
 
+def applied_phases(conn) -> set[tuple[str, str]]:
+    """(migration, phase) pairs applied to the database `conn` is connected to. Read-only."""
+    return set(_applied(conn))
+
+
 def _steps_done(conn) -> dict[tuple[str, str, int], str]:
     if conn is None or conn.execute("SELECT to_regclass('opsbook_migration_steps')").fetchone()[0] is None:
         return {}

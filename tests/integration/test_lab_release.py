@@ -157,3 +157,52 @@ def test_bad_request_through_the_load_balancer_is_a_4xx_json(lb_url):
     status, body = http_json(f"{lb_url}/record_responses", {"responses": [{"course_uuid": "not-a-uuid"}]})
     assert 400 <= status < 500
     assert "error" in body
+
+
+# --- records of what ran against the lab ----------------------------------------------------
+def test_report_leaves_a_record_that_records_and_index_show(lab_env):
+    from opsbook.record_store import store_for
+
+    invoke("report", "--env", "lab", check=True)
+    entry = [e for e in store_for(lab_env).ledger() if e["runbook"] == "env_report"][-1]
+    assert entry["outcome"] == "succeeded"
+    assert entry["figures"]["hosts_answering"] == len(lab_env.hosts())
+    assert entry["figures"]["lb_healthy"] is True
+    store = store_for(lab_env)
+    assert store.get(entry["notebook"])
+    assert store.get(entry["html"])
+    listed = invoke("records", "--env", "lab", "--runbook", "env_report", check=True)
+    assert entry["id"] in listed.stdout
+    index = invoke("records.index", "--env", "lab", check=True)
+    page = store.get("index.html").decode()
+    assert entry["id"] in page, index.stdout
+    assert entry["html"] in page
+
+
+def test_breaking_the_release_lock_is_recorded(lab_env):
+    import os
+    import signal
+    import sys
+
+    from opsbook.lock import lock_for
+    from opsbook.record_store import store_for
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from opsbook.lock import lock_for; "
+         "lock_for('lab').acquire('stuck release'); print('held', flush=True); time.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        shown = invoke("lock", "--env", "lab", check=True)
+        assert "stuck release" in shown.stdout
+        invoke("lock.break", "--env", "lab", "--reason", "holder was killed (test)", check=True)
+        assert lock_for(lab_env).holder() is None
+        entry = [e for e in store_for(lab_env).ledger() if e["runbook"] == "lock_break"][-1]
+        assert entry["figures"]["broken"] is True
+        assert entry["figures"]["reason"] == "holder was killed (test)"
+        assert entry["figures"]["broken_holder"]["reason"] == "stuck release"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
