@@ -291,12 +291,18 @@ def up(dry_run: bool = False, env: Env | None = None) -> bool:
             if info.get("Image") and info.get("ImageName") not in (image, None):
                 log(f"{h.name}: runs an older image ({info.get('ImageName')}); `invoke lab.down && "
                     f"invoke lab.up` moves it to {image}")
-            if not ssh_answers(h.address, key, timeout=3):
-                # Running, but made by another checkout with another key: give it ours.
+            if ssh_answers(h.address, key, timeout=3):
+                continue
+            # Running, but made by another checkout with another key: give it ours. A host that
+            # still does not answer is stale in a way podman cannot see (its pid was reused).
+            try:
                 _install_key(h, pub)
-                log(f"{h.name}: installed this checkout's SSH key")
-                changed = True
-            continue
+                if ssh_answers(h.address, key, timeout=5):
+                    log(f"{h.name}: installed this checkout's SSH key")
+                    changed = True
+                    continue
+            except LabError:
+                pass
         if info:
             log(f"{h.name}: container exists but is not running; recreating it")
             _remove(h.container)
