@@ -468,11 +468,14 @@ def _start_probe(run: Run, probe, phase: str, *, required: bool) -> None:
 
 
 def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
+    if plan.kind == "release":
+        # Provisioning converges host configuration (idempotent: changed=0 on a provisioned
+        # fleet); preflight then checks the result, so a first release on new hosts works too.
+        with run.phase("provision"):
+            provision(env.name)
     with run.phase("preflight"):
         preflight(env, plan)
     if plan.kind == "release":
-        with run.phase("provision"):
-            provision(env.name)
         with run.phase("expand migrations"), tempfile.TemporaryDirectory(prefix="opsbook-migrations-") as tmp:
             mig_dir = art.extract_migrations(Path(tmp))
             applied = migrations.apply_pending(admin_conninfo(env), mig_dir, phase="expand",
