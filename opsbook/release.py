@@ -230,9 +230,13 @@ def make_plan(env: Env, art: artifact.Artifact, *, kind: str = "release", batch:
     if not hosts:
         raise OpsbookError(f"environment {env.name} has no app hosts in its inventory; nothing to {kind}. "
                            f"Nothing was changed.")
+    current = fleet_versions(env)
+    # Hosts that serve nothing (new, or left down by a failed release) go first: they take no
+    # traffic, and once they serve, draining the others never leaves the balancer empty.
+    hosts.sort(key=lambda h: current.get(h) is not None)
     plan = Plan(
         env=env.name, kind=kind, target=art.version, artifact_file=art.path.name, artifact_sha256=art.sha256,
-        current=fleet_versions(env), batches=batches_of(hosts, batch or env.var("opsbook_release_batch_size")),
+        current=current, batches=batches_of(hosts, batch or env.var("opsbook_release_batch_size")),
         drain_timeout=int(env.var("opsbook_release_drain_timeout")),
     )
     if kind == "release":
