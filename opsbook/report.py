@@ -83,29 +83,19 @@ def http_get(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
 
 
 def app_versions(env, *, probe: bool = True, timeout: float = 3.0) -> list[dict[str, Any]]:
-    """The version each app host serves (GET /version on bl_api_port)."""
+    """The version each app host serves (GET /version on bl_api_port, as opsbook.fleet asks it)."""
+    from opsbook import fleet
+
     rows = []
     for h in env.hosts("app"):
-        port = env.host_var(h.name, "bl_api_port", 8000)
-        url = f"http://{h.address}:{port}/version"
+        url = fleet.version_url(env, h)
         if not probe:
             rows.append({"host": h.name, "url": url, "status": NOT_PROBED, "version": None})
             continue
-        got = http_get(url, timeout=timeout)
-        version = _version_of(got["body"]) if got["status"] == OK else None
-        rows.append({"host": h.name, "url": url, "status": got["status"], "version": version,
-                     "detail": got["detail"]})
+        version, why = fleet.ask_version(url, timeout=timeout)
+        status = OK if version else (UNREACHABLE if why.startswith("unreachable") else why.split(" from ")[0])
+        rows.append({"host": h.name, "url": url, "status": status, "version": version, "detail": why})
     return rows
-
-
-def _version_of(body: str) -> str:
-    import json
-
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return body
-    return str(doc.get("version", doc)) if isinstance(doc, dict) else str(doc)
 
 
 def lb_health(env, *, probe: bool = True, timeout: float = 3.0) -> list[dict[str, Any]]:

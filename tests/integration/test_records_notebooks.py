@@ -167,7 +167,9 @@ def app_server():
 def test_http_checks_read_answers_and_name_failures(app_server):
     ok = report.http_get(f"{app_server}/version")
     assert ok["status"] == "ok"
-    assert report._version_of(ok["body"]) == "1.4.2"
+    from opsbook import fleet
+
+    assert fleet.ask_version(f"{app_server}/version") == ("1.4.2", "")
     assert report.http_get(f"{app_server}/nope")["status"] == "HTTP 404"
     down = report.http_get(f"http://127.0.0.1:{_free_port()}/ping", timeout=2)
     assert down["status"] == "unreachable"
