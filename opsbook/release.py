@@ -31,7 +31,6 @@ from opsbook.errors import OpsbookError
 from opsbook.inventory import Env, load
 
 PLAYBOOKS = ROOT / "playbooks"
-RELEASES = "/srv/bl-api/releases"
 
 
 class PlaybookFailed(OpsbookError):
@@ -299,9 +298,10 @@ def _commit_time() -> str | None:
     return proc.stdout.strip() or None
 
 
-def _switch(env: Env, hosts: list[str], version: str, art_path: Path, what: str) -> None:
+def _switch(env: Env, hosts: list[str], version: str, what: str) -> None:
+    """Switch hosts to a release already staged on them (switch.yml never needs the artifact)."""
     run_playbook(env, "switch.yml", limit=",".join(hosts), what=what, extra_vars={
-        "opsbook_release_version": version, "opsbook_release_artifact": str(art_path),
+        "opsbook_release_version": version,
         # `serial` is read before inventory variables exist; a batch is switched one host after
         # another inside it, so a failing host stops its batch early.
         "opsbook_release_batch_size": len(hosts),
@@ -319,12 +319,9 @@ def _return_batch(env: Env, plan: Plan, batch: list[str]) -> str:
         return "no previous version to return to"
     done = []
     for prev, hosts in by_version.items():
+        # The version a host served is still in its releases/ (retention keeps the one in use).
         try:
-            art = artifact.find(prev)
-        except OpsbookError:
-            art = None
-        try:
-            _switch(env, hosts, prev, art.path if art else Path("/nonexistent"), f"returning {hosts} to {prev}")
+            _switch(env, hosts, prev, f"returning {hosts} to {prev}")
             done.append(f"{', '.join(hosts)} returned to {prev}")
         except PlaybookFailed as e:
             done.append(f"{', '.join(hosts)} could NOT be returned to {prev}: {e}")
@@ -504,7 +501,7 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, prob
             entry: dict[str, Any] = {"batch": i, "hosts": ", ".join(batch)}
             run.batches.append(entry)
             try:
-                _switch(env, batch, plan.target, art.path, f"{plan.kind} {name} ({', '.join(batch)})")
+                _switch(env, batch, plan.target, f"{plan.kind} {name} ({', '.join(batch)})")
             except PlaybookFailed as e:
                 entry.update(result="failed health", seconds=round(time.monotonic() - t, 1))
                 entry["returned"] = _return_batch(env, plan, batch)
