@@ -56,9 +56,11 @@ def seed(lb_url: str, courses: int = 5, per_course: int = 400) -> int:
 
 def test_expand_release_contract_under_the_probe(lab_env, lb_url, old_version, test_versions):
     _a, new = test_versions
-    # A fresh service database, and a fleet on the 0001 schema serving version 1.0.0.
-    ssh("db1", "runuser -u postgres -- dropdb --if-exists --force bl_api")
+    # A fresh service database, and a fleet on the 0001 schema serving version 1.0.0. The lab may be
+    # freshly started (as on CI), where db1's cluster runs only once provisioned; the release
+    # provisions again, which creates the dropped database anew.
     invoke("provision", "--env", "lab", check=True)
+    ssh("db1", "runuser -u postgres -- dropdb --if-exists --force bl_api")
     invoke("release", "--env", "lab", "--version", old_version, check=True)
     assert set(fleet.served_versions(lab_env).values()) == {old_version}
     seeded = seed(lb_url)
