@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +256,7 @@ class Run:
     """What a release or rollback did, for its record."""
 
     plan: Plan
-    started_at: str
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.monotonic)
     phases: dict[str, float] = field(default_factory=dict)
     batches: list[dict[str, Any]] = field(default_factory=list)
@@ -284,7 +285,7 @@ class Run:
             "kind": self.plan.kind, "env": self.plan.env, "version": self.plan.target,
             "operator": f"{getpass.getuser()}@{socket.gethostname()}", "git_sha": artifact.git_sha(),
             "commit_time": _commit_time(),
-            "started_at": self.started_at, "duration_s": time.monotonic() - self.t0,
+            "started_at": self.started.isoformat(timespec="seconds"), "duration_s": time.monotonic() - self.t0,
             "artifact": {"file": self.plan.artifact_file, "sha256": self.plan.artifact_sha256},
             "plan": asdict(self.plan), "phases": self.phases, "batches": self.batches,
             "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
@@ -400,7 +401,7 @@ def _execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int) -> str:
     from opsbook import probe as probes
     from opsbook.record_store import new_record_id
 
-    run = Run(plan=plan, started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    run = Run(plan=plan)
     record_id = new_record_id(plan.kind)
     slo = probes.slo_for(env)
     lock = locks.lock_for(env)
@@ -537,7 +538,7 @@ def _write_record(env: Env, run: Run, record_id: str) -> None:
         path = Path(tmp) / "release.json"
         path.write_text(json.dumps(data, indent=2, default=str))
         try:
-            runbooks.run("release", env, {"release_data": str(path)}, record_id=record_id)
+            runbooks.run("release", env, {"release_data": str(path)}, record_id=record_id, started=run.started)
         except runbooks.RunbookFailed:
             if run.outcome == "succeeded":
                 raise

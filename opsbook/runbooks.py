@@ -250,6 +250,7 @@ def run(
     *,
     parent_record_id: str | None = None,
     record_id: str | None = None,
+    started: datetime | None = None,
     store=None,
     secrets: dict[str, str] | None = None,
     runbooks_dir: Path | None = None,
@@ -261,6 +262,9 @@ def run(
     `env` is an environment name or an `opsbook.inventory.Env`. The store defaults to the one
     the environment names (`opsbook_record_store`), the secrets to every `vault_*` value it
     knows. Raises RunbookError (nothing ran, nothing stored) or RunbookFailed (record stored).
+
+    `started` is for an operation that records itself once it has ended (a release): the ledger's
+    start and duration then cover the operation, not only the rendering of its record.
     """
     import nbformat
 
@@ -289,9 +293,11 @@ def run(
     record_id = check_record_id(record_id) if record_id else new_record_id(name)
     injected = {**given, "env": env_name, "record_id": record_id, "parent_record_id": parent_record_id}
     log(f"running runbook {name} for {env_name} as record {record_id}")
-    start, t0 = _now(), time.monotonic()
+    start = started or _now()
+    t0 = time.monotonic()
     nb, error, interrupted = _execute(path, injected, progress)
-    end, duration = _now(), time.monotonic() - t0
+    end = _now()
+    duration = (end - start).total_seconds() if started else time.monotonic() - t0
     outcome = "failed" if error else "succeeded"
 
     nb = redactor.obj(nb)
@@ -325,7 +331,7 @@ def run(
             f"  What it changed before failing is in that notebook; read it before running again.",
             stored,
         )
-    log(f"record {record_id} stored: {where} ({duration:.1f} s)")
+    log(f"record {record_id} stored: {where} ({time.monotonic() - t0:.1f} s)")
     return stored
 
 

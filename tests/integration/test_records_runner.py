@@ -108,6 +108,20 @@ def test_succeeded_run_stores_notebook_html_and_ledger_entry(book, tmp_path):
     assert not Path(store.location(entry["notebook"])).stat().st_mode & stat.S_IWUSR
 
 
+def test_an_operation_that_records_itself_when_it_ends_keeps_its_own_start_and_duration(book, tmp_path):
+    # A release writes its record after its last batch: the ledger must say when the release began
+    # and how long it took, not how long rendering the record took.
+    from datetime import UTC, datetime, timedelta
+
+    store = LocalStore(tmp_path / "records")
+    began = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=7)
+    entry = runbooks.run("count", "lab", {"rows": 1}, started=began, store=store, secrets={}, runbooks_dir=book,
+                         progress=False, log=lambda _m: None)
+    assert entry["start"] == began.isoformat(timespec="seconds")
+    assert 420 <= entry["duration_s"] < 420 + 120
+    assert datetime.fromisoformat(entry["end"]) - began >= timedelta(minutes=7)
+
+
 def test_failed_run_is_recorded_with_papermill_banner_then_raises(book, tmp_path):
     store = LocalStore(tmp_path / "records")
     with pytest.raises(runbooks.RunbookFailed, match=r"ValueError: disk full on db1") as info:
