@@ -207,6 +207,13 @@ def contract_gate(ctx: Context, timeout: float = 3.0) -> Gate:
     if ctx.dry_run:
         print(f"dry run: {msg}")
         return gate
+    # The run stops here, before the cells that report the run's figures: the record of a refusal
+    # still says what was refused and who blocked it.
+    from opsbook.records import report
+
+    report(phase=ctx.phase, dry_run=False, database=ctx.where, refused=True, blocking_hosts=gate.blocking_hosts,
+           blocking_versions={h: v for hosts in gate.refused.values() for h, v in hosts.items()},
+           refused_migrations=sorted(gate.refused))
     raise MigrationError(msg)
 
 

@@ -116,11 +116,32 @@ def test_release_switches_every_host_from_a_to_b(lab_env, test_versions):
     a, b = test_versions
     invoke("release", "--env", "lab", "--version", a, check=True)
     assert set(served_versions(lab_env).values()) == {a}
+    plant_old_releases("app1")
     invoke("release", "--env", "lab", "--version", b, check=True)
     assert set(served_versions(lab_env).values()) == {b}
     for host, (current, _pid) in fleet_state(lab_env).items():
         assert current == f"/srv/bl-api/releases/{b}", host
     invoke("check", "--env", "lab", check=True)
+
+    # Retention: at most opsbook_release_keep releases besides the one in use, the oldest gone,
+    # and no tarball left behind for a release that was removed.
+    releases = ssh("app1", "ls -1 /srv/bl-api/releases").split()
+    assert b in releases
+    assert "0.0.1-old" not in releases
+    assert len(releases) <= lab_env.var("opsbook_release_keep") + 1
+    tarballs = ssh("app1", "ls -1 /srv/bl-api/shared/artifacts").split()
+    assert "bl-api-0.0.0-orphan.tar.gz" not in tarballs
+    assert f"bl-api-{b}.tar.gz" in tarballs
+    assert {t.removeprefix("bl-api-").removesuffix(".tar.gz") for t in tarballs} <= set(releases)
+
+
+def plant_old_releases(host: str, count: int = 8) -> None:
+    """Old releases (oldest first, by mtime) with their tarballs, and a tarball of no release."""
+    ssh(host, "set -e; cd /srv/bl-api; "
+              f"for i in $(seq 1 {count}); do mkdir -p releases/0.0.$i-old; "
+              "touch -d \"2020-01-0$i\" releases/0.0.$i-old; "
+              ": > shared/artifacts/bl-api-0.0.$i-old.tar.gz; done; "
+              ": > shared/artifacts/bl-api-0.0.0-orphan.tar.gz")
 
 
 def test_release_of_the_version_already_served_restarts_nothing(lab_env, test_versions):

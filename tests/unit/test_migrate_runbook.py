@@ -111,6 +111,12 @@ def test_contract_refused_while_a_host_serves_an_old_version_names_it_and_change
     assert "refusing the contract phase" in entry["error"]
     assert "app2 serves 1.0.3" in entry["error"]
     assert "app1" not in entry["error"]
+    # The refusal's record carries its figures: who blocked it, on which version, for which migrations.
+    assert entry["figures"]["refused"] is True
+    assert entry["figures"]["blocking_hosts"] == ["app2"]
+    assert entry["figures"]["blocking_versions"] == {"app2": "1.0.3"}
+    assert entry["figures"]["phase"] == "contract"
+    assert entry["figures"]["refused_migrations"]
     assert "event_type" in columns(pg_db)  # nothing was changed
     assert not {p for _m, p in applied(pg_db)} & {"contract"}
     assert [e["outcome"] for e in store.ledger()] == ["failed"]
