@@ -211,6 +211,27 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _ipc_kernel_manager(directory: Path):
+    """A kernel manager that talks to the kernel over Unix sockets in `directory` (mode 0700).
+
+    jupyter_client's default is TCP on loopback, unencrypted: any local user could read a
+    runbook's traffic (connection strings, outputs), and ipykernel warns about it on every start.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self) -> str:
+            return "ipc"
+
+        @default("ip")
+        def _default_ip(self) -> str:
+            return str(directory / "kernel")
+
+    return IPCKernelManager
+
+
 def _execute(path: Path, injected: dict[str, Any], progress: bool):
     """Execute with papermill into a scratch file; return (notebook, error or None, interrupt or None)."""
     import nbformat
@@ -229,6 +250,7 @@ def _execute(path: Path, injected: dict[str, Any], progress: bool):
                 language="python",
                 cwd=str(ROOT),  # the kernel imports the opsbook that is running (opsbook.ROOT)
                 progress_bar=progress,
+                kernel_manager_class=_ipc_kernel_manager(Path(tmp)),
             )
         except PapermillExecutionError as e:
             error = f"cell {e.exec_count}: {e.ename}: {e.evalue}"

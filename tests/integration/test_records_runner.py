@@ -290,3 +290,18 @@ def test_missing_bucket_is_refused_before_anything_runs(book, tmp_path, aws):
             progress=False,
         )
     assert not marker.exists()
+
+
+def test_the_kernel_talks_over_private_unix_sockets_not_loopback_tcp(tmp_path):
+    # Loopback TCP is unencrypted and open to every local user; a runbook's traffic carries
+    # connection strings. opsbook runs kernels over IPC sockets in a private temporary directory.
+    write_runbook(tmp_path / "rb", "where", INJECTED,
+                  "from ipykernel.kernelapp import IPKernelApp\nimport os, stat\napp = IPKernelApp.instance()\n"
+                  "print('transport', app.transport)\n"
+                  "print('private', stat.S_IMODE(os.stat(os.path.dirname(app.ip)).st_mode) == 0o700)")
+    store = LocalStore(tmp_path / "records")
+    entry = runbooks.run("where", "lab", store=store, secrets={}, runbooks_dir=tmp_path / "rb", progress=False,
+                         log=lambda _m: None)
+    printed = store.get(entry["notebook"]).decode()
+    assert "transport ipc" in printed
+    assert "private True" in printed
