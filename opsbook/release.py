@@ -183,22 +183,28 @@ class Plan:
         return "\n".join(lines)
 
 
+def pending_migrations(env: Env, mig_dir: Path) -> tuple[list[str], list[str]]:
+    """(expand phases of the migrations in `mig_dir` not yet applied, contracts pending) on env's
+    database. Raises psycopg.Error when the database does not answer."""
+    import psycopg
+
+    conninfo = admin_conninfo(env)
+    with psycopg.connect(conninfo) as conn:
+        done = migrations.applied_phases(conn)
+    contracts = [str(c) for c in migrations.pending_contracts(conninfo, mig_dir)]
+    return [m.id for m in migrations.load_migrations(mig_dir) if (m.id, "expand") not in done], contracts
+
+
 def _pending_migrations(env: Env, art: artifact.Artifact) -> tuple[list[str], list[str]]:
     """(expand phases this artifact would apply, contracts already pending) on env's database."""
     import psycopg
 
     with tempfile.TemporaryDirectory(prefix="opsbook-migrations-") as tmp:
-        mig_dir = art.extract_migrations(Path(tmp))
-        found = migrations.load_migrations(mig_dir)
         try:
-            conninfo = admin_conninfo(env)
-            with psycopg.connect(conninfo) as conn:
-                done = migrations.applied_phases(conn)
-            contracts = [str(c) for c in migrations.pending_contracts(conninfo, mig_dir)]
+            return pending_migrations(env, art.extract_migrations(Path(tmp)))
         except psycopg.Error as e:
             raise OpsbookError(f"cannot read the applied migrations on {env.name}'s database: {e}. "
                                f"Nothing was changed. Is `invoke provision --env {env.name}` done?") from e
-    return [m.id for m in found if (m.id, "expand") not in done], contracts
 
 
 def refuse_below_schema(env: Env, version: str) -> None:

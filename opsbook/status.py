@@ -38,18 +38,12 @@ def status_text(env_name: str) -> str:
 
 
 def _pending(env) -> str:
-    import psycopg
-
-    from opsbook import ROOT, migrations
-    from opsbook.release import admin_conninfo
+    """What this checkout's migrations would still apply; a release reads its artifact's instead."""
+    from opsbook import ROOT
+    from opsbook.release import pending_migrations
 
     try:
-        contracts = migrations.pending_contracts(admin_conninfo(env), ROOT / "app" / "migrations")
-        with psycopg.connect(admin_conninfo(env)) as conn:
-            done = migrations.applied_phases(conn)
+        expand, contracts = pending_migrations(env, ROOT / "app" / "migrations")
     except Exception as e:  # noqa: BLE001 - status reports an unreachable database instead of failing
         return f"database not reachable ({str(e).splitlines()[0]})"
-    expand = [m.id for m in migrations.load_migrations(ROOT / "app" / "migrations") if (m.id, "expand") not in done]
-    parts = [f"expand pending: {', '.join(expand) or 'none'}",
-             f"contract pending: {', '.join(str(c) for c in contracts) or 'none'}"]
-    return "; ".join(parts)
+    return f"expand pending: {', '.join(expand) or 'none'}; contract pending: {', '.join(contracts) or 'none'}"

@@ -182,6 +182,8 @@ def test_status_is_read_only_and_names_versions_and_lock(lab_env):
         assert h.name in proc.stdout
     assert "lock:" in proc.stdout
     assert "last " in proc.stdout
+    # Releases run every expand phase of the code they ship; contracts wait for `invoke migrate`.
+    assert "migrations: expand pending: none; contract pending: " in proc.stdout
     assert len(store_for(lab_env).ledger()) == n_before
 
 
