@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import bl_api
 import httpx
@@ -19,51 +15,9 @@ import pytest
 
 from opsbook import ROOT
 from opsbook.migrations import apply_pending
+from tests.fixtures.service import Service
 
 pytestmark = pytest.mark.postgres
-
-APP_DIR = Path(bl_api.__file__).resolve().parent.parent   # the bl_api this test run imports
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
-        self.proc, self.port, self.log = proc, port, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_gunicorn(tmp_path: Path, env_overrides: dict[str, str]) -> Server:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BL_API_") and k != "DATABASE_URL"}
-    env.update({"PYTHONPATH": str(APP_DIR), "BL_API_BIND": f"127.0.0.1:{port}", **env_overrides})
-    log = tmp_path / "gunicorn.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:bl_api.gunicorn_conf", "bl_api.wsgi:app"],
-        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path,
-    )
-    return Server(proc, port, log)
-
-
-def wait_ready(server: Server, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"gunicorn exited {server.proc.returncode}:\n{server.output()}")
-        try:
-            if httpx.get(f"{server.url}/ping", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"gunicorn not ready after {timeout}s:\n{server.output()}")
 
 
 @pytest.fixture
@@ -73,22 +27,22 @@ def schema_db(pg_db):
 
 
 @pytest.fixture
-def stop_later():
-    servers: list[Server] = []
-    yield servers.append
-    for s in servers:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait(timeout=10)
+def service(tmp_path):
+    """Services to start; whatever is still running at the end of the test is killed."""
+    started: list[Service] = []
+
+    def make(database_url: str | None, **settings: str) -> Service:
+        started.append(Service(database_url, tmp_path, **settings))
+        return started[-1].launch()
+
+    yield make
+    for s in started:
+        s.kill()
 
 
-def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(tmp_path, schema_db, stop_later):
-    server = start_gunicorn(tmp_path, {
-        "DATABASE_URL": schema_db, "BL_API_WORKERS": "1", "BL_API_THREADS": "4",
-        "BL_API_GRACEFUL_TIMEOUT": "15", "BL_API_TEST_SLOW_HEADER": "1",
-    })
-    stop_later(server)
-    wait_ready(server)
+def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(schema_db, service):
+    server = service(schema_db, BL_API_WORKERS="1", BL_API_THREADS="4", BL_API_GRACEFUL_TIMEOUT="15",
+                     BL_API_TEST_SLOW_HEADER="1").wait_ready()
     result: dict = {}
 
     def slow_request() -> None:
@@ -124,10 +78,8 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(tmp_pa
     assert "Traceback" not in out, out
 
 
-def test_ping_reports_the_database_without_the_test_hook(tmp_path, schema_db, stop_later):
-    server = start_gunicorn(tmp_path, {"DATABASE_URL": schema_db, "BL_API_WORKERS": "1"})
-    stop_later(server)
-    wait_ready(server)
+def test_ping_reports_the_database_without_the_test_hook(schema_db, service):
+    server = service(schema_db, BL_API_WORKERS="1").wait_ready()
     started = time.monotonic()
     r = httpx.get(f"{server.url}/ping", headers={"X-Test-Delay": "5"}, timeout=10)
     assert r.status_code == 200
@@ -137,12 +89,8 @@ def test_ping_reports_the_database_without_the_test_hook(tmp_path, schema_db, st
     assert server.proc.wait(timeout=20) == 0
 
 
-def test_two_workers_number_concurrent_writes_without_gaps(tmp_path, schema_db, stop_later):
-    server = start_gunicorn(tmp_path, {
-        "DATABASE_URL": schema_db, "BL_API_WORKERS": "2", "BL_API_THREADS": "4", "BL_API_POOL_MAX": "4",
-    })
-    stop_later(server)
-    wait_ready(server)
+def test_two_workers_number_concurrent_writes_without_gaps(schema_db, service):
+    server = service(schema_db, BL_API_WORKERS="2", BL_API_THREADS="4", BL_API_POOL_MAX="4").wait_ready()
     course = str(uuid.uuid4())
     with httpx.Client(base_url=server.url, timeout=30) as c:
         r = c.post("/create_course", json={"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())})
@@ -191,8 +139,7 @@ def test_two_workers_number_concurrent_writes_without_gaps(tmp_path, schema_db, 
     assert server.proc.wait(timeout=20) == 0
 
 
-def test_missing_database_url_stops_the_service_from_starting(tmp_path, stop_later):
-    server = start_gunicorn(tmp_path, {"BL_API_WORKERS": "1"})
-    stop_later(server)
+def test_missing_database_url_stops_the_service_from_starting(service):
+    server = service(None, BL_API_WORKERS="1")
     assert server.proc.wait(timeout=30) != 0
     assert "DATABASE_URL is not set" in server.output()
