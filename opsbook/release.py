@@ -231,11 +231,12 @@ def refuse_below_schema(env: Env, version: str) -> None:
 
 
 def make_plan(env: Env, art: artifact.Artifact, *, kind: str = "release", batch: str | None = None) -> Plan:
-    refuse_below_schema(env, art.version)
     hosts = [h.name for h in env.hosts("app")]
     if not hosts:
-        raise OpsbookError(f"environment {env.name} has no app hosts in its inventory; nothing to {kind}. "
-                           f"Nothing was changed.")
+        raise OpsbookError(f"environment {env.name} has no app hosts in its inventory ({env.path}); nothing to "
+                           f"{kind}. Nothing was changed. Add hosts to its `app` group (the AWS environments "
+                           f"will get theirs from a dynamic inventory, which is not built yet).")
+    refuse_below_schema(env, art.version)
     current = fleet_versions(env)
     # Hosts that serve nothing (new, or left down by a failed release) go first: they take no
     # traffic, and once they serve, draining the others never leaves the balancer empty.

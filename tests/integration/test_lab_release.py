@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -52,6 +53,33 @@ def test_release_of_a_missing_artifact_touches_no_host(lab_env):
     assert "No host was touched" in err
     assert "PLAY" not in proc.stdout   # no playbook ran
     assert fleet_state(lab_env) == before
+
+
+def test_release_to_an_environment_without_hosts_says_so_before_anything(test_versions):
+    # prod's hosts come from the AWS layer, not built yet: its inventory has no app hosts. The
+    # refusal comes before any database, lock or host is asked (unshare -n: nothing to ask).
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-m", "invoke", "release", "--env", "prod",
+                           "--version", test_versions[0]], cwd=ROOT, capture_output=True, text=True, check=False,
+                          timeout=120)
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "environment prod has no app hosts in its inventory" in err
+    assert "Nothing was changed" in err
+    assert "Traceback" not in err
+
+
+def test_bad_batch_sizes_are_refused_and_good_ones_split_the_fleet():
+    from opsbook.errors import OpsbookError
+    from opsbook.release import batches_of
+
+    hosts = [f"app{i}" for i in range(1, 8)]
+    assert batches_of(hosts, "3") == [hosts[0:3], hosts[3:6], hosts[6:]]
+    assert batches_of(hosts, "50%") == [hosts[0:3], hosts[3:6], hosts[6:]]
+    assert batches_of(hosts, "1%") == [[h] for h in hosts]       # never a batch of no hosts
+    assert batches_of(hosts, "100%") == [hosts]
+    for bad in ("0", "-1", "abc", "0%", "150%", "", "2.5"):
+        with pytest.raises(OpsbookError, match="neither a positive number of hosts nor a percentage"):
+            batches_of(hosts, bad)
 
 
 def test_lab_up_without_podman_says_what_to_do(tmp_path):
