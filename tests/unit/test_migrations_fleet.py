@@ -14,8 +14,8 @@ from opsbook import fleet
 from opsbook.inventory import Env
 from opsbook.migrations import MigrationError, operator, pending_contracts, run
 from opsbook.migrations.guards import contract_gate
+from tests.fixtures.service import Service
 from tests.unit.test_app import APP_MIGRATIONS, migrate_to
-from tests.unit.test_app_server import start_gunicorn, wait_ready
 
 pytestmark = pytest.mark.postgres
 
@@ -47,16 +47,14 @@ def servers(tmp_path, pg_db):
     for name, extra in (("new", {}), ("old", {"BL_API_VERSION_OVERRIDE": "1.0.3"})):
         d = tmp_path / name
         d.mkdir()
-        s = start_gunicorn(d, {"DATABASE_URL": pg_db, "BL_API_WORKERS": "1", "BL_API_THREADS": "2", **extra})
-        started.append(s)
+        started.append(Service(pg_db, d, BL_API_WORKERS="1", BL_API_THREADS="2", **extra).launch())
     try:
         for s in started:
-            wait_ready(s)
+            s.wait_ready()
         yield {"new": started[0].port, "old": started[1].port}
     finally:
         for s in started:
-            s.proc.kill()
-            s.proc.wait(timeout=10)
+            s.kill()
 
 
 def test_served_versions_asks_every_app_host_and_says_why_one_has_none(tmp_path, servers):
