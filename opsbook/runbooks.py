@@ -319,7 +319,7 @@ def run(
     t0 = time.monotonic()
     nb, error, interrupted = _execute(path, injected, progress)
     end = _now()
-    duration = (end - start).total_seconds() if started else time.monotonic() - t0
+    duration = (end - start).total_seconds()
     outcome = "failed" if error else "succeeded"
 
     nb = redactor.obj(nb)

@@ -165,6 +165,10 @@ class Gate:
     def blocking_hosts(self) -> list[str]:
         return sorted({h for hosts in self.refused.values() for h in hosts})
 
+    @property
+    def blocking_versions(self) -> dict[str, str]:
+        return {h: v for hosts in self.refused.values() for h, v in hosts.items()}
+
 
 def fleet_versions(ctx: Context, timeout: float = 3.0):
     """The override, else what every app host of the environment serves (GET /version)."""
@@ -207,13 +211,11 @@ def contract_gate(ctx: Context, timeout: float = 3.0) -> Gate:
     if ctx.dry_run:
         print(f"dry run: {msg}")
         return gate
-    # The run stops here, before the cells that report the run's figures: the record of a refusal
+    # The run stops here, before the cell that reports the run's figures: the record of a refusal
     # still says what was refused and who blocked it.
     from opsbook.records import report
 
-    report(phase=ctx.phase, dry_run=False, database=ctx.where, refused=True, blocking_hosts=gate.blocking_hosts,
-           blocking_versions={h: v for hosts in gate.refused.values() for h, v in hosts.items()},
-           refused_migrations=sorted(gate.refused))
+    report(**figures(ctx, p, None, gate))
     raise MigrationError(msg)
 
 
@@ -308,6 +310,9 @@ def figures(ctx: Context, p: engine.Plan, result: RunResult | None, gate: Gate |
     }
     if gate is not None and gate.needed:
         out["blocking_hosts"] = gate.blocking_hosts
+    if gate is not None and gate.refused and not ctx.dry_run:
+        out |= {"refused": True, "blocking_versions": gate.blocking_versions,
+                "refused_migrations": sorted(gate.refused)}
     if result is None:
         return out
     locks = lock_frame(result)

@@ -68,20 +68,6 @@ def test_release_to_an_environment_without_hosts_says_so_before_anything(test_ve
     assert "Traceback" not in err
 
 
-def test_bad_batch_sizes_are_refused_and_good_ones_split_the_fleet():
-    from opsbook.errors import OpsbookError
-    from opsbook.release import batches_of
-
-    hosts = [f"app{i}" for i in range(1, 8)]
-    assert batches_of(hosts, "3") == [hosts[0:3], hosts[3:6], hosts[6:]]
-    assert batches_of(hosts, "50%") == [hosts[0:3], hosts[3:6], hosts[6:]]
-    assert batches_of(hosts, "1%") == [[h] for h in hosts]       # never a batch of no hosts
-    assert batches_of(hosts, "100%") == [hosts]
-    for bad in ("0", "-1", "abc", "0%", "150%", "", "2.5"):
-        with pytest.raises(OpsbookError, match="neither a positive number of hosts nor a percentage"):
-            batches_of(hosts, bad)
-
-
 def test_lab_up_without_podman_says_what_to_do(tmp_path):
     # A PATH with our Python but no podman: what a machine without podman looks like.
     proc = subprocess.run(
