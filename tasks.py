@@ -1,7 +1,8 @@
 """opsbook's Invoke entry point: one collection per domain, thin tasks.
 
 Tasks parse flags and call `opsbook`, a playbook or a runbook; the logic lives in opsbook/.
-Options default to None and fall back to invoke.yaml (`opsbook.env`, default `lab`).
+Options default to None and fall back to invoke.yaml (`opsbook.env`: the default environment is
+named there and nowhere else). Each task loads its environment once and passes the Env down.
 Run `invoke --list` for every task, `invoke --help TASK` for its flags.
 """
 
@@ -13,7 +14,7 @@ from functools import wraps
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from opsbook.errors import OpsbookError
+from opsbook.core.errors import OpsbookError
 
 
 def operator_errors(fn: Callable) -> Callable:
@@ -29,8 +30,23 @@ def operator_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def env_name(c, env: str | None) -> str:
-    return env or c.config.get("opsbook", {}).get("env", "lab")
+def load_env(c, env: str | None):
+    """The environment a task acts on: --env, else invoke.yaml's `opsbook.env`. Loaded once, here."""
+    from opsbook.core.inventory import load
+
+    name = env or c.config.get("opsbook", {}).get("env")
+    if not name:
+        raise Exit("error: no environment given: pass --env ENV (invoke.yaml names the default as opsbook.env). "
+                   "Nothing was changed.", code=1)
+    return load(name)
+
+
+def lab_env(c):
+    """The lab environment the lab.* tasks manage (the default environment when it is a lab)."""
+    env = load_env(c, None)
+    if env.kind != "lab":
+        env = load_env(c, "lab")
+    return env
 
 
 # --- lab --------------------------------------------------------------------------------
@@ -38,36 +54,36 @@ def env_name(c, env: str | None) -> str:
 @operator_errors
 def lab_image(c, rebuild=False):
     """Bake the lab host image once (debootstrap + podman import) and cache it."""
-    from opsbook import lab
+    from opsbook.engines import lab
 
-    lab.ensure_image(rebuild=rebuild)
+    lab.ensure_image(lab_env(c), rebuild=rebuild)
 
 
 @task(help={"dry_run": "say what would be created, create nothing"})
 @operator_errors
 def lab_up(c, dry_run=False):
     """Start the lab fleet from inventories/lab (idempotent: a running lab is left unchanged)."""
-    from opsbook import lab
+    from opsbook.engines import lab
 
-    lab.up(dry_run=dry_run)
+    lab.up(lab_env(c), dry_run=dry_run)
 
 
 @task(help={"dry_run": "say what would be removed, remove nothing"})
 @operator_errors
 def lab_down(c, dry_run=False):
     """Remove exactly what lab.up created: the hosts and the lab network (keeps the image and .lab/)."""
-    from opsbook import lab
+    from opsbook.engines import lab
 
-    lab.down(dry_run=dry_run)
+    lab.down(lab_env(c), dry_run=dry_run)
 
 
 @task
 @operator_errors
 def lab_status(c):
     """Show each lab host, its address, its container state and whether it answers SSH."""
-    from opsbook import lab
+    from opsbook.engines import lab
 
-    lab.print_status()
+    lab.print_status(lab_env(c))
 
 
 lab_ns = Collection("lab")
@@ -82,7 +98,7 @@ lab_ns.add_task(lab_status, "status")
 @operator_errors
 def build(c, version=None):
     """Build the immutable release artifact dist/bl-api-V.tar.gz (wheel + wheelhouse + migrations)."""
-    from opsbook import artifact
+    from opsbook.engines import artifact
 
     artifact.build(version=version)
 
@@ -91,9 +107,9 @@ def build(c, version=None):
 @operator_errors
 def provision(c, env=None, check=False):
     """Provision an environment's hosts with playbooks/site.yml (idempotent)."""
-    from opsbook import release
+    from opsbook.operations import provision as prov
 
-    release.provision(env_name(c, env), check=check)
+    prov.provision(load_env(c, env), check=check)
 
 
 @task(
@@ -108,9 +124,9 @@ def provision(c, env=None, check=False):
 @operator_errors
 def release(c, env=None, version=None, batch=None, dry_run=False, wait=0):
     """Release a version: plan, lock, preflight, expand migrations, rolling switch gated by a probe."""
-    from opsbook import release as rel
+    from opsbook.operations import release as rel
 
-    rel.release(env_name(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait))
+    rel.release(load_env(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait))
 
 
 @task(
@@ -125,27 +141,27 @@ def release(c, env=None, version=None, batch=None, dry_run=False, wait=0):
 @operator_errors
 def rollback(c, env=None, to=None, batch=None, dry_run=False, wait=0):
     """Roll the fleet back to the previous good release (or --to V), rolling and gated; no database change."""
-    from opsbook import release as rel
+    from opsbook.operations import release as rel
 
-    rel.rollback(env_name(c, env), to=to, batch=batch, dry_run=dry_run, wait=int(wait))
+    rel.rollback(load_env(c, env), to=to, batch=batch, dry_run=dry_run, wait=int(wait))
 
 
 @task(help={"env": "environment (inventories/ENV)"})
 @operator_errors
 def status(c, env=None):
     """What an environment runs now: version per host, lock holder, last release, pending migrations."""
-    from opsbook import status as st
+    from opsbook.operations import status as st
 
-    print(st.status_text(env_name(c, env)))
+    print(st.status_text(load_env(c, env)))
 
 
 @task(help={"env": "environment (inventories/ENV)"})
 @operator_errors
 def check(c, env=None):
     """Run the testinfra host suites (tests/infra) against an environment's hosts."""
-    from opsbook import checks
+    from opsbook.engines import hostchecks
 
-    checks.run_host_checks(env_name(c, env))
+    hostchecks.run_host_checks(load_env(c, env))
 
 
 # --- migrations ---------------------------------------------------------------------------
@@ -153,9 +169,9 @@ def check(c, env=None):
 @operator_errors
 def migrate_lint(c):
     """Lint every migration without a database: the format, then squawk on raw and generated SQL."""
-    from opsbook.migrations import operator
+    from opsbook.operations import migrate as mig
 
-    operator.lint_report()
+    mig.lint_report()
 
 
 @task(
@@ -178,9 +194,9 @@ def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None, param=
 
     The database is the environment's (admin role); the contract gate asks every app host's /version.
     """
-    from opsbook.migrations import operator
+    from opsbook.operations import migrate as mig
 
-    operator.migrate(env_name(c, env), phase or "expand", dry_run=dry_run, dsn=dsn, fleet=fleet, pairs=param)
+    mig.migrate(load_env(c, env), phase or "expand", dry_run=dry_run, dsn=dsn, fleet=fleet, pairs=param)
 
 
 migrate_ns = Collection("migrate")
@@ -196,9 +212,9 @@ migrate_ns.add_task(migrate_lint, "lint")
 )
 def test(c, k=None, no_lab=False):
     """Run the whole test suite (brings the lab up first); exits non-zero on any failure or no tests."""
-    from opsbook import testrun
+    from opsbook.operations import suite
 
-    code = testrun.run_suite(k=k, bring_lab_up=not no_lab)
+    code = suite.run_suite(None if no_lab else lab_env(c), k=k)
     if code:
         raise Exit(code=code)
 
@@ -216,18 +232,18 @@ def test(c, k=None, no_lab=False):
 @operator_errors
 def runbook(c, name, env=None, param=None, parent=None):
     """Run a runbook for an environment; its executed notebook is stored as a record."""
-    from opsbook import runbooks
+    from opsbook.engines.records import runner
 
-    runbooks.run_cli(name, env_name(c, env), param, parent)
+    runner.run_cli(name, load_env(c, env), param, parent)
 
 
 @task
 @operator_errors
 def runbooks_list(c):
     """List the runbooks and the parameters each takes (read-only)."""
-    from opsbook import runbooks
+    from opsbook.engines.records import runner
 
-    print(runbooks.describe())
+    print(runner.describe())
 
 
 @task(
@@ -239,9 +255,9 @@ def runbooks_list(c):
 @operator_errors
 def report(c, env=None, no_probe=False):
     """Record the state of an environment: hosts, versions served, health, database, last records."""
-    from opsbook import runbooks
+    from opsbook.engines.records import runner
 
-    runbooks.run("env_report", env_name(c, env), {"probe": not no_probe})
+    runner.run("env_report", load_env(c, env), {"probe": not no_probe})
 
 
 @task(
@@ -255,27 +271,27 @@ def report(c, env=None, no_probe=False):
 @operator_errors
 def records_list(c, env=None, runbook=None, outcome=None, since=None):
     """List an environment's records, oldest first (read-only)."""
-    from opsbook import record_views
+    from opsbook.engines.records import views
 
-    print(record_views.list_cli(env_name(c, env), runbook=runbook, outcome=outcome, since=since))
+    print(views.list_cli(load_env(c, env), runbook=runbook, outcome=outcome, since=since))
 
 
 @task(help={"record_id": "the record's id (`invoke records` lists them)", "env": "environment (ENV)"})
 @operator_errors
 def records_show(c, record_id, env=None):
     """Show one record's ledger entry and where its notebook and HTML are."""
-    from opsbook import record_views
+    from opsbook.engines.records import views
 
-    print(record_views.show_cli(env_name(c, env), record_id))
+    print(views.show_cli(load_env(c, env), record_id))
 
 
 @task(help={"env": "environment (inventories/ENV)"})
 @operator_errors
 def records_index(c, env=None):
     """Render index.html in the record store: every record with outcome, duration and links."""
-    from opsbook import record_views
+    from opsbook.engines.records import views
 
-    print(record_views.index_cli(env_name(c, env)))
+    print(views.index_cli(load_env(c, env)))
 
 
 records_ns = Collection("records")
@@ -289,9 +305,9 @@ records_ns.add_task(records_index, "index")
 @operator_errors
 def lock_status(c, env=None):
     """Show who holds an environment's release lock (owner, reason, since, lease), or "free"."""
-    from opsbook import lock
+    from opsbook.engines import lock
 
-    print(lock.status_text(lock.lock_for(env_name(c, env))))
+    print(lock.status_text(lock.lock_for(load_env(c, env))))
 
 
 @task(
@@ -304,17 +320,18 @@ def lock_status(c, env=None):
 @operator_errors
 def lock_break(c, env=None, reason=None, dry_run=False):
     """Break an environment's release lock (a dead or stuck release); the break is recorded."""
-    from opsbook import lock
+    from opsbook.engines import lock
 
     if dry_run:
-        print(f"dry run, nothing broken: {lock.status_text(lock.lock_for(env_name(c, env)))}")
+        print(f"dry run, nothing broken: {lock.status_text(lock.lock_for(load_env(c, env)))}")
         return
     if not reason:
         raise Exit("error: --reason is required: say why the lock is broken. Nothing was changed.", code=1)
-    from opsbook import runbooks
+    from opsbook.engines.records import runner
 
     # The break is an operation like any other: it leaves a record naming the holder it broke.
-    runbooks.run("lock_break", env_name(c, env), {"reason": reason})
+
+    runner.run("lock_break", load_env(c, env), {"reason": reason})
 
 
 lock_ns = Collection("lock")
@@ -330,4 +347,3 @@ ns.add_collection(lock_ns)
 ns.add_task(runbooks_list, "runbooks")
 for t in (build, provision, release, rollback, status, check, test, runbook, report):
     ns.add_task(t)
-ns.configure({"opsbook": {"env": "lab"}})

@@ -34,8 +34,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from opsbook.migrations import Settings, run  # noqa: E402 - after the path is set
-from opsbook.migrations.measure import LockSampler, RunResult  # noqa: E402
+from opsbook.engines.migrations import Settings, run  # noqa: E402 - after the path is set
+from opsbook.engines.migrations.measure import LockSampler, RunResult  # noqa: E402
 from tests.fixtures.postgres import PG_BIN, _as_postgres, _free_port  # noqa: E402
 
 COURSES = 1000

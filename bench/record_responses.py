@@ -17,7 +17,7 @@ import uuid
 
 import httpx
 
-from opsbook.inventory import load
+from opsbook.core.inventory import load
 
 
 def make_course(client: httpx.Client, base: str) -> str:

@@ -19,8 +19,9 @@ import papermill
 # Import the opsbook of this checkout, not whichever one is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from opsbook import ROOT, runbooks
-from opsbook.record_store import LocalStore
+from opsbook.core.paths import ROOT
+from opsbook.engines.records import runner as runbooks
+from opsbook.engines.records.store import LocalStore
 
 PARAMS = """env: str = "lab"  # environment; set by opsbook
 record_id: str = None  # this run's record id; set by opsbook
@@ -37,8 +38,9 @@ def trivial_runbook(directory: Path) -> Path:
     nb.cells = [
         nbformat.v4.new_markdown_cell("# Trivial\nCounts rows. Healthy: prints the count."),
         params,
-        nbformat.v4.new_code_cell("from opsbook.records import report\nprint(sum(range(rows)))"),
-        nbformat.v4.new_code_cell("report(rows=rows, total=sum(range(rows)))"),
+        nbformat.v4.new_code_cell(
+            "from opsbook.engines.records.figures import record_figures\nprint(sum(range(rows)))"),
+        nbformat.v4.new_code_cell("record_figures(rows=rows, total=sum(range(rows)))"),
     ]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "trivial.ipynb"

@@ -17,10 +17,11 @@ import argparse
 import subprocess
 import time
 
-from opsbook import ROOT, artifact, fleet
-from opsbook import release as rel
-from opsbook.inventory import load
-from opsbook.probe import Probe, probe_url
+from opsbook.core.inventory import load
+from opsbook.core.paths import ROOT
+from opsbook.engines import artifact, fleet
+from opsbook.engines.probe import Probe, probe_url
+from opsbook.operations import release as rel
 
 
 def wait_for(env, version: str, timeout: float = 120) -> None:

@@ -28,6 +28,6 @@ def hostvars(host):
 @pytest.fixture(scope="session")
 def inventory(pytestconfig):
     """The opsbook environment whose inventory the checks run against."""
-    from opsbook.inventory import load
+    from opsbook.core.inventory import load
 
     return load(Path(pytestconfig.getoption("ansible_inventory")).resolve().name)

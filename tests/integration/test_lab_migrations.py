@@ -11,10 +11,11 @@ import uuid
 import psycopg
 import pytest
 
-from opsbook import ROOT, artifact, fleet
-from opsbook.probe import Probe, probe_url
-from opsbook.record_store import store_for
-from opsbook.release import admin_conninfo
+from opsbook.core.paths import ROOT
+from opsbook.engines import artifact, fleet
+from opsbook.engines.database import admin_conninfo
+from opsbook.engines.probe import Probe, probe_url
+from opsbook.engines.records.store import store_for
 from tests.fixtures.lab import http_json, invoke, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]

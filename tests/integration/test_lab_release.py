@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from opsbook import ROOT
-from opsbook.release import ansible_env
+from opsbook.core.paths import ROOT
+from opsbook.engines.ansible import ansible_env
 from tests.fixtures.lab import http_json, invoke, new_uuid, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -71,7 +71,9 @@ def test_release_to_an_environment_without_hosts_says_so_before_anything(test_ve
 def test_lab_up_without_podman_says_what_to_do(tmp_path):
     # A PATH with our Python but no podman: what a machine without podman looks like.
     proc = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "python"), "-c", "from opsbook import lab; lab.up()"],
+        [str(ROOT / ".venv" / "bin" / "python"), "-c",
+         "from opsbook.core.inventory import load; from opsbook.engines import lab; "
+         "lab.up(load('lab'))"],
         cwd=ROOT, capture_output=True, text=True, env={"PATH": str(tmp_path), "HOME": str(tmp_path)},
         check=False)
     assert proc.returncode != 0
@@ -80,8 +82,8 @@ def test_lab_up_without_podman_says_what_to_do(tmp_path):
 
 
 def test_lab_up_refuses_a_subnet_already_taken(tmp_path, lab_env):
-    from opsbook import lab
-    from opsbook.inventory import Env
+    from opsbook.core.inventory import Env
+    from opsbook.engines import lab
 
     inv = tmp_path / "otherlab"
     (inv / "group_vars" / "all").mkdir(parents=True)
@@ -92,20 +94,18 @@ def test_lab_up_refuses_a_subnet_already_taken(tmp_path, lab_env):
         f"opsbook_lab_dir: {tmp_path}/.lab\n")
     other = Env("otherlab", path=inv)
     with pytest.raises(lab.LabError, match=r"already taken by podman network 'opsbook-lab'.*Nothing was changed"):
-        lab.up(env=other)
+        lab.up(other)
     assert lab.podman("network", "exists", "opsbook-lab-other", check=False).returncode != 0
 
 
 def test_lab_up_on_a_running_lab_changes_nothing(lab_env):
-    from opsbook import lab
-
-    assert lab.up() is False
+    from opsbook.engines import lab
+    assert lab.up(lab_env) is False
 
 
 def test_lab_down_would_remove_exactly_what_lab_up_created(lab_env, capsys):
-    from opsbook import lab
-
-    lab.down(dry_run=True)
+    from opsbook.engines import lab
+    lab.down(lab_env, dry_run=True)
     out = capsys.readouterr().out
     removed = set(re.findall(r"would remove (\S+)", out))
     expected = {f"opsbook-lab-{h.name}" for h in lab_env.hosts()} | {"network"}
@@ -196,7 +196,7 @@ def test_bad_request_through_the_load_balancer_is_a_4xx_json(lb_url):
 
 # --- records of what ran against the lab ----------------------------------------------------
 def test_report_leaves_a_record_that_records_and_index_show(lab_env):
-    from opsbook.record_store import store_for
+    from opsbook.engines.records.store import store_for
 
     invoke("report", "--env", "lab", check=True)
     entry = [e for e in store_for(lab_env).ledger() if e["runbook"] == "env_report"][-1]
@@ -219,12 +219,13 @@ def test_breaking_the_release_lock_is_recorded(lab_env):
     import signal
     import sys
 
-    from opsbook.lock import lock_for
-    from opsbook.record_store import store_for
+    from opsbook.engines.lock import lock_for
+    from opsbook.engines.records.store import store_for
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from opsbook.lock import lock_for; "
-         "lock_for('lab').acquire('stuck release'); print('held', flush=True); time.sleep(600)"],
+        [sys.executable, "-c", "import time; from opsbook.engines.lock import lock_for; "
+         "from opsbook.core.inventory import load; "
+         "lock_for(load('lab')).acquire('stuck release'); print('held', flush=True); time.sleep(600)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -13,17 +13,17 @@ import time
 
 import pytest
 
-from opsbook import ROOT, artifact
-from opsbook.lock import lock_for
-from opsbook.record_store import store_for
+from opsbook.core.paths import ROOT
+from opsbook.engines import artifact
+from opsbook.engines.lock import lock_for
+from opsbook.engines.records.store import store_for
 from tests.fixtures.lab import invoke, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
 def served(env) -> dict[str, str | None]:
-    from opsbook import fleet
-
+    from opsbook.engines import fleet
     return dict(fleet.served_versions(env))
 
 
@@ -104,8 +104,9 @@ def test_killed_lock_holder_blocks_until_its_lease_expires(lab_env, test_version
     a, _b = test_versions
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import time; from opsbook.lock import lock_for; "
-         "lock_for('lab', lease_seconds=8).acquire('release that will be killed'); print('held', flush=True); "
+         "import time; from opsbook.engines.lock import lock_for; "
+         "from opsbook.core.inventory import load; "
+         "lock_for(load('lab'), lease_seconds=8).acquire('release that will be killed'); print('held', flush=True); "
          "time.sleep(600)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -10,7 +10,7 @@ import uuid
 import boto3
 import pytest
 
-from opsbook.lock import DynamoDBLockStore, LockHeld, ReleaseLock, S3LockStore
+from opsbook.engines.lock import DynamoDBLockStore, LockHeld, ReleaseLock, S3LockStore
 
 pytestmark = pytest.mark.moto
 

@@ -12,8 +12,8 @@ import time
 import psycopg
 import pytest
 
-from opsbook import ROOT
-from opsbook.migrations import Settings, run
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import Settings, run
 
 pytestmark = pytest.mark.postgres
 ROWS, BATCH = 6000, 200
@@ -30,7 +30,7 @@ expand:
 
 CHILD = """
 import sys
-from opsbook.migrations import Settings, run
+from opsbook.engines.migrations import Settings, run
 run(sys.argv[1], sys.argv[2], settings=Settings(batch_pause_s=0.05, max_canary_ms=None))
 """
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from opsbook import ROOT
-from opsbook.migrations import MigrationError, Settings, plan, run
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import MigrationError, Settings, plan, run
 
 pytestmark = pytest.mark.postgres
 APP = ROOT / "app" / "migrations"

@@ -9,9 +9,12 @@ import nbformat
 import papermill
 import pytest
 
-from opsbook import ROOT, report, runbooks
-from opsbook import release_history as history
-from opsbook.record_store import LocalStore, new_record_id
+from opsbook.core.inventory import load
+from opsbook.core.paths import ROOT
+from opsbook.engines.records import runner as runbooks
+from opsbook.engines.records.store import LocalStore, new_record_id
+from opsbook.operations import env_report
+from opsbook.operations import release_history as history
 
 
 def _free_port() -> int:
@@ -114,7 +117,7 @@ def test_env_report_runs_as_a_record_without_contacting_hosts(tmp_path):
     earlier = _write(store, "release", "succeeded", 0, env="lab")
     entry = runbooks.run(
         "env_report",
-        "lab",
+        load("lab"),
         {"probe": False, "records_from": store.url},
         store=store,
         secrets={},
@@ -123,7 +126,7 @@ def test_env_report_runs_as_a_record_without_contacting_hosts(tmp_path):
     )
     assert entry["outcome"] == "succeeded"
     figures = entry["figures"]
-    assert figures["hosts_total"] == len(__import__("opsbook.inventory").inventory.load("lab").hosts())
+    assert figures["hosts_total"] == len(load("lab").hosts())
     assert figures["hosts_answering"] == 0
     assert figures["db_status"] in ("not probed", "unreachable")
     notebook = store.get(entry["notebook"]).decode()
@@ -132,7 +135,7 @@ def test_env_report_runs_as_a_record_without_contacting_hosts(tmp_path):
 
 
 def test_ssh_to_a_closed_port_is_unreachable_not_an_error():
-    got = report.ssh_check(
+    got = env_report.ssh_check(
         "127.0.0.1",
         port=_free_port(),
         user="root",
@@ -165,23 +168,22 @@ def app_server():
 
 
 def test_http_checks_read_answers_and_name_failures(app_server):
-    ok = report.http_get(f"{app_server}/version")
+    ok = env_report.http_get(f"{app_server}/version")
     assert ok["status"] == "ok"
-    from opsbook import fleet
-
+    from opsbook.engines import fleet
     assert fleet.ask_version(f"{app_server}/version") == ("1.4.2", "")
-    assert report.http_get(f"{app_server}/nope")["status"] == "HTTP 404"
-    down = report.http_get(f"http://127.0.0.1:{_free_port()}/ping", timeout=2)
+    assert env_report.http_get(f"{app_server}/nope")["status"] == "HTTP 404"
+    down = env_report.http_get(f"http://127.0.0.1:{_free_port()}/ping", timeout=2)
     assert down["status"] == "unreachable"
     assert down["detail"]
 
 
 @pytest.mark.postgres
 def test_database_state_reads_size_tables_and_migrations(pg_db):
-    from opsbook.migrations import apply_pending
+    from opsbook.engines.migrations import apply_pending
 
     apply_pending(pg_db, ROOT / "app" / "migrations", log=lambda _m: None)
-    state = report.database_state(pg_db)
+    state = env_report.database_state(pg_db)
     assert state["status"] == "ok"
     assert state["size_bytes"] > 1_000_000
     assert "public.course_events" in {t["table"] for t in state["largest_tables"]}
@@ -189,6 +191,6 @@ def test_database_state_reads_size_tables_and_migrations(pg_db):
 
 
 def test_database_that_does_not_answer_is_unreachable():
-    state = report.database_state(f"host=127.0.0.1 port={_free_port()} dbname=x user=x", timeout=2)
+    state = env_report.database_state(f"host=127.0.0.1 port={_free_port()} dbname=x user=x", timeout=2)
     assert state["status"] == "unreachable"
     assert state["largest_tables"] == []

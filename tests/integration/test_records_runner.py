@@ -8,9 +8,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from opsbook import ROOT, runbooks
-from opsbook.record_store import LocalStore, S3Store, StoreUnreachable, new_record_id
-from opsbook.redact import Redactor
+from opsbook.core.inventory import load
+from opsbook.core.paths import ROOT
+from opsbook.core.redaction import Redactor
+from opsbook.engines.records import runner as runbooks
+from opsbook.engines.records.store import LocalStore, S3Store, StoreUnreachable, new_record_id
+
+LAB = load("lab")   # the environment the runs are for (their stores and secrets are given explicitly)
 
 pytestmark = pytest.mark.kernel
 
@@ -43,10 +47,10 @@ def book(tmp_path):
         d,
         "count",
         INJECTED + 'rows: int = None  # required: rows to count\nmarker: str = ""  # file to create when run',
-        "import opsbook, pathlib\nfrom opsbook.records import report\n"
+        "import opsbook, pathlib\nfrom opsbook.engines.records.figures import record_figures\n"
         "if marker: pathlib.Path(marker).write_text('ran')",
         "print(f'env={env} record={record_id} parent={parent_record_id} opsbook={opsbook.__file__}')",
-        "report(rows=rows, doubled=rows * 2)\nreport(doubled=rows * 3, host='app1')",
+        "record_figures(rows=rows, doubled=rows * 2)\nrecord_figures(doubled=rows * 3, host='app1')",
     )
     write_runbook(
         d,
@@ -61,9 +65,9 @@ def book(tmp_path):
         "leaky",
         INJECTED + "password: str = None  # required: a secret value, given by mistake\n"
         "fail: bool = False  # raise an error that carries the secret",
-        "from opsbook.records import report\nprint('the password is', password)\n"
+        "from opsbook.engines.records.figures import record_figures\nprint('the password is', password)\n"
         "print('computed:', 'zq7' + 'Kx9' + 'vv2')",
-        "report(leaked=password, nested={'k': [password]})\npassword",
+        "record_figures(leaked=password, nested={'k': [password]})\npassword",
         "if fail:\n    raise RuntimeError(f'cannot log in with {password!r}')",
     )
     return d
@@ -78,7 +82,7 @@ def test_succeeded_run_stores_notebook_html_and_ledger_entry(book, tmp_path):
     parent = new_record_id("release")
     entry = runbooks.run(
         "count",
-        "lab",
+        LAB,
         {"rows": 21},
         parent_record_id=parent,
         store=store,
@@ -115,7 +119,7 @@ def test_an_operation_that_records_itself_when_it_ends_keeps_its_own_start_and_d
 
     store = LocalStore(tmp_path / "records")
     began = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=7)
-    entry = runbooks.run("count", "lab", {"rows": 1}, started=began, store=store, secrets={}, runbooks_dir=book,
+    entry = runbooks.run("count", LAB, {"rows": 1}, started=began, store=store, secrets={}, runbooks_dir=book,
                          progress=False, log=lambda _m: None)
     assert entry["start"] == began.isoformat(timespec="seconds")
     assert 420 <= entry["duration_s"] < 420 + 120
@@ -126,7 +130,7 @@ def test_failed_run_is_recorded_with_papermill_banner_then_raises(book, tmp_path
     store = LocalStore(tmp_path / "records")
     with pytest.raises(runbooks.RunbookFailed, match=r"ValueError: disk full on db1") as info:
         runbooks.run(
-            "broken", "lab", store=store, secrets={}, runbooks_dir=book, progress=False, log=lambda _m: None
+            "broken", LAB, store=store, secrets={}, runbooks_dir=book, progress=False, log=lambda _m: None
         )
     entry = info.value.entry
     assert entry["id"] in str(info.value)
@@ -155,7 +159,7 @@ def test_refused_run_executes_nothing_and_stores_nothing(book, tmp_path, params,
     with pytest.raises(runbooks.RunbookError, match=message):
         runbooks.run(
             "count",
-            "lab",
+            LAB,
             {**params, "marker": str(marker)},
             store=store,
             secrets={},
@@ -172,7 +176,7 @@ def test_unwritable_store_is_refused_before_anything_runs(book, tmp_path):
     with pytest.raises(StoreUnreachable, match="Nothing was run"):
         runbooks.run(
             "count",
-            "lab",
+            LAB,
             {"rows": 1, "marker": str(marker)},
             store=LocalStore(tmp_path / "records" / "x"),
             secrets={},
@@ -218,7 +222,7 @@ def _assert_no_secret_in(blobs: dict[str, bytes]):
 def _run_leaky(book, store):
     ok = runbooks.run(
         "leaky",
-        "lab",
+        LAB,
         {"password": PLANTED["vault_db_password"]},
         store=store,
         secrets=PLANTED,
@@ -229,7 +233,7 @@ def _run_leaky(book, store):
     with pytest.raises(runbooks.RunbookFailed) as info:
         runbooks.run(
             "leaky",
-            "lab",
+            LAB,
             {"password": PLANTED["vault_db_password"], "fail": True},
             store=store,
             secrets=PLANTED,
@@ -282,7 +286,7 @@ def test_missing_bucket_is_refused_before_anything_runs(book, tmp_path, aws):
     with pytest.raises(StoreUnreachable, match=r"bucket 'no-such-bucket' does not exist\. Nothing was run"):
         runbooks.run(
             "count",
-            "lab",
+            LAB,
             {"rows": 1, "marker": str(marker)},
             store=S3Store("s3://no-such-bucket/lab"),
             secrets={},
@@ -300,7 +304,7 @@ def test_the_kernel_talks_over_private_unix_sockets_not_loopback_tcp(tmp_path):
                   "print('transport', app.transport)\n"
                   "print('private', stat.S_IMODE(os.stat(os.path.dirname(app.ip)).st_mode) == 0o700)")
     store = LocalStore(tmp_path / "records")
-    entry = runbooks.run("where", "lab", store=store, secrets={}, runbooks_dir=tmp_path / "rb", progress=False,
+    entry = runbooks.run("where", LAB, store=store, secrets={}, runbooks_dir=tmp_path / "rb", progress=False,
                          log=lambda _m: None)
     printed = store.get(entry["notebook"]).decode()
     assert "transport ipc" in printed

@@ -3,7 +3,7 @@
 import boto3
 import pytest
 
-from opsbook.record_store import RecordExists, S3Store, StoreUnreachable, new_record_id, open_store
+from opsbook.engines.records.store import RecordExists, S3Store, StoreUnreachable, new_record_id, open_store
 
 pytestmark = pytest.mark.moto
 

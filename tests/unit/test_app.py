@@ -15,8 +15,8 @@ from bl_api import __version__
 from bl_api.app import create_app
 from bl_api.config import Settings
 
-from opsbook import ROOT
-from opsbook.migrations import apply_pending, run
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import apply_pending, run
 
 pytestmark = pytest.mark.postgres
 

@@ -9,8 +9,8 @@ from bl_api import __version__
 from bl_api.cli import main
 from bl_api.config import ConfigError, Settings
 
-from opsbook import ROOT
-from opsbook.migrations import apply_pending
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import apply_pending
 
 
 def test_version_prints_the_running_version(capsys, monkeypatch):

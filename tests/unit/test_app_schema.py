@@ -13,7 +13,7 @@ from bl_api.app import create_app
 from bl_api.config import Settings
 from bl_api.db import Schema
 
-from opsbook.migrations import run
+from opsbook.engines.migrations import run
 from tests.unit.test_app import APP_MIGRATIONS, STAGES, migrate_to
 
 pytestmark = pytest.mark.postgres

@@ -13,8 +13,8 @@ import httpx
 import psycopg
 import pytest
 
-from opsbook import ROOT
-from opsbook.migrations import apply_pending
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import apply_pending
 from tests.fixtures.service import Service
 
 pytestmark = pytest.mark.postgres

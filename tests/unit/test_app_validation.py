@@ -11,8 +11,8 @@ import pytest
 from bl_api.app import create_app
 from bl_api.config import Settings
 
-from opsbook import ROOT
-from opsbook.migrations import apply_pending
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import apply_pending
 
 pytestmark = pytest.mark.postgres
 

@@ -10,13 +10,14 @@ import time
 
 import pytest
 
-from opsbook import ROOT
-from opsbook.lock import FileLockStore, LeaseLost, LockHeld, ReleaseLock, lock_for
+from opsbook.core.inventory import load
+from opsbook.core.paths import ROOT
+from opsbook.engines.lock import FileLockStore, LeaseLost, LockHeld, ReleaseLock, lock_for
 
 # A release in another process: takes the lock, says HELD, holds it for a while, releases.
 HOLDER = """
 import sys, time
-from opsbook.lock import FileLockStore, ReleaseLock
+from opsbook.engines.lock import FileLockStore, ReleaseLock
 path, lease, hold = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 lock = ReleaseLock("lab", FileLockStore(path), lease_seconds=lease, poll_seconds=0.1)
 with lock.hold("release 1.2.3 from another process") as held:
@@ -152,7 +153,7 @@ def test_a_reason_is_required(lock_path):
 
 
 def test_lab_inventory_uses_a_file_lock_under_the_lab_dir():
-    lock = lock_for("lab")
+    lock = lock_for(load("lab"))
     assert isinstance(lock.store, FileLockStore)
     assert lock.store.path == (ROOT / ".lab" / "release-lab.lock").resolve()
     assert lock.lease_seconds > 0

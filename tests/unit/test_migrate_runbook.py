@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from pathlib import Path
 
 import nbformat
 import psycopg
 import pytest
 
-from opsbook import ROOT, runbooks
-from opsbook.migrations import run
-from opsbook.record_store import LocalStore
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import run
+from opsbook.engines.records import runner as runbooks
+from opsbook.engines.records.store import LocalStore
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kernel]
 APP = ROOT / "app" / "migrations"
@@ -39,10 +41,23 @@ def seed(conninfo: str, tmp_path) -> None:
                 cp.write_row((uuid.uuid4(), course, i, kind, json.dumps(data)))
 
 
+def scratch_env(directory, name="migratetest"):
+    """An environment of its own: no app hosts, records under `directory`/records."""
+    from opsbook.core.inventory import Env
+
+    inv = directory / "inv"
+    (inv / "group_vars" / "all").mkdir(parents=True, exist_ok=True)
+    (inv / "hosts.yml").write_text("all:\n  children:\n    app:\n      hosts: {}\n")
+    (inv / "group_vars" / "all" / "main.yml").write_text(
+        f"opsbook_env_kind: lab\nopsbook_record_store: {directory / 'records'}\n")
+    return Env(name, path=inv)
+
+
 def run_migrate(store, conninfo, **params):
     """The runbook as `invoke migrate` starts it, pointed at the test database by the override."""
     return runbooks.run(
-        "migrate", "test", {"dsn_override": conninfo, "max_canary_ms": 0.0, **params},
+        "migrate", scratch_env(Path(store.root).parent / "env"),
+        {"dsn_override": conninfo, "settings": {"max_canary_ms": 0}, **params},
         store=store, secrets={}, progress=False, log=lambda _m: None,
     )
 
@@ -144,33 +159,38 @@ def test_dry_run_through_the_runbook_changes_nothing(pg_db, tmp_path):
 
 
 def test_invoke_migrate_refuses_a_dsn_with_a_password_before_anything_runs(pg_db, tmp_path, monkeypatch):
-    from opsbook.migrations import MigrationError, operator
+    from opsbook.engines.migrations import MigrationError
+    from opsbook.operations import migrate as operator
 
     ran = []
     monkeypatch.setattr(runbooks, "run", lambda *a, **k: ran.append(a))
     with pytest.raises(MigrationError, match="PGPASSWORD"):
-        operator.migrate("test", "expand", dsn=pg_db + " password=hunter2hunter2")
+        operator.migrate(scratch_env(tmp_path), "expand", dsn=pg_db + " password=hunter2hunter2")
     assert ran == []
 
 
 def test_invoke_migrate_runs_the_runbook_for_the_environment_with_its_parameters(pg_db, tmp_path):
     """What `invoke migrate --env E --dsn ... -a lock_timeout_ms=1500` does, on an environment
     whose record store is a local directory."""
-    from opsbook.inventory import Env
-    from opsbook.migrations import MigrationError, operator
+    from opsbook.engines.migrations import MigrationError
+    from opsbook.operations import migrate as operator
 
-    inv = tmp_path / "inv"
-    (inv / "group_vars" / "all").mkdir(parents=True)
-    (inv / "hosts.yml").write_text("all:\n  children:\n    app:\n      hosts: {}\n")
-    (inv / "group_vars" / "all" / "main.yml").write_text(
-        f"opsbook_env_kind: lab\nopsbook_record_store: {tmp_path / 'records'}\n")
-    env = Env("migratetest", path=inv)
+    env = scratch_env(tmp_path)
     seed(pg_db, tmp_path)
     entry = operator.migrate(env, "expand", dsn=pg_db, pairs=["lock_timeout_ms=1500", "max_canary_ms=0"],
                              out=lambda _m: None)
     assert entry["outcome"] == "succeeded", entry["error"]
-    assert entry["parameters"]["lock_timeout_ms"] == 1500
+    assert entry["parameters"]["settings"] == {"lock_timeout_ms": 1500, "max_canary_ms": None}
     assert entry["parameters"]["phase"] == "expand"
     assert [e["id"] for e in LocalStore(tmp_path / "records").ledger()] == [entry["id"]]
     with pytest.raises(MigrationError, match="with its own flag"):
         operator.migrate(env, "expand", dsn=pg_db, pairs=["phase=contract"])
+    # An engine knob that does not exist, or of the wrong type, is refused before anything runs.
+    with pytest.raises(MigrationError, match="lock_timeout_ms must be int"):
+        operator.migrate(env, "expand", dsn=pg_db, pairs=["lock_timeout_ms=soon"])
+    with pytest.raises(runbooks.RunbookFailed, match="unknown migration setting 'lock_timout_ms'"):
+        runbooks.run("migrate", env, {"dsn_override": pg_db, "settings": {"lock_timout_ms": 5}},
+                     progress=False, log=lambda _m: None)
+    refused = LocalStore(tmp_path / "records").ledger()[-1]
+    assert refused["outcome"] == "failed"
+    assert "unknown migration setting" in refused["error"]

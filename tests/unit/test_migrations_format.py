@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from opsbook import ROOT
-from opsbook.migrations import MigrationError, compile_phase, lint, load_migrations, plan
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import MigrationError, compile_phase, lint, load_migrations, plan
 
 
 def write(tmp_path, text, name="0001_x.yml"):
@@ -136,4 +136,5 @@ def test_plan_without_a_database_shows_every_step_and_its_sql():
     assert set(p.refused) == {"0002_course_events_student_uuid", "0003_course_events_kind"}
     text = p.text()
     assert "ALTER TABLE course_events VALIDATE CONSTRAINT course_events_student_uuid_present" in text
-    assert "REFUSED 0003_course_events_kind contract: hosts on older versions: {'app1': '1.0.0'}" in text
+    assert "contract gate: REFUSED, blocked by app1: refusing the contract phase (" in text
+    assert "0003_course_events_kind needs >= 1.1.0 but app1 serves 1.0.0" in text

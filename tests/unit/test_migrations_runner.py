@@ -1,8 +1,8 @@
 import psycopg
 import pytest
 
-from opsbook import ROOT
-from opsbook.migrations import MigrationError, apply_pending, load_migrations
+from opsbook.core.paths import ROOT
+from opsbook.engines.migrations import MigrationError, apply_pending, load_migrations
 
 pytestmark = pytest.mark.postgres
 

@@ -7,7 +7,8 @@ import time
 import psycopg
 import pytest
 
-from opsbook.probe import FAILED, OK, Probe, ProbeError, ProbeReport, Sample, percentile
+from opsbook.core.inventory import load
+from opsbook.engines.probe import FAILED, OK, Probe, ProbeError, ProbeResults, Sample, percentile
 
 SLO = {"max_failed_requests": 0, "max_p99_ms": 2000}
 
@@ -82,9 +83,9 @@ def test_an_acknowledged_write_deleted_from_the_database_is_reported_missing(bl_
     time.sleep(1.0)
     probe.mark("batch 1")
     deadline = time.monotonic() + 10
-    while not probe.report().acknowledged and time.monotonic() < deadline:
+    while not probe.results().acknowledged and time.monotonic() < deadline:
         time.sleep(0.1)
-    lost = next(iter(probe.report().acknowledged))
+    lost = next(iter(probe.results().acknowledged))
     with psycopg.connect(bl_api_service.database_url, autocommit=True) as conn:
         assert conn.execute("DELETE FROM course_events WHERE event_uuid = %s", [lost]).rowcount == 1
     time.sleep(0.5)
@@ -103,9 +104,9 @@ def test_an_acknowledged_write_deleted_from_the_database_is_reported_missing(bl_
 def test_the_probe_stops_by_itself_after_max_seconds(bl_api_service):
     probe = Probe(bl_api_service.url, rate=20, max_seconds=1.0).start()
     time.sleep(2.0)
-    count = len(probe.report().samples)
+    count = len(probe.results().samples)
     time.sleep(0.5)
-    assert len(probe.report().samples) == count          # nothing sent after max_seconds
+    assert len(probe.results().samples) == count          # nothing sent after max_seconds
     report = probe.stop()
     assert report.stopped_by == "max_seconds"
     assert 10 <= report.requests <= 30
@@ -127,7 +128,7 @@ def test_slo_gates_on_figures_per_phase_and_for_the_whole_run():
     samples = [_sample(i * 0.1, "before") for i in range(50)]
     samples += [_sample(5 + i * 0.1, "batch 1", latency=3000.0 if i < 2 else 12.0) for i in range(50)]
     samples += [_sample(10.5, "batch 1", outcome=FAILED, status=None, latency=1.0)]
-    report = ProbeReport("http://lb", 1_700_000_000, 11, samples,
+    report = ProbeResults("http://lb", 1_700_000_000, 11, samples,
                          [("before", 0, 5), ("batch 1", 5, 11)], {"a": "before"}, [])
     assert report.phase_within("before", SLO) == (True, [])
     ok, reasons = report.phase_within("batch 1", SLO)
@@ -135,7 +136,7 @@ def test_slo_gates_on_figures_per_phase_and_for_the_whole_run():
     assert reasons == ["phase 'batch 1': 1 failed requests (SLO allows 0)",
                        "phase 'batch 1': p99 latency 3000 ms (SLO allows 2000 ms)"]
     assert report.within({**SLO, "max_failed_requests": 1, "max_p99_ms": 5000}) == (True, [])
-    unverified = ProbeReport("http://lb", 0, 1, samples[:5], [("before", 0, 1)], {}, None)
+    unverified = ProbeResults("http://lb", 0, 1, samples[:5], [("before", 0, 1)], {}, None)
     assert not unverified.within(SLO)[0]
     with pytest.raises(ProbeError, match="no phase 'batch 9'"):
         report.phase("batch 9")
@@ -150,11 +151,11 @@ def test_percentile_is_nearest_rank():
 
 
 def test_the_lab_inventory_points_the_probe_at_its_load_balancer_and_names_the_slo():
-    from opsbook.probe import probe_for, slo_for
+    from opsbook.engines.probe import probe_for, slo_for
 
-    probe = probe_for("lab")                              # built only: sends nothing until start()
+    probe = probe_for(load("lab"))                              # built only: sends nothing until start()
     assert probe.base_url == "http://10.89.7.10:80"
     assert probe.rate == 20
     assert probe.max_seconds == 3600
-    assert slo_for("lab") == {"max_failed_requests": 0, "max_p99_ms": 2000,
+    assert slo_for(load("lab")) == {"max_failed_requests": 0, "max_p99_ms": 2000,
                               "max_missing_acknowledged_writes": 0, "max_client_errors": 0}

@@ -8,8 +8,8 @@ import nbformat
 import papermill
 import pytest
 
-from opsbook import ROOT
-from opsbook.runbooks import INJECTED
+from opsbook.core.paths import ROOT
+from opsbook.engines.records.runner import INJECTED
 
 NOTEBOOKS = sorted([*(ROOT / "runbooks").glob("*.ipynb"), *(ROOT / "notebooks").glob("*.ipynb")])
 

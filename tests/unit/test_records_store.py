@@ -8,20 +8,20 @@ from datetime import UTC, datetime
 import nbformat
 import pytest
 
-from opsbook import record_views, runbooks
-from opsbook.errors import OpsbookError
-from opsbook.record_store import (
+from opsbook.core.errors import OpsbookError
+from opsbook.core.redaction import Redactor
+from opsbook.engines.records import runner as runbooks
+from opsbook.engines.records import views as record_views
+from opsbook.engines.records.figures import FIGURES_MIMETYPE, figures_in, record_figures
+from opsbook.engines.records.ledger import parse_since, select
+from opsbook.engines.records.store import (
     LocalStore,
     RecordExists,
     StoreUnreachable,
     UnknownRecord,
     new_record_id,
     open_store,
-    parse_since,
-    select,
 )
-from opsbook.records import FIGURES_MIMETYPE, figures_in
-from opsbook.redact import Redactor
 
 
 def _entry(runbook="migrate", env="lab", outcome="succeeded", start="2025-01-02T10:00:00+00:00", **kw):
@@ -239,11 +239,10 @@ def test_figures_are_picked_from_the_custom_mimetype_later_values_winning():
 
 
 def test_report_refuses_values_that_are_not_json():
-    from opsbook.records import report
 
-    with pytest.raises(TypeError, match=r"report\(when=\.\.\.\).*not a JSON value"):
-        report(when=datetime.now(UTC))
+    with pytest.raises(TypeError, match=r"record_figures\(when=\.\.\.\).*not a JSON value"):
+        record_figures(when=datetime.now(UTC))
     with pytest.raises(TypeError, match="not a JSON value"):
-        report(x=float("nan"))
+        record_figures(x=float("nan"))
     with pytest.raises(ValueError, match="small summary"):
-        report(big="x" * 20_000)
+        record_figures(big="x" * 20_000)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from opsbook.errors import OpsbookError
-from opsbook.release import batches_of
+from opsbook.core.errors import OpsbookError
+from opsbook.operations.release import batches_of
 
 
 def test_bad_batch_sizes_are_refused_and_good_ones_split_the_fleet():

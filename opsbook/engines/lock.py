@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import getpass
 import hashlib
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -41,7 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from opsbook.errors import OpsbookError
+from opsbook.core import facts
+from opsbook.core.errors import OpsbookError
+from opsbook.core.inventory import Env
 
 DEFAULT_LEASE_SECONDS = 60.0
 
@@ -64,14 +64,6 @@ class LockBackendError(OpsbookError):
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def whoami() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()}"
 
 
 @dataclass(frozen=True)
@@ -414,7 +406,7 @@ class ReleaseLock:
 
     def _new_info(self, reason: str) -> LockInfo:
         now = time.time()
-        return LockInfo(env=self.env, owner=whoami(), pid=os.getpid(), reason=reason, acquired_at=now,
+        return LockInfo(env=self.env, owner=facts.operator(), pid=os.getpid(), reason=reason, acquired_at=now,
                         lease_expires=now + self.lease_seconds, lease_seconds=self.lease_seconds,
                         token=uuid.uuid4().hex)
 
@@ -461,7 +453,7 @@ class ReleaseLock:
     def _refusal(self, holder: LockInfo, wait: float) -> str:
         waited = f" (waited {wait:.0f} s)" if wait > 0 else ""
         note = ""
-        if holder.owner == whoami() and not _pid_alive(holder.pid):
+        if holder.owner == facts.operator() and not _pid_alive(holder.pid):
             note = (f" Its process {holder.pid} no longer runs on this machine; the lease will expire "
                     f"{_iso(holder.lease_expires)} and the next release will proceed then.")
         return (f"the release lock for {self.env} is held by {holder.describe()}{waited}. Nothing was "
@@ -489,7 +481,7 @@ class ReleaseLock:
         returned holder; the store keeps no trace of a break. A release whose lock was broken
         finds out at its next renewal (``held.check()`` raises LeaseLost).
         """
-        by = by or whoami()
+        by = by or facts.operator()
         if not reason or not reason.strip():
             raise OpsbookError("breaking the release lock needs a reason; nothing was changed.")
         while True:
@@ -510,11 +502,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def lock_for(env: Any, *, lease_seconds: float | None = None) -> ReleaseLock:
-    """The release lock of an environment (a name or an inventory Env), backend from its inventory."""
-    from opsbook.inventory import Env, load
-
-    e: Env = load(env) if isinstance(env, str) else env
+def lock_for(env: Env, *, lease_seconds: float | None = None) -> ReleaseLock:
+    """The release lock of an environment, backend from its inventory."""
+    e = env
     backend = e.var("opsbook_lock_backend", "file")
     lease = float(lease_seconds if lease_seconds is not None
                   else e.var("opsbook_lock_lease_seconds", DEFAULT_LEASE_SECONDS))

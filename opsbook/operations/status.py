@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from opsbook import fleet
-from opsbook.inventory import load
+from opsbook.core.inventory import Env
+from opsbook.core.paths import APP_MIGRATIONS
+from opsbook.engines import database, fleet
+from opsbook.engines import lock as locks
+from opsbook.engines.records import ledger
+from opsbook.engines.records.store import store_for
 
 
-def status_text(env_name: str) -> str:
-    from opsbook import lock as locks
-    from opsbook.record_store import store_for
-
-    env = load(env_name)
+def status_text(env: Env) -> str:
     lines = [f"environment {env.name} ({env.kind})"]
     versions = fleet.served_versions(env)
     lines.append("app hosts:")
@@ -22,28 +22,26 @@ def status_text(env_name: str) -> str:
         lines.append("  the fleet serves mixed versions: a release stopped half-way, or is running")
     lines.append("lock: " + locks.status_text(locks.lock_for(env)))
     try:
-        releases = [e for e in store_for(env).ledger() if e.get("runbook") == "release"]
+        releases = ledger.releases(store_for(env).ledger())
     except Exception as e:  # noqa: BLE001 - status reports an unreadable store instead of failing
         lines.append(f"last release: record store not readable ({e})")
     else:
         if releases:
             last = releases[-1]
-            figs = last.get("figures") or {}
-            lines.append(f"last {figs.get('kind', 'release')}: {figs.get('version')} {last.get('outcome')} "
-                         f"at {last.get('end')} (record {last.get('id')})")
+            lines.append(f"last {ledger.kind(last)}: {(last.get('figures') or {}).get('version')} "
+                         f"{last.get('outcome')} at {last.get('end')} (record {last.get('id')})")
         else:
             lines.append("last release: none recorded")
     lines.append("migrations: " + _pending(env))
     return "\n".join(lines)
 
 
-def _pending(env) -> str:
+def _pending(env: Env) -> str:
     """What this checkout's migrations would still apply; a release reads its artifact's instead."""
-    from opsbook import ROOT
-    from opsbook.release import pending_migrations
-
     try:
-        expand, contracts = pending_migrations(env, ROOT / "app" / "migrations")
+        with database.Admin(env) as db:
+            pending = db.pending(APP_MIGRATIONS)
     except Exception as e:  # noqa: BLE001 - status reports an unreachable database instead of failing
         return f"database not reachable ({str(e).splitlines()[0]})"
-    return f"expand pending: {', '.join(expand) or 'none'}; contract pending: {', '.join(contracts) or 'none'}"
+    return (f"expand pending: {', '.join(pending.expand) or 'none'}; "
+            f"contract pending: {', '.join(pending.contracts) or 'none'}")

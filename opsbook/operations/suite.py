@@ -1,20 +1,22 @@
-"""The whole test suite, as CI runs it: lab up, then pytest over tests/ (unit, integration, infra)."""
+"""The whole test suite, as CI runs it (`invoke test`): lab up, then pytest over tests/."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from opsbook import ROOT
-from opsbook.release import ansible_env
+from opsbook.core.inventory import Env
+from opsbook.core.paths import ROOT
+from opsbook.engines.ansible import ansible_env
 
 
-def run_suite(k: str | None = None, bring_lab_up: bool = True) -> int:
-    if bring_lab_up:
-        from opsbook import lab
+def run_suite(lab_env: Env | None, k: str | None = None) -> int:
+    """Bring the lab (`lab_env`) up unless it is None, then run pytest; "no tests ran" is a failure."""
+    if lab_env is not None:
+        from opsbook.engines import lab
 
         print("[test] bringing the lab up (hosts the suite releases to and checks)", flush=True)
-        lab.up()
+        lab.up(lab_env)
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--durations=15"]
     if k:
         cmd += ["-k", k]

@@ -7,7 +7,7 @@
 - engine: `plan` (what would run) and `run` (run it, step by step, measured)
 """
 
-from opsbook.migrations.engine import (
+from opsbook.engines.migrations.engine import (
     PendingContract,
     Plan,
     PlannedStep,
@@ -17,10 +17,10 @@ from opsbook.migrations.engine import (
     plan,
     run,
 )
-from opsbook.migrations.guards import Settings
-from opsbook.migrations.linting import Finding, lint
-from opsbook.migrations.measure import RunResult
-from opsbook.migrations.spec import PHASES, Migration, MigrationError, Step, compile_phase, load_migrations
+from opsbook.engines.migrations.guards import Settings
+from opsbook.engines.migrations.linting import Finding, lint
+from opsbook.engines.migrations.measure import RunResult
+from opsbook.engines.migrations.spec import PHASES, Migration, MigrationError, Step, compile_phase, load_migrations
 
 __all__ = [
     "PHASES",

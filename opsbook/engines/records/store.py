@@ -21,11 +21,11 @@ import os
 import re
 import secrets
 from abc import ABC, abstractmethod
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from opsbook.errors import OpsbookError
+from opsbook.core.errors import OpsbookError
 
 RECORD_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[A-Za-z0-9_-]+-[0-9a-f]{6}$")
 LEDGER = "ledger"
@@ -285,52 +285,3 @@ def store_for(env) -> Store:
         endpoint_url=env.var("opsbook_aws_endpoint_url", None),
         region=env.var("opsbook_aws_region", None),
     )
-
-
-# -- reading the ledger --------------------------------------------------------------------
-_RELATIVE = re.compile(r"^(\d+)([mhdw])$")
-
-
-def parse_since(since: str | None, now: datetime | None = None) -> datetime | None:
-    """``7d``, ``12h``, ``30m``, ``2w`` or an ISO date/time (UTC unless it says otherwise)."""
-    if not since:
-        return None
-    now = now or datetime.now(UTC)
-    m = _RELATIVE.match(since.strip())
-    if m:
-        n, unit = int(m.group(1)), m.group(2)
-        return now - timedelta(**{{"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[unit]: n})
-    try:
-        when = datetime.fromisoformat(since.strip())
-    except ValueError:
-        raise OpsbookError(
-            f"--since {since!r}: expected an age (30m, 12h, 7d, 2w) "
-            "or an ISO date (2025-01-31, 2025-01-31T12:00)"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def select(
-    entries: list[dict[str, Any]],
-    *,
-    env: str | None = None,
-    runbook: str | None = None,
-    outcome: str | None = None,
-    since: str | datetime | None = None,
-) -> list[dict[str, Any]]:
-    """Ledger entries matching every filter given."""
-    if outcome and outcome not in OUTCOMES:
-        raise OpsbookError(f"--outcome {outcome!r}: outcomes are {', '.join(OUTCOMES)}")
-    cutoff = parse_since(since) if isinstance(since, str) else since
-    out = []
-    for e in entries:
-        if env and e.get("env") != env:
-            continue
-        if runbook and e.get("runbook") != runbook:
-            continue
-        if outcome and e.get("outcome") != outcome:
-            continue
-        if cutoff and datetime.fromisoformat(e["start"]) < cutoff:
-            continue
-        out.append(e)
-    return out

@@ -8,14 +8,15 @@
 - time to restore: from the end of such a failed change to the end of the next succeeded
   rollback or release in the same environment.
 
-Releases are ledger entries of the `release` runbook, rollbacks of the `rollback` runbook.
+Which entries are releases and which are rollbacks is read through `opsbook.engines.records.ledger`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-RELEASE, ROLLBACK = "release", "rollback"
+from opsbook.engines.records.ledger import RELEASE, ROLLBACK, kind
+
 COLUMNS = ["env", "id", "start", "end", "outcome", "lead_time_h", "failed_change", "restored_at",
            "time_to_restore_h"]
 
@@ -35,11 +36,8 @@ def releases(entries: list[dict[str, Any]]):
     rows = []
     by_env: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
-        # `invoke rollback` writes its record with the release runbook; figures.kind says which.
-        kind = (e.get("figures") or {}).get("kind") if e.get("runbook") == RELEASE else None
-        item = {**e, "runbook": ROLLBACK} if kind == ROLLBACK else e
-        if item.get("runbook") in (RELEASE, ROLLBACK):
-            by_env.setdefault(item.get("env", "?"), []).append(item)
+        if kind(e) in (RELEASE, ROLLBACK):
+            by_env.setdefault(e.get("env", "?"), []).append({**e, "runbook": kind(e)})
     for env, items in sorted(by_env.items()):
         items.sort(key=lambda e: e.get("start", ""))
         for i, e in enumerate(items):

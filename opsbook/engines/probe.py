@@ -32,7 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from opsbook.errors import OpsbookError
+from opsbook.core.errors import OpsbookError
+from opsbook.core.inventory import Env
 
 OK, FAILED, CLIENT_ERROR, SKIPPED = "ok", "failed", "client_error", "skipped"
 WRITE, READ, PING = "write", "read", "ping"
@@ -80,7 +81,7 @@ def _stats(samples: list[Sample]) -> dict[str, Any]:
 
 
 @dataclass
-class ProbeReport:
+class ProbeResults:
     base_url: str
     started_at: float                        # epoch seconds
     duration_s: float
@@ -253,7 +254,7 @@ class ProbeReport:
 
 
 class Probe:
-    """Steady traffic against ``base_url``; ``start()``, ``mark(phase)``, ``stop() -> ProbeReport``."""
+    """Steady traffic against ``base_url``; ``start()``, ``mark(phase)``, ``stop() -> ProbeResults``."""
 
     def __init__(self, base_url: str, rate: float = 20.0, *, mix: dict[str, float] | None = None,
                  courses: int = 3, batch_size: int = 3, senders: int = 8, timeout: float = 5.0,
@@ -283,7 +284,7 @@ class Probe:
         self._stopped_by = "stop()"
         self._ended: float | None = None
         self.courses: list[str] = []
-        self._report: ProbeReport | None = None
+        self._report: ProbeResults | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, phase: str = "before") -> Probe:
@@ -335,7 +336,7 @@ class Probe:
     def _now(self) -> float:
         return time.monotonic() - self._t0
 
-    def report(self) -> ProbeReport:
+    def results(self) -> ProbeResults:
         """The figures so far (acknowledged writes not verified yet); the probe keeps running."""
         with self._lock:
             samples = list(self._samples)
@@ -343,10 +344,10 @@ class Probe:
             now = self._ended if self._ended is not None else self._now()
             phases = [(name, start, self._phases[i + 1][1] if i + 1 < len(self._phases) else now)
                       for i, (name, start) in enumerate(self._phases)]
-        return ProbeReport(self.base_url, self._wall0, now, samples, phases, acknowledged, None,
+        return ProbeResults(self.base_url, self._wall0, now, samples, phases, acknowledged, None,
                            stopped_by=self._stopped_by)
 
-    def stop(self, verify: bool = True) -> ProbeReport:
+    def stop(self, verify: bool = True) -> ProbeResults:
         """Stop sending, wait for requests in flight, verify acknowledged writes; the report."""
         if self._report is not None:
             return self._report
@@ -356,7 +357,7 @@ class Probe:
         with self._lock:
             if self._ended is None:
                 self._ended = self._now()
-        report = self.report()
+        report = self.results()
         if verify:
             try:
                 report.missing_acknowledged_writes = self._verify()
@@ -527,7 +528,7 @@ def _response(response_uuid: str, course: str) -> dict[str, Any]:
     }
 
 
-def probe_url(env) -> str:
+def probe_url(env: Env) -> str:
     """Where a release's probe sends traffic: ``opsbook_probe_url``, else the first `lb` host."""
     url = env.var("opsbook_probe_url", None)
     if url:
@@ -540,20 +541,15 @@ def probe_url(env) -> str:
     return f"http://{lbs[0].address}:{port}"
 
 
-def probe_for(env, **overrides: Any) -> Probe:
-    """A Probe for an environment (a name or an Env), configured from its inventory."""
-    from opsbook.inventory import load
-
-    e = load(env) if isinstance(env, str) else env
+def probe_for(env: Env, **overrides: Any) -> Probe:
+    """A Probe for an environment, configured from its inventory."""
+    e = env
     kwargs: dict[str, Any] = {"rate": float(e.var("opsbook_probe_rate", 20)),
                               "max_seconds": float(e.var("opsbook_probe_max_seconds", 3600))}
     kwargs.update(overrides)
     return Probe(probe_url(e), **kwargs)
 
 
-def slo_for(env) -> dict[str, Any]:
+def slo_for(env: Env) -> dict[str, Any]:
     """The environment's release SLO (``opsbook_release_slo``)."""
-    from opsbook.inventory import load
-
-    e = load(env) if isinstance(env, str) else env
-    return dict(e.var("opsbook_release_slo", {"max_failed_requests": 0, "max_p99_ms": 2000}))
+    return dict(env.var("opsbook_release_slo", {"max_failed_requests": 0, "max_p99_ms": 2000}))

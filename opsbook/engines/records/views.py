@@ -7,7 +7,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from opsbook.record_store import Store
+from opsbook.core.inventory import Env
+from opsbook.engines.records import ledger
+from opsbook.engines.records.store import Store, store_for
 
 
 def _duration(e: dict[str, Any]) -> str:
@@ -89,26 +91,14 @@ def write_index(store: Store, entries: list[dict[str, Any]], title: str) -> str:
 
 
 # -- what the Invoke tasks call ----------------------------------------------------------------
-def _env_store(env: str):
-    from opsbook import inventory
-    from opsbook.record_store import store_for
-
-    return store_for(inventory.load(env))
+def list_cli(env: Env, runbook: str | None = None, outcome: str | None = None, since: str | None = None) -> str:
+    return table(ledger.select(store_for(env).ledger(), env=env.name, runbook=runbook, outcome=outcome, since=since))
 
 
-def list_cli(
-    env: str, runbook: str | None = None, outcome: str | None = None, since: str | None = None
-) -> str:
-    from opsbook.record_store import select
-
-    store = _env_store(env)
-    return table(select(store.ledger(), env=env, runbook=runbook, outcome=outcome, since=since))
+def show_cli(env: Env, record_id: str) -> str:
+    return show(store_for(env), record_id)
 
 
-def show_cli(env: str, record_id: str) -> str:
-    return show(_env_store(env), record_id)
-
-
-def index_cli(env: str) -> str:
-    store = _env_store(env)
-    return write_index(store, store.ledger(), f"{env} records")
+def index_cli(env: Env) -> str:
+    store = store_for(env)
+    return write_index(store, store.ledger(), f"{env.name} records")

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opsbook.migrations.spec import (
+from opsbook.engines.migrations.spec import (
     PHASES,
     RAW_NOTX,
     TX,

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opsbook.migrations import guards, linting, spec
-from opsbook.migrations.guards import APP_NAME, Settings
-from opsbook.migrations.measure import BatchStat, LockSampler, RunResult, StepResult, ThrottleEvent
-from opsbook.migrations.spec import (
+from opsbook.engines.migrations import guards, linting, spec
+from opsbook.engines.migrations.guards import APP_NAME, Settings
+from opsbook.engines.migrations.measure import BatchStat, LockSampler, RunResult, StepResult, ThrottleEvent
+from opsbook.engines.migrations.spec import (
     BACKFILL,
     DROP_INDEX,
     INDEX,
@@ -109,6 +109,37 @@ class Plan:
     refused: dict[str, dict[str, str]] = field(default_factory=dict)  # migration -> {host: version}
     not_expanded: list[str] = field(default_factory=list)  # contract asked before expand
     findings: list[linting.Finding] = field(default_factory=list)
+    requires: dict[str, str] = field(default_factory=dict)  # migration -> contract_requires_version
+
+    @property
+    def blocking_hosts(self) -> list[str]:
+        return sorted({h for hosts in self.refused.values() for h in hosts})
+
+    @property
+    def blocking_versions(self) -> dict[str, str]:
+        return {h: v for hosts in self.refused.values() for h, v in hosts.items()}
+
+    @property
+    def gate_allows(self) -> bool:
+        return not (self.refused or self.not_expanded)
+
+    def gate_verdict(self) -> str:
+        """The contract gate's verdict in one sentence an operator can act on (the only wording of
+        it: the dry run, the runbook, the engine's refusal and the records all use this)."""
+        if self.phase != "contract":
+            return "contract gate: not applicable (expand keeps every version working)"
+        if self.not_expanded:
+            return (f"contract gate: REFUSED: the expand phase of {', '.join(self.not_expanded)} has not run. "
+                    "Nothing was changed; run the expand phase (and release) first.")
+        if self.refused:
+            why = "; ".join(
+                f"{m} needs >= {self.requires.get(m, '?')} but " + ", ".join(f"{h} serves {v}" for h, v in hs.items())
+                for m, hs in self.refused.items()
+            )
+            return (f"contract gate: REFUSED, blocked by {', '.join(self.blocking_hosts)}: refusing the contract "
+                    f"phase ({why}). Nothing was changed. Finish rolling the fleet to the new version, then "
+                    "rerun the contract.")
+        return "contract gate: allowed: no app host serves a version older than a pending contract needs"
 
     @property
     def pending(self) -> list[PlannedStep]:
@@ -124,9 +155,8 @@ class Plan:
             lines.append(f"  [{mark}] {s.migration} #{s.index} {s.key} ({s.kind})")
             if not s.done:
                 lines += [f"      {line}" for sql in s.sql for line in sql.splitlines()]
-        for m, hosts in self.refused.items():
-            lines.append(f"  REFUSED {m} contract: hosts on older versions: {hosts}")
-        lines += [f"  REFUSED {m} contract: its expand has not run" for m in self.not_expanded]
+        if self.phase == "contract":
+            lines.append(self.gate_verdict())
         return "\n".join(lines)
 
 
@@ -167,6 +197,7 @@ def _build_plan(conn, migrations: list[Migration], phase: str, fleet_versions) -
                 old = guards.contract_gate(m.contract_requires_version, fleet_versions)
                 if old:
                     p.refused[m.id] = old
+                    p.requires[m.id] = m.contract_requires_version
         for i, s in enumerate(steps, 1):
             recorded = done.get((m.id, phase, i))
             if recorded is not None and recorded != step_checksum(s):
@@ -551,21 +582,8 @@ def run(
     progress = progress or _noop
     p = plan(conninfo, directory, phase, fleet_versions)  # validates, lints, gates: raises before any change
     linting.refuse_unaccepted(p.findings)
-    if p.not_expanded:
-        raise MigrationError(
-            f"refusing the contract of {p.not_expanded}: their expand phase has not run. "
-            "Nothing was changed; run the expand phase (and deploy) first."
-        )
-    if p.refused:
-        hosts = "; ".join(
-            f"{m} needs {spec_req} but " + ", ".join(f"{h} serves {v}" for h, v in hs.items())
-            for m, hs in p.refused.items()
-            for spec_req in [_requires(directory, m)]
-        )
-        raise MigrationError(
-            f"refusing the contract phase: app hosts still serve versions older than it requires: {hosts}. "
-            "Nothing was changed. Finish rolling the fleet to the new version, then rerun the contract."
-        )
+    if not p.gate_allows:
+        raise MigrationError(p.gate_verdict())
     migrations = [m for m in spec.load_migrations(directory) if only is None or m.id in only]
     result = RunResult(phase)
     t0 = time.monotonic()
@@ -590,10 +608,6 @@ def run(
     return result
 
 
-def _requires(directory: Path, mid: str) -> str:
-    return next(m.contract_requires_version for m in spec.load_migrations(directory) if m.id == mid) or "?"
-
-
 @dataclass(frozen=True)
 class PendingContract:
     migration: str
@@ -606,16 +620,18 @@ class PendingContract:
         return f"{self.migration} ({self.description}): {self.steps} step(s), runs {need}"
 
 
-def pending_contracts(conninfo: str, directory: Path) -> list[PendingContract]:
+def pending_contracts(conn, directory: Path) -> list[PendingContract]:
     """Migrations whose expand phase is applied and whose contract phase (with steps) is not, in
-    order: what `invoke migrate --phase contract` would run once the fleet allows it. Read-only."""
-    import psycopg
+    order: what `invoke migrate --phase contract` would run once the fleet allows it. Read-only.
+    `conn` is an open connection (or a conninfo string, for a caller without one)."""
+    if isinstance(conn, str):
+        import psycopg
 
-    migrations = spec.load_migrations(directory)
-    with psycopg.connect(conninfo, autocommit=True, application_name=APP_NAME) as conn:
-        applied = _applied(conn)
+        with psycopg.connect(conn, autocommit=True, application_name=APP_NAME) as c:
+            return pending_contracts(c, directory)
+    applied = _applied(conn)
     out = []
-    for m in migrations:
+    for m in spec.load_migrations(directory):
         if (m.id, "expand") in applied and (m.id, "contract") not in applied:
             steps = spec.compile_phase(m, "contract")
             if steps:

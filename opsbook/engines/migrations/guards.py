@@ -6,10 +6,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from opsbook.migrations.spec import MigrationError
+from opsbook.engines.migrations.spec import MigrationError
 
 APP_NAME = "opsbook-migrate"  # every engine connection says so; guards and the sampler skip it
 
@@ -37,6 +37,58 @@ class Settings:
     max_throttle_wait_s: float = 600.0  # give up (checkpointed) after throttling this long in a row
     batch_pause_s: float = 0.0  # breathing room between batches
     sample_interval_s: float = 0.2  # lock-wait sampler
+
+    # The knobs are defined here and nowhere else: the migrate runbook takes them as one `settings`
+    # mapping (a missing name keeps the default above) and `invoke migrate --param NAME=VALUE`
+    # sets one by its field name.
+    @classmethod
+    def knobs(cls) -> dict[str, str]:
+        """Every knob's name -> its type as written above (`int`, `float`, `int | None`, ...)."""
+        return {f.name: str(f.type) for f in fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, given: dict[str, Any] | None) -> Settings:
+        """Settings from a mapping of knob names; refuses unknown names and wrong types. For a knob
+        that can be off (typed `... | None`), None or 0 turns it off."""
+        knobs = cls.knobs()
+        values: dict[str, Any] = {}
+        problems = []
+        for name, value in (given or {}).items():
+            kind = knobs.get(name)
+            if kind is None:
+                problems.append(f"unknown migration setting {name!r}")
+                continue
+            optional = kind.endswith("| None")
+            base = kind.split("|")[0].strip()
+            converted = None if value is None else _knob_value(base, value)
+            if converted is _BAD:
+                problems.append(f"{name} must be {base}, got {value!r}")
+                continue
+            if converted is None or (optional and converted == 0):
+                if not optional:
+                    problems.append(f"{name} cannot be turned off")
+                    continue
+                converted = None
+            values[name] = converted
+        if problems:
+            raise MigrationError("; ".join(problems) + f". Nothing was run. Settings are: {', '.join(knobs)}.")
+        return cls(**values)
+
+
+_BAD = object()
+
+
+def _knob_value(base: str, value: Any) -> Any:
+    """A knob's value converted to its type (`int`, `float`, `str`), or _BAD."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or base not in ("int", "float", "str"):
+        return _BAD
+    try:
+        if base == "int":
+            number = float(value)
+            return int(number) if number.is_integer() else _BAD
+        return float(value) if base == "float" else str(value)
+    except ValueError:
+        return _BAD
 
 
 def backoff_delays(s: Settings) -> list[float]:

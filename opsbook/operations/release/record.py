@@ -1,6 +1,6 @@
 """What the release and rollback records show. `runbooks/release.ipynb` renders a release's
-data (written by opsbook.release as JSON) with these functions, so the record is a notebook
-like every other operation's."""
+data (written by steps.py as JSON) with these functions, so the record is a notebook like every
+other operation's. The phases it shows are the ones plan.PHASES describes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from opsbook.errors import OpsbookError
+from opsbook.core.errors import OpsbookError
+from opsbook.operations.release.plan import PHASES
 
 
 class ReleaseFailed(OpsbookError):
@@ -46,7 +47,13 @@ def plan_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def phase_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"phase": k, "seconds": round(v, 1)} for k, v in data.get("phases", {}).items()]
+    """Every phase the plan named, in order, with what it does (plan.PHASES) and the seconds it
+    took; a phase the release did not reach says so."""
+    took = data.get("phases", {})
+    planned = list(data["plan"].get("phases") or []) or list(took)
+    planned += [p for p in took if p not in planned]
+    return [{"phase": p, "seconds": round(took[p], 1) if p in took else None,
+             "ran": "yes" if p in took else "not reached", "what it does": PHASES.get(p, "")} for p in planned]
 
 
 def batch_rows(data: dict[str, Any]) -> list[dict[str, Any]]:

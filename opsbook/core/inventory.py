@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opsbook import ROOT
-from opsbook.errors import OpsbookError
-
-INVENTORIES = ROOT / "inventories"
+from opsbook.core.errors import OpsbookError
+from opsbook.core.paths import INVENTORIES, PLAYBOOKS
 
 
 class UnknownEnvironment(OpsbookError):
@@ -66,7 +64,7 @@ class Env:
         # the implicit localhost belongs to no other group, so it sees exactly those.
         raw = dict(self._varman.get_vars(host=self._inventory.get_host("localhost"), include_hostvars=False))
         raw["inventory_dir"] = str(self.path)
-        raw.setdefault("playbook_dir", str(ROOT / "playbooks"))
+        raw.setdefault("playbook_dir", str(PLAYBOOKS))
         return raw
 
     def _render(self, value: Any, variables: dict[str, Any]) -> Any:

@@ -21,11 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from opsbook import ROOT
-from opsbook.errors import OpsbookError
+from opsbook.core import facts
+from opsbook.core.errors import OpsbookError
+from opsbook.core.paths import APP, DIST, ROOT
 
-APP = ROOT / "app"
-DIST = ROOT / "dist"
 NAME = "bl-api"
 VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+_-]{0,63}$")
 
@@ -79,21 +78,12 @@ def app_version() -> str:
     return m.group(1)
 
 
-def git_sha(short: bool = False) -> str:
-    args = ["git", "rev-parse", "--short=10" if short else "--verify", "HEAD"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
-    return proc.stdout.strip() or "unknown"
-
-
 def default_version() -> str:
     """The app's version plus the commit, and a content hash when app/ has uncommitted changes."""
-    version = f"{app_version()}+g{git_sha(short=True)}"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "app"], cwd=ROOT, capture_output=True,
-                           text=True, check=False).stdout.strip()
-    if dirty:
-        diff = subprocess.run(["git", "diff", "HEAD", "--", "app"], cwd=ROOT, capture_output=True,
-                              check=False).stdout
-        version += f".dirty{hashlib.sha256(diff + dirty.encode()).hexdigest()[:8]}"
+    version = f"{app_version()}+g{facts.git_sha(short=True)}"
+    changes = facts.uncommitted_changes("app")
+    if changes:
+        version += f".dirty{hashlib.sha256(changes).hexdigest()[:8]}"
     return version
 
 
@@ -167,7 +157,7 @@ def build(version: str | None = None, log=print, source: Path = APP) -> Artifact
         manifest = {
             "name": NAME,
             "version": version,
-            "git_sha": git_sha(),
+            "git_sha": facts.git_sha(),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "files": files,

@@ -17,10 +17,7 @@ parameter has default ``None`` and a comment starting with "required".
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,10 +28,11 @@ from typing import Any
 
 import yaml
 
-from opsbook import ROOT
-from opsbook.errors import OpsbookError
+from opsbook.core import facts
+from opsbook.core.errors import OpsbookError
+from opsbook.core.inventory import Env
+from opsbook.core.paths import ROOT, RUNBOOKS
 
-RUNBOOKS = ROOT / "runbooks"
 INJECTED = ("env", "record_id", "parent_record_id")
 KERNEL = "python3"
 
@@ -180,26 +178,6 @@ def _bool(text: str) -> bool:
     return lowered in ("true", "yes", "1")
 
 
-# -- facts for the ledger ------------------------------------------------------------------
-def git_sha() -> str:
-    """The commit of the opsbook that ran, with `-dirty` when tracked files were changed."""
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty else sha
-
-
-def operator() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
 def render_html(nb) -> bytes:
     from nbconvert import HTMLExporter
 
@@ -281,7 +259,7 @@ def run(
 ) -> dict[str, Any]:
     """Run a runbook for an environment and store its record. Returns the ledger entry.
 
-    `env` is an environment name or an `opsbook.inventory.Env`. The store defaults to the one
+    `env` is the environment (`opsbook.core.inventory.Env`). The store defaults to the one
     the environment names (`opsbook_record_store`), the secrets to every `vault_*` value it
     knows. Raises RunbookError (nothing ran, nothing stored) or RunbookFailed (record stored).
 
@@ -290,9 +268,9 @@ def run(
     """
     import nbformat
 
-    from opsbook.record_store import check_record_id, new_record_id, store_for
-    from opsbook.records import figures_in
-    from opsbook.redact import Redactor
+    from opsbook.core.redaction import Redactor
+    from opsbook.engines.records.figures import figures_in
+    from opsbook.engines.records.store import check_record_id, new_record_id, store_for
 
     path = path_of(name, runbooks_dir)
     declared = parameters(name, runbooks_dir)
@@ -300,13 +278,9 @@ def run(
     if parent_record_id is not None:
         check_record_id(parent_record_id)
 
-    env_name = env if isinstance(env, str) else env.name
-    if store is None or secrets is None:
-        from opsbook import inventory
-
-        env_obj = inventory.load(env) if isinstance(env, str) else env
-        store = store if store is not None else store_for(env_obj)
-        secrets = secrets if secrets is not None else env_obj.secret_values()
+    env_name = env.name
+    store = store if store is not None else store_for(env)
+    secrets = secrets if secrets is not None else env.secret_values()
     store.check()
     redactor = Redactor(secrets)
 
@@ -328,8 +302,8 @@ def run(
         "runbook": name,
         "env": env_name,
         "parameters": redactor.obj(given),
-        "operator": operator(),
-        "git_sha": git_sha(),
+        "operator": facts.operator(),
+        "git_sha": facts.git_sha_dirty(),
         "start": start.isoformat(timespec="seconds"),
         "end": end.isoformat(timespec="seconds"),
         "duration_s": round(duration, 3),
@@ -367,7 +341,7 @@ def describe(runbooks_dir: Path | None = None) -> str:
     return "\n".join(lines) or f"no runbooks in {runbooks_dir or RUNBOOKS}"
 
 
-def run_cli(name: str, env: str, pairs: list[str] | None = None, parent: str | None = None) -> dict:
+def run_cli(name: str, env: Env, pairs: list[str] | None = None, parent: str | None = None) -> dict:
     """`invoke runbook NAME -p key=value`: the values are converted by the declared types."""
     declared = parameters(name)
     return run(name, env, parse_cli_parameters(name, declared, pairs or []), parent_record_id=parent)

@@ -17,12 +17,13 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from opsbook import ROOT
-from opsbook.errors import OpsbookError
-from opsbook.inventory import Env, load
+from opsbook.core.errors import OpsbookError
+from opsbook.core.inventory import Env
+from opsbook.core.paths import ROOT
 
 LABEL = "opsbook.lab"
 CONTAINERS_CONF = ROOT / "lab" / "containers.conf"
@@ -72,13 +73,9 @@ def image_name() -> str:
     return f"localhost/opsbook-lab:{hashlib.sha256(spec).hexdigest()[:12]}"
 
 
-def _lab(env: Env | None) -> Env:
-    """The lab environment (tests may pass another lab-kind inventory)."""
-    return env or load("lab")
-
-
-def lab_dir(env: Env | None = None) -> Path:
-    return Path(_lab(env).var("opsbook_lab_dir")).resolve()
+def lab_dir(env: Env) -> Path:
+    """Where the lab keeps its SSH key, generated secrets and image build (`opsbook_lab_dir`)."""
+    return Path(env.var("opsbook_lab_dir")).resolve()
 
 
 def debian_mirror() -> str:
@@ -97,7 +94,7 @@ def debian_mirror() -> str:
 
 
 # --- the image ----------------------------------------------------------------------------
-def ensure_image(rebuild: bool = False) -> str:
+def ensure_image(env: Env, rebuild: bool = False) -> str:
     """Bake the host image (debootstrap + podman import) unless a matching one is cached."""
     name = image_name()
     if not rebuild and podman("image", "exists", name, check=False).returncode == 0:
@@ -105,7 +102,7 @@ def ensure_image(rebuild: bool = False) -> str:
     if not shutil.which("debootstrap"):
         raise LabError("debootstrap is not installed; run `./run invoke lab.image` (it installs it). "
                        "Nothing was changed.")
-    build = lab_dir() / "image-build"
+    build = lab_dir(env) / "image-build"
     rootfs = build / "rootfs"
     if build.exists():
         shutil.rmtree(build)
@@ -177,12 +174,11 @@ class LabHost:
     container: str
 
 
-def hosts(env: Env | None = None) -> list[LabHost]:
-    return [LabHost(h.name, h.address, f"opsbook-lab-{h.name}") for h in _lab(env).hosts()]
+def hosts(env: Env) -> list[LabHost]:
+    return [LabHost(h.name, h.address, f"opsbook-lab-{h.name}") for h in env.hosts()]
 
 
-def network(env: Env | None = None) -> tuple[str, str, str]:
-    env = _lab(env)
+def network(env: Env) -> tuple[str, str, str]:
     return env.var("opsbook_lab_network"), env.var("opsbook_lab_subnet"), env.var("opsbook_lab_gateway")
 
 
@@ -212,9 +208,9 @@ def _remove(container: str) -> None:
                    f"try `podman rm -f {container}` by hand, then `invoke lab.up` again.")
 
 
-def ensure_keys_and_secrets() -> tuple[Path, bool]:
+def ensure_keys_and_secrets(env: Env) -> tuple[Path, bool]:
     """The lab's SSH key and generated secrets under .lab/ (0600). Returns (key, changed)."""
-    base = lab_dir()
+    base = lab_dir(env)
     changed = False
     (base / "ssh").mkdir(parents=True, exist_ok=True, mode=0o700)
     key = base / "ssh" / "id_ed25519"
@@ -225,7 +221,7 @@ def ensure_keys_and_secrets() -> tuple[Path, bool]:
     key.chmod(0o600)
     secrets_dir = base / "secrets"
     secrets_dir.mkdir(exist_ok=True, mode=0o700)
-    for name in load("lab").secret_names():
+    for name in env.secret_names():
         f = secrets_dir / name.removeprefix("vault_")
         if not f.exists():
             fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -236,7 +232,7 @@ def ensure_keys_and_secrets() -> tuple[Path, bool]:
     return key, changed
 
 
-def _ensure_network(dry_run: bool, env: Env | None = None) -> bool:
+def _ensure_network(env: Env, dry_run: bool) -> bool:
     name, subnet, gateway = network(env)
     if podman("network", "exists", name, check=False).returncode == 0:
         info = json.loads(podman("network", "inspect", name).stdout)[0]
@@ -269,34 +265,37 @@ def _ensure_network(dry_run: bool, env: Env | None = None) -> bool:
     return True
 
 
-def up(dry_run: bool = False, env: Env | None = None) -> bool:
+def up(env: Env, dry_run: bool = False) -> bool:
     """Make the lab match the inventory. Returns True when something changed."""
     podman("version", "--format", "{{.Client.Version}}")   # fails clearly without podman
-    changed = _ensure_network(dry_run, env)
+    changed = _ensure_network(env, dry_run)
     if dry_run:
-        for h in hosts():
+        for h in hosts(env):
             info = _inspect(h.container)
             state = "running" if info and _is_live(info) else ("stale" if info else "absent")
             if state != "running":
                 log(f"would (re)create {h.name} at {h.address} ({state})")
         return changed
-    image = ensure_image()
-    key, secrets_changed = ensure_keys_and_secrets()
+    image = ensure_image(env)
+    key, secrets_changed = ensure_keys_and_secrets(env)
     changed |= secrets_changed
     pub = key.with_suffix(".pub").read_bytes()
-    net_name = network()[0]
-    for h in hosts():
-        info = _inspect(h.container)
+    net_name = network(env)[0]
+    lab_hosts = hosts(env)
+    infos = {h.name: _inspect(h.container) for h in lab_hosts}
+    answering = _answering([h for h in lab_hosts if infos[h.name] and _is_live(infos[h.name])], key)
+    for h in lab_hosts:
+        info = infos[h.name]
         if info and _is_live(info):
             if info.get("Image") and info.get("ImageName") not in (image, None):
                 log(f"{h.name}: runs an older image ({info.get('ImageName')}); `invoke lab.down && "
                     f"invoke lab.up` moves it to {image}")
-            if ssh_answers(h.address, key, timeout=3):
+            if h.name in answering:
                 continue
             # Running, but made by another checkout with another key: give it ours. A host that
             # still does not answer is stale in a way podman cannot see (its pid was reused).
             try:
-                _install_key(h, pub)
+                _install_key(env, h, pub)
                 if ssh_answers(h.address, key, timeout=5):
                     log(f"{h.name}: installed this checkout's SSH key")
                     changed = True
@@ -309,18 +308,26 @@ def up(dry_run: bool = False, env: Env | None = None) -> bool:
         podman("create", "--name", h.container, "--hostname", h.name, "--network", net_name,
                "--ip", h.address, "--privileged", "--label", f"{LABEL}=1", "--label", f"opsbook.host={h.name}",
                image, "/sbin/init")
-        _install_key(h, pub)
+        _install_key(env, h, pub)
         podman("start", h.container)
         log(f"{h.name}: started at {h.address}")
         changed = True
-    wait_for_ssh(key)
-    if not changed:
+    if changed:
+        wait_for_ssh(env, key)
+    else:
         log("lab is up; nothing changed")
     return changed
 
 
-def _install_key(h: LabHost, pub: bytes) -> None:
-    authorized = lab_dir() / "ssh" / "authorized_keys"
+def _answering(live: list[LabHost], key: Path) -> set[str]:
+    """Names of the hosts that answer SSH, all asked at once (one round trip for the fleet)."""
+    with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
+        answers = pool.map(lambda h: ssh_answers(h.address, key, timeout=3), live)
+        return {h.name for h, ok in zip(live, answers, strict=True) if ok}
+
+
+def _install_key(env: Env, h: LabHost, pub: bytes) -> None:
+    authorized = lab_dir(env) / "ssh" / "authorized_keys"
     authorized.write_bytes(pub)
     authorized.chmod(0o600)
     podman("cp", str(authorized), f"{h.container}:/root/.ssh/authorized_keys")
@@ -343,9 +350,9 @@ def _port_open(address: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def wait_for_ssh(key: Path, timeout: float = 90) -> None:
+def wait_for_ssh(env: Env, key: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
-    waiting = list(hosts())
+    waiting = list(hosts(env))
     while waiting and time.monotonic() < deadline:
         waiting = [h for h in waiting if not (_port_open(h.address, 22) and ssh_answers(h.address, key))]
         if waiting:
@@ -356,7 +363,7 @@ def wait_for_ssh(key: Path, timeout: float = 90) -> None:
                        f"look with `invoke lab.status` and `podman logs opsbook-lab-<host>`.")
 
 
-def down(dry_run: bool = False) -> None:
+def down(env: Env, dry_run: bool = False) -> None:
     """Remove the lab's hosts and network (those labelled as ours); keep the image and .lab/."""
     listed = podman("ps", "-a", "--filter", f"label={LABEL}=1", "--format", "{{.Names}}").stdout.decode().split()
     for name in listed:
@@ -365,7 +372,7 @@ def down(dry_run: bool = False) -> None:
         else:
             _remove(name)
             log(f"removed {name}")
-    net_name = network()[0]
+    net_name = network(env)[0]
     if podman("network", "exists", net_name, check=False).returncode == 0:
         info = json.loads(podman("network", "inspect", net_name).stdout)[0]
         if (info.get("labels") or {}).get(LABEL) != "1":
@@ -379,10 +386,10 @@ def down(dry_run: bool = False) -> None:
         log("no lab hosts were running")
 
 
-def status() -> list[dict]:
-    key = lab_dir() / "ssh" / "id_ed25519"
+def status(env: Env) -> list[dict]:
+    key = lab_dir(env) / "ssh" / "id_ed25519"
     rows = []
-    for h in hosts():
+    for h in hosts(env):
         info = _inspect(h.container) if shutil.which("podman") else None
         if info is None:
             state = "absent"
@@ -395,8 +402,8 @@ def status() -> list[dict]:
     return rows
 
 
-def print_status() -> None:
-    rows = status()
+def print_status(env: Env) -> None:
+    rows = status(env)
     print(f"{'host':<8} {'address':<14} {'container':<10} ssh")
     for r in rows:
         print(f"{r['host']:<8} {r['address']:<14} {r['container']:<10} {'answers' if r['ssh'] else 'no'}")

@@ -1,8 +1,6 @@
-"""Records: every runbook run leaves an executed notebook, its HTML rendering and a ledger entry.
-
-A runbook reports its key figures with :func:`report`; the runner finds them in the executed
+"""Key figures of a run: a runbook records them with :func:`record_figures`; the runner finds them in the executed
 notebook and copies them into the ledger entry. Stores (a local directory or an S3 bucket/prefix)
-live in :mod:`opsbook.record_store`; records are written once and never edited.
+live in :mod:`opsbook.engines.records.store`; records are written once and never edited.
 
 This module is imported inside runbook kernels, so it stays light: no boto3, no nbconvert here.
 """
@@ -16,8 +14,8 @@ FIGURES_MIMETYPE = "application/vnd.opsbook.figures+json"
 MAX_FIGURES_BYTES = 16_000  # key figures are a small summary; tables and plots belong in the notebook
 
 
-def report(**figures: Any) -> None:
-    """Report key figures of this run (``report(rows=1000, duration_s=12.5)``).
+def record_figures(**figures: Any) -> None:
+    """Record key figures of this run (``record_figures(rows=1000, duration_s=12.5)``).
 
     They show in the notebook and the runner copies them into the run's ledger entry. Call it
     as often as you like; later values for the same name win. Values must be JSON values
@@ -28,13 +26,13 @@ def report(**figures: Any) -> None:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise TypeError(
-                f"report({name}=...): {value!r} is not a JSON value ({e}); report numbers, strings, "
+                f"record_figures({name}=...): {value!r} is not a JSON value ({e}); report numbers, strings, "
                 "booleans, None, or lists/dicts of those (e.g. float(x), str(ts))"
             ) from None
     blob = json.dumps(figures)
     if len(blob) > MAX_FIGURES_BYTES:
         raise ValueError(
-            f"report(): {len(blob)} bytes of figures; key figures are a small summary "
+            f"record_figures(): {len(blob)} bytes of figures; key figures are a small summary "
             f"(at most {MAX_FIGURES_BYTES} bytes). Show tables and plots in the notebook instead."
         )
     from IPython.display import display

@@ -11,6 +11,8 @@ import shlex
 import subprocess
 from typing import Any
 
+from opsbook.engines import database as database_engine
+
 OK, UNREACHABLE, NOT_PROBED = "ok", "unreachable", "not probed"
 
 
@@ -84,8 +86,7 @@ def http_get(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
 
 def app_versions(env, *, probe: bool = True, timeout: float = 3.0) -> list[dict[str, Any]]:
     """The version each app host serves (GET /version on bl_api_port, as opsbook.fleet asks it)."""
-    from opsbook import fleet
-
+    from opsbook.engines import fleet
     rows = []
     for h in env.hosts("app"):
         url = fleet.version_url(env, h)
@@ -170,13 +171,10 @@ def database(env, *, probe: bool = True, timeout: float = 5.0) -> dict[str, Any]
     if not probe:
         return {"status": NOT_PROBED, "detail": "", "where": where, **empty}
     try:
-        password = env.var("opsbook_db_admin_password")
+        conninfo = database_engine.admin_conninfo(env)
     except Exception:  # noqa: BLE001 - e.g. the lab's secret files do not exist yet
         detail = "the admin password is not available (is the environment up?)"
         return {"status": UNREACHABLE, "detail": detail, "where": where, **empty}
-    from psycopg.conninfo import make_conninfo
-
-    conninfo = make_conninfo(host=address, port=port, dbname=dbname, user=user, password=password)
     return {"where": where, **database_state(conninfo, timeout=timeout)}
 
 
@@ -209,7 +207,7 @@ def summary(host_rows, app_rows, lb_rows, db) -> dict[str, Any]:
 
 def store_from(url: str, env):
     """The store named by a URL, or the environment's own when the URL is empty."""
-    from opsbook.record_store import open_store, store_for
+    from opsbook.engines.records.store import open_store, store_for
 
     return open_store(url) if url else store_for(env)
 

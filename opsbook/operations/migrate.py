@@ -1,26 +1,158 @@
-"""What `runbooks/migrate.ipynb` calls: each section of the runbook is one or two calls here.
+"""The migrate operation: `invoke migrate`, `invoke migrate.lint` and the sections of
+`runbooks/migrate.ipynb`.
+
+`invoke migrate --env E [--phase expand|contract] [--dry-run]`:
+- the database is the environment's service database as the admin role
+  (`opsbook.engines.database.admin_conninfo`); the fleet is what every app host answers on
+  `GET /version` (`opsbook.engines.fleet.served_versions`). A host that does not answer blocks a
+  contract.
+- the real run is the `migrate` runbook, so it leaves a record (plan, preflight, gate, progress,
+  measurements, plot, key figures); `--dry-run` prints the plan, the lint findings and the
+  contract gate's verdict, changes nothing and leaves no record.
+- `--dsn` and `--fleet` are overrides for operators (a database or fleet the inventory does not
+  describe, e.g. a restored copy): `--dsn` never carries a password (it is stored in the record;
+  use PGPASSWORD or ~/.pgpass), `--fleet` is `host=version` pairs and replaces asking the hosts.
+- the engine's knobs (`Settings`: lock timeout, retries, throttle limits) are set by name with
+  `--param NAME=VALUE`; they are defined once, in `opsbook.engines.migrations.guards.Settings`.
 
 The runbook reads like a procedure (plan, preflight, contract gate, run, measurements, key
-figures); the logic lives here so it is tested like the rest of opsbook. Functions print what a
+figures); each of its sections is one or two calls to the functions below, which print what a
 person reading the record needs and return plain values (dataclasses, DataFrames, figures).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opsbook import ROOT
-from opsbook.migrations import engine, guards
-from opsbook.migrations.guards import Settings
-from opsbook.migrations.measure import RunResult
-from opsbook.migrations.spec import PHASES, MigrationError
+from opsbook.core.inventory import Env
+from opsbook.core.paths import APP_MIGRATIONS
+from opsbook.engines import database, fleet
+from opsbook.engines.migrations import engine, guards, linting
+from opsbook.engines.migrations.guards import Settings
+from opsbook.engines.migrations.measure import RunResult
+from opsbook.engines.migrations.spec import PHASES, MigrationError
+from opsbook.engines.records import runner
+from opsbook.engines.records.figures import record_figures
 
-APP_MIGRATIONS = ROOT / "app" / "migrations"
+
+# --- what the Invoke tasks call ----------------------------------------------------------------
+def parse_fleet(text: str | None) -> dict[str, str] | None:
+    """`app1=1.1.0,app2=1.0.3` -> {"app1": "1.1.0", "app2": "1.0.3"}."""
+    if not text:
+        return None
+    out = {}
+    for pair in text.split(","):
+        host, sep, version = pair.strip().partition("=")
+        if not (sep and host and version):
+            raise MigrationError(
+                f"--fleet takes host=version pairs separated by commas, got {pair!r}; nothing was run"
+            )
+        out[host] = version
+    return out
 
 
+def lint_report(directory: Path = APP_MIGRATIONS, out: Callable[[str], None] = print) -> int:
+    """Lint every migration; print accepted findings with their reasons. Raises on any other."""
+    findings = linting.lint(directory)
+    for f in findings:
+        out(str(f))
+    out(
+        f"{len(list(directory.glob('*.y*ml')))} migration file(s) lint clean ({len(findings)} accepted "
+        "finding(s))"
+    )
+    return len(findings)
+
+
+def runbook_parameters(pairs: list[str] | None) -> dict[str, Any]:
+    """`--param NAME=VALUE` pairs -> the migrate runbook's parameters: an engine knob (a Settings
+    field) goes into the `settings` mapping, anything else must be one of the runbook's own
+    parameters (converted by its declared type)."""
+    knobs = Settings.knobs()
+    settings: dict[str, Any] = {}
+    other: list[str] = []
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if sep and name in knobs:
+            settings[name] = None if value.strip().lower() in ("none", "off") else value.strip()
+        else:
+            other.append(pair)
+    params = runner.parse_cli_parameters("migrate", runner.parameters("migrate"), other) if other else {}
+    flagged = {"phase", "dry_run", "dsn_override", "fleet_override", "migrations_dir", "settings"} & set(params)
+    if flagged:
+        raise MigrationError(
+            f"set {', '.join(sorted(flagged))} with its own flag (--phase, --dry-run, --dsn, --fleet) or an engine "
+            f"setting by its name (--param lock_timeout_ms=1000), not as a runbook parameter. Nothing was run."
+        )
+    if settings:
+        # Command-line strings become numbers here (names and types checked by Settings itself, and
+        # again by the runbook before anything runs).
+        converted = asdict(Settings.from_mapping(settings))
+        params["settings"] = {k: converted[k] for k in settings}
+    return params
+
+
+def migrate(
+    env: Env,
+    phase: str = "expand",
+    *,
+    dry_run: bool = False,
+    dsn: str | None = None,
+    fleet: str | None = None,
+    directory: Path = APP_MIGRATIONS,
+    out: Callable[[str], None] = print,
+    pairs: list[str] | None = None,
+) -> dict[str, Any] | engine.Plan:
+    """Dry run: print the plan and the gate's verdict, return the Plan. Otherwise run the `migrate`
+    runbook for `env` and return its ledger entry (RunbookFailed, with the record, on failure).
+    `pairs` (`NAME=VALUE`) set engine knobs and the runbook's other parameters."""
+    if phase not in PHASES:
+        raise MigrationError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}. Nothing was run.")
+    fleet_override = parse_fleet(fleet)
+    if dsn:
+        no_password(dsn, "--dsn")
+    params = runbook_parameters(pairs)
+    if dry_run:
+        return dry_run_plan(env, phase, dsn=dsn, fleet_override=fleet_override, directory=directory, out=out)
+    params |= {"phase": phase, "dsn_override": dsn or "", "fleet_override": fleet_override or {}}
+    if directory != APP_MIGRATIONS:
+        params["migrations_dir"] = str(directory)
+    return runner.run("migrate", env, params, log=out)
+
+
+def dry_run_plan(
+    env: Env,
+    phase: str,
+    *,
+    dsn: str | None = None,
+    fleet_override: dict[str, str] | None = None,
+    directory: Path = APP_MIGRATIONS,
+    out: Callable[[str], None] = print,
+) -> engine.Plan:
+    """The plan (pending steps and their SQL), lint findings and, for a contract, the gate's verdict
+    with every app host's version. Read-only: no change, no record."""
+    conninfo = dsn or database.admin_conninfo(env)
+    versions: dict[str, str | None] = {}
+    if phase == "contract":
+        versions = fleet_override if fleet_override is not None else fleet.served_versions(env)
+    p = engine.plan(conninfo, directory, phase, versions)
+    out(f"dry run: {phase} on {describe_conninfo(conninfo)}; nothing will be changed")
+    out(p.text())
+    for f in p.findings:
+        out(f"  lint: {f}")
+    if phase == "contract":
+        source = "--fleet" if fleet_override is not None else "GET /version"
+        for host, version in sorted(versions.items()):
+            why = getattr(versions, "reasons", {}).get(host, "")
+            out(f"  fleet ({source}): {host} serves {version}" + (f" ({why})" if why else ""))
+    return p
+
+
+# --- what the migrate runbook calls -------------------------------------------------------------
 def no_password(conninfo: str, what: str = "the DSN override") -> None:
     """Refuse a conninfo that carries a password: it would be stored in the run's record."""
     import psycopg
@@ -57,31 +189,6 @@ class Context:
     dry_run: bool = False
 
 
-def settings_from(  # noqa: PLR0917 - one per runbook parameter
-    lock_timeout_ms: int = 2000,
-    retries: int = 5,
-    max_transaction_age_s: float = 60.0,
-    max_idle_in_transaction_s: float = 10.0,
-    max_active_sessions: int = 50,
-    max_replication_lag_s: float = 10.0,
-    max_canary_ms: float = 250.0,
-    batch_pause_s: float = 0.0,
-    sample_interval_s: float = 0.2,
-) -> Settings:
-    """The engine's Settings from runbook parameters; a throttle limit of 0 turns that signal off."""
-    return Settings(
-        lock_timeout_ms=lock_timeout_ms,
-        retries=retries,
-        max_transaction_age_s=max_transaction_age_s,
-        max_idle_in_transaction_s=max_idle_in_transaction_s,
-        max_active_sessions=max_active_sessions or None,
-        max_replication_lag_s=max_replication_lag_s or None,
-        max_canary_ms=max_canary_ms or None,
-        batch_pause_s=batch_pause_s,
-        sample_interval_s=sample_interval_s,
-    )
-
-
 def prepare(
     env: str,
     phase: str,
@@ -89,13 +196,14 @@ def prepare(
     dsn_override: str = "",
     fleet_override: dict | None = None,
     migrations_dir: str = "",
-    settings: Settings | None = None,
+    settings: dict[str, Any] | None = None,
     dry_run: bool = False,
 ) -> Context:
     """Validate the parameters and resolve the database: the override, else the environment's
     service database as the admin role (`opsbook.release.admin_conninfo`)."""
     if phase not in PHASES:
         raise MigrationError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}. Nothing was run.")
+    knobs = Settings.from_mapping(settings)
     for host, version in (fleet_override or {}).items():
         if not isinstance(version, str) or not version:
             raise MigrationError(f"fleet_override: host {host!r} needs a version string, got {version!r}")
@@ -106,14 +214,15 @@ def prepare(
         no_password(dsn_override)
         conninfo = dsn_override
     else:
-        from opsbook import inventory
-        from opsbook.release import admin_conninfo
+        from opsbook.core.inventory import load
 
-        conninfo = admin_conninfo(inventory.load(env))
-    ctx = Context(env, phase, conninfo, describe_conninfo(conninfo), directory, settings or Settings(),
+        conninfo = database.admin_conninfo(load(env))
+    ctx = Context(env, phase, conninfo, describe_conninfo(conninfo), directory, knobs,
                   dict(fleet_override) if fleet_override else None, dry_run)
     source = "override" if dsn_override else f"{env}'s service database"
     print(f"{phase} migrations of {directory} on {ctx.where} ({source}); dry run: {dry_run}")
+    changed = {k: v for k, v in asdict(knobs).items() if v != asdict(Settings())[k]}
+    print(f"engine settings: the defaults{', except ' + str(changed) if changed else ''}")
     return ctx
 
 
@@ -158,25 +267,29 @@ def preflight(ctx: Context):
 class Gate:
     needed: bool
     fleet: dict[str, str | None] | None
-    refused: dict[str, dict[str, str]]  # migration -> {host: version that blocks}
+    plan: engine.Plan | None   # the contract plan the verdict comes from (None: expand)
     source: str
 
     @property
+    def refused(self) -> dict[str, dict[str, str]]:  # migration -> {host: version that blocks}
+        return self.plan.refused if self.plan is not None else {}
+
+    @property
     def blocking_hosts(self) -> list[str]:
-        return sorted({h for hosts in self.refused.values() for h in hosts})
+        return self.plan.blocking_hosts if self.plan is not None else []
 
     @property
     def blocking_versions(self) -> dict[str, str]:
-        return {h: v for hosts in self.refused.values() for h, v in hosts.items()}
+        return self.plan.blocking_versions if self.plan is not None else {}
 
 
 def fleet_versions(ctx: Context, timeout: float = 3.0):
     """The override, else what every app host of the environment serves (GET /version)."""
     if ctx.fleet_override is not None:
         return ctx.fleet_override, "fleet_override parameter"
-    from opsbook import fleet, inventory
+    from opsbook.core.inventory import load
 
-    return fleet.served_versions(inventory.load(ctx.env), timeout=timeout), "GET /version on every app host"
+    return fleet.served_versions(load(ctx.env), timeout=timeout), "GET /version on every app host"
 
 
 def contract_gate(ctx: Context, timeout: float = 3.0) -> Gate:
@@ -187,36 +300,24 @@ def contract_gate(ctx: Context, timeout: float = 3.0) -> Gate:
 
     if ctx.phase != "contract":
         print("expand phase: the contract gate does not apply (expand keeps every version working)")
-        return Gate(False, None, {}, "")
+        return Gate(False, None, None, "")
     versions, source = fleet_versions(ctx, timeout)
     rows = versions.rows() if hasattr(versions, "rows") else [
         {"host": h, "url": "", "version": v, "problem": ""} for h, v in sorted(versions.items())
     ]
     display(pd.DataFrame(rows, columns=["host", "url", "version", "problem"]))
     p = engine.plan(ctx.conninfo, ctx.directory, "contract", fleet_versions=versions)
-    gate = Gate(True, dict(versions), p.refused, source)
-    if p.not_expanded:
-        print(f"not expanded yet (their contract cannot run): {p.not_expanded}")
+    gate = Gate(True, dict(versions), p, source)
+    print(f"{p.gate_verdict()} (fleet: {source})")
     if not gate.refused:
-        print(f"contract allowed: no app host ({source}) serves a version older than a pending contract needs")
         return gate
-    lines = [
-        f"{m}: " + ", ".join(f"{h} serves {v}" for h, v in hosts.items()) for m, hosts in gate.refused.items()
-    ]
-    msg = (
-        f"refusing the contract phase: app hosts {', '.join(gate.blocking_hosts)} serve versions older than "
-        f"it requires ({'; '.join(lines)}). Nothing was changed. Finish rolling the fleet to the new "
-        "version, then rerun the contract."
-    )
     if ctx.dry_run:
-        print(f"dry run: {msg}")
+        print("dry run: the contract would be refused")
         return gate
     # The run stops here, before the cell that reports the run's figures: the record of a refusal
     # still says what was refused and who blocked it.
-    from opsbook.records import report
-
-    report(**figures(ctx, p, None, gate))
-    raise MigrationError(msg)
+    record_figures(**figures(ctx, p, None, gate))
+    raise MigrationError(p.gate_verdict())
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -301,7 +402,7 @@ def plot(result: RunResult | None):
 
 
 def figures(ctx: Context, p: engine.Plan, result: RunResult | None, gate: Gate | None = None) -> dict[str, Any]:
-    """The key figures of the run, for `opsbook.records.report(**figures)`."""
+    """The key figures of the run, for `record_figures(**figures)`."""
     out: dict[str, Any] = {
         "phase": ctx.phase,
         "dry_run": ctx.dry_run,

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from opsbook.errors import OpsbookError
+from opsbook.core.errors import OpsbookError
 
 PHASES = ("expand", "contract")
 FILE_RE = re.compile(r"^(?P<id>\d{4})_(?P<name>[a-z0-9_]+)\.ya?ml$")

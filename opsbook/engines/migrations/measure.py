@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from opsbook.migrations.guards import APP_NAME
+from opsbook.engines.migrations.guards import APP_NAME
 
 SAMPLE_SQL = """
 SELECT a.pid,

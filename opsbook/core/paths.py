@@ -1,0 +1,12 @@
+"""Where things are in this checkout. Named once; everything else imports them from here."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "app"                        # the reference service opsbook builds and deploys
+APP_MIGRATIONS = APP / "migrations"       # the migrations this checkout's service ships
+INVENTORIES = ROOT / "inventories"        # one directory per environment
+PLAYBOOKS = ROOT / "playbooks"
+RUNBOOKS = ROOT / "runbooks"
+HOST_CHECKS = ROOT / "tests" / "infra"    # testinfra suites, also run against real environments
+DIST = ROOT / "dist"                      # built artifacts

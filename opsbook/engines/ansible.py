@@ -1,0 +1,83 @@
+"""The Ansible runner: run a playbook against an environment's inventory, streaming its progress.
+
+A failure raises :class:`PlaybookFailed`, whose message names the failing task and host and the
+lines Ansible printed about it (the release record keeps them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from opsbook.core.errors import OpsbookError
+from opsbook.core.inventory import Env
+from opsbook.core.paths import PLAYBOOKS, ROOT
+
+
+class PlaybookFailed(OpsbookError):
+    """ansible-playbook exited non-zero; the message names the failing tasks and hosts."""
+
+
+def ansible_env() -> dict[str, str]:
+    """The process environment for ansible-playbook and testinfra: this checkout's ansible.cfg, and
+    this virtualenv's tools first on PATH."""
+    env = dict(os.environ)
+    env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
+    env.setdefault("ANSIBLE_FORCE_COLOR", "0")
+    venv_bin = Path(sys.executable).parent
+    env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+    return env
+
+
+def playbook_command(env: Env, playbook: str, *, extra_vars: dict | None = None, check: bool = False,
+                     limit: str | None = None) -> list[str]:
+    cmd = ["ansible-playbook", "-i", str(env.path), str(PLAYBOOKS / playbook)]
+    if extra_vars:
+        cmd += ["-e", json.dumps(extra_vars)]
+    if check:
+        cmd += ["--check", "--diff"]
+    if limit:
+        cmd += ["--limit", limit]
+    return cmd
+
+
+def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, check: bool = False,
+                 limit: str | None = None, what: str = "") -> None:
+    """Run a playbook against an environment, streaming Ansible's progress to the terminal."""
+    cmd = playbook_command(env, playbook, extra_vars=extra_vars, check=check, limit=limit)
+    # Ansible's output streams to the terminal as it comes; the failing task's lines are also
+    # kept, so the error (and the release record) says which host failed and why.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    failures: list[str] = []
+    task = ""
+    keep = 0
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if line.startswith("TASK ["):
+                task = line.strip(" *\n")
+            if line.startswith(("fatal:", "failed:")):
+                failures.append(f"{task}: {line.strip()}")
+                keep = 6
+            elif keep and line.strip():
+                failures.append("    " + line.strip()[:300])
+                keep -= 1
+    except BaseException:
+        # Interrupted while Ansible runs: never leave it switching hosts behind our back.
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    sys.stdout.flush()
+    if proc.wait() != 0:
+        detail = ("\n  " + "\n  ".join(failures[:24])) if failures else ""
+        raise PlaybookFailed(
+            f"{what or playbook} failed on {env.name} (ansible-playbook exit {proc.returncode}){detail}"
+        )

@@ -1,0 +1,79 @@
+"""Reading the ledger: the one place that says which entries are releases, rollbacks, or match an
+operator's filters. Everything that reads the ledger (status, rollback, `invoke records`, the
+release history) reads it through here."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from opsbook.core.errors import OpsbookError
+from opsbook.engines.records.store import OUTCOMES
+
+RELEASE, ROLLBACK = "release", "rollback"
+
+
+def kind(entry: dict[str, Any]) -> str:
+    """What the entry records: its runbook's name, except that `invoke rollback` writes its record
+    with the release runbook, and its figures.kind says so."""
+    runbook = entry.get("runbook", "")
+    if runbook == RELEASE and (entry.get("figures") or {}).get("kind") == ROLLBACK:
+        return ROLLBACK
+    return runbook
+
+
+def releases(entries: list[dict[str, Any]], *, outcome: str | None = None,
+             kinds: tuple[str, ...] = (RELEASE, ROLLBACK)) -> list[dict[str, Any]]:
+    """Release and rollback entries (the release runbook's), oldest first."""
+    out = [e for e in entries if e.get("runbook") == RELEASE and kind(e) in kinds
+           and (outcome is None or e.get("outcome") == outcome)]
+    return sorted(out, key=lambda e: e.get("start", ""))
+
+
+_RELATIVE = re.compile(r"^(\d+)([mhdw])$")
+
+
+def parse_since(since: str | None, now: datetime | None = None) -> datetime | None:
+    """``7d``, ``12h``, ``30m``, ``2w`` or an ISO date/time (UTC unless it says otherwise)."""
+    if not since:
+        return None
+    now = now or datetime.now(UTC)
+    m = _RELATIVE.match(since.strip())
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        return now - timedelta(**{{"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[unit]: n})
+    try:
+        when = datetime.fromisoformat(since.strip())
+    except ValueError:
+        raise OpsbookError(
+            f"--since {since!r}: expected an age (30m, 12h, 7d, 2w) "
+            "or an ISO date (2025-01-31, 2025-01-31T12:00)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def select(
+    entries: list[dict[str, Any]],
+    *,
+    env: str | None = None,
+    runbook: str | None = None,
+    outcome: str | None = None,
+    since: str | datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Ledger entries matching every filter given."""
+    if outcome and outcome not in OUTCOMES:
+        raise OpsbookError(f"--outcome {outcome!r}: outcomes are {', '.join(OUTCOMES)}")
+    cutoff = parse_since(since) if isinstance(since, str) else since
+    out = []
+    for e in entries:
+        if env and e.get("env") != env:
+            continue
+        if runbook and e.get("runbook") != runbook:
+            continue
+        if outcome and e.get("outcome") != outcome:
+            continue
+        if cutoff and datetime.fromisoformat(e["start"]) < cutoff:
+            continue
+        out.append(e)
+    return out

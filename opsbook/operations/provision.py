@@ -1,0 +1,20 @@
+"""Provisioning (`invoke provision`): converge an environment's hosts with playbooks/site.yml."""
+
+from __future__ import annotations
+
+import time
+
+from opsbook.core.inventory import Env
+from opsbook.engines import ansible
+
+
+def provision(env: Env, check: bool = False) -> None:
+    """Converge every host (idempotent: a second run reports changed=0); `check` changes nothing."""
+    if env.kind == "lab":
+        from opsbook.engines import lab
+
+        lab.up(env)   # the lab's hosts must exist before they can be provisioned (no-op when up)
+    t0 = time.monotonic()
+    ansible.run_playbook(env, "site.yml", check=check, what="provisioning")
+    print(f"[opsbook] provisioned {env.name} in {time.monotonic() - t0:.0f}s" + (" (check mode)" if check else ""),
+          flush=True)

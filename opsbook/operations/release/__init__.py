@@ -1,0 +1,66 @@
+"""Release and rollback of an environment (`invoke release`, `invoke rollback`).
+
+A release: guardrails (known env, existing artifact), plan (hosts in batches, the version each
+serves, migrations; plan.py), then under the environment's release lock and a probe driving
+traffic through the load balancer, the phases described in plan.PHASES (steps.py): provision,
+preflight, expand migrations (a child migrate record), stage, the rolling switch batch by batch
+with a gate after each batch, probe read-back, mark good. A batch that fails its health check or
+its gate is returned to the version it had and the release stops. Every release and rollback
+ends with a record (runbooks/release.ipynb, record.py), succeeded or failed.
+"""
+
+from __future__ import annotations
+
+from opsbook.core.errors import OpsbookError
+from opsbook.core.inventory import Env
+from opsbook.engines import artifact, fleet
+from opsbook.engines.records.store import store_for
+from opsbook.operations.release.plan import Plan, batches_of, make_plan
+from opsbook.operations.release.record import ReleaseFailed
+from opsbook.operations.release.steps import execute, log
+
+__all__ = ["Plan", "ReleaseFailed", "batches_of", "make_plan", "previous_good", "release", "rollback"]
+
+
+def release(env: Env, version: str | None = None, *, batch: str | None = None, dry_run: bool = False,
+            wait: int = 0) -> str:
+    """Release `version` (default: the current code, built if missing) to `env`. Returns the version."""
+    art = artifact.find(version) if version else artifact.build()
+    if env.kind == "lab" and not dry_run:
+        from opsbook.engines import lab
+
+        lab.up(env)   # the lab's hosts must exist before they can be released to (no-op when up)
+    plan = make_plan(env, art, kind="release", batch=batch)
+    print(plan.text(), flush=True)
+    if dry_run:
+        log("dry run: nothing was locked or changed")
+        return art.version
+    return execute(env, plan, art, wait=wait)
+
+
+def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_run: bool = False,
+             wait: int = 0) -> str:
+    """Roll `env` back to the newest earlier good release (or `to`). No database change."""
+    current = fleet.served_versions(env)
+    target = to or previous_good(env, exclude={v for v in current.values() if v})
+    if not target:
+        raise OpsbookError(f"no earlier good release of {env.name} is known to roll back to; name one with "
+                           f"--to V (`invoke records --env {env.name} --runbook release`). Nothing was changed.")
+    art = artifact.find(target)
+    plan = make_plan(env, art, kind="rollback", batch=batch)
+    print(plan.text(), flush=True)
+    if dry_run:
+        log("dry run: nothing was locked or changed")
+        return target
+    return execute(env, plan, art, wait=wait)
+
+
+def previous_good(env: Env, exclude: set[str]) -> str | None:
+    """The newest version whose release to this environment succeeded, other than `exclude`."""
+    from opsbook.engines.records import ledger
+
+    for e in reversed(ledger.releases(store_for(env).ledger(), outcome="succeeded")):
+        v = (e.get("figures") or {}).get("version")
+        if v and v not in exclude and artifact.artifact_path(v).exists():
+            return v
+    return None

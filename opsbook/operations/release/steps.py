@@ -1,0 +1,278 @@
+"""Running a release or rollback: under the environment's lock and a probe driving traffic
+through the load balancer, the phases of the plan (plan.PHASES) one after another, a gate after
+each batch, and a record whatever happens."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from opsbook.core import facts
+from opsbook.core.errors import OpsbookError
+from opsbook.core.inventory import Env
+from opsbook.engines import ansible, artifact, database, hostchecks
+from opsbook.engines import lock as locks
+from opsbook.engines import probe as probes
+from opsbook.engines.ansible import PlaybookFailed
+from opsbook.engines.records import runner
+from opsbook.engines.records.store import new_record_id
+from opsbook.operations.release.plan import PHASES, Plan
+from opsbook.operations.release.record import ReleaseFailed
+
+
+def log(msg: str) -> None:
+    print(f"[opsbook] {msg}", flush=True)
+
+
+@dataclass
+class Run:
+    """What a release or rollback did, for its record."""
+
+    plan: Plan
+    record_id: str
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    t0: float = field(default_factory=time.monotonic)
+    phases: dict[str, float] = field(default_factory=dict)
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    migrations: dict[str, Any] = field(default_factory=dict)
+    outcome: str = "failed"
+    reason: str | None = None
+    detail: str | None = None   # the whole error, e.g. the failing Ansible task's output
+    lock: str | None = None
+    probe: dict[str, Any] | None = None
+    probe_plot: str | None = None
+    live_probe: Any = None   # the running Probe, so its samples are labelled with the phase
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        assert name in PHASES, name   # every phase is described once, in plan.PHASES
+        t = time.monotonic()
+        log(f"{name} …")
+        if self.live_probe is not None and name != "rolling switch":   # batches label themselves
+            self.live_probe.mark(name)
+        try:
+            yield
+        finally:
+            self.phases[name] = time.monotonic() - t
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "kind": self.plan.kind, "env": self.plan.env, "version": self.plan.target,
+            "operator": facts.operator(), "git_sha": facts.git_sha(), "commit_time": facts.commit_time(),
+            "started_at": self.started.isoformat(timespec="seconds"), "duration_s": time.monotonic() - self.t0,
+            "artifact": {"file": self.plan.artifact_file, "sha256": self.plan.artifact_sha256},
+            "plan": asdict(self.plan), "phases": self.phases, "batches": self.batches,
+            "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
+            "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot,
+        }
+
+
+def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int) -> str:
+    """Run the plan under the lock and the probe; always leave a record. Returns the version."""
+    run = Run(plan=plan, record_id=new_record_id(plan.kind))
+    slo = probes.slo_for(env)
+    lock = locks.lock_for(env)
+    with lock.hold(f"{plan.kind} {plan.target} (record {run.record_id})", wait=wait) as held:
+        log(held.message)
+        run.lock = held.message
+        probe = probes.probe_for(env)
+        try:
+            if any(plan.current.values()):
+                _start_probe(run, probe, "before", required=False)
+            _steps(env, plan, art, run, held=held, probe=probe, slo=slo)
+            run.outcome = "succeeded"
+        except (OpsbookError, KeyboardInterrupt) as e:
+            run.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            run.detail = str(e)
+            log(f"{plan.kind} FAILED: {run.reason}")
+        finally:
+            if run.live_probe is not None:
+                run.live_probe = None
+                with run.phase("probe read-back"):
+                    results = probe.stop()
+                run.probe = _probe_figures(results)
+                plot = Path(tempfile.mkdtemp(prefix="opsbook-probe-")) / "probe.png"
+                run.probe_plot = str(results.plot(plot, title=f"{plan.kind} {plan.target} to {env.name}"))
+                ok, reasons = results.within(slo)
+                if not ok and run.outcome == "succeeded":
+                    run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
+        if run.outcome == "succeeded":
+            try:
+                with run.phase("mark good"):
+                    ansible.run_playbook(env, "mark-good.yml", what="marking the release good",
+                                         extra_vars={"opsbook_release_version": plan.target})
+            except OpsbookError as e:
+                # Every host switched, but retention does not know the release is good: say so.
+                run.outcome, run.reason, run.detail = "failed", f"marking the release good failed: {e}", str(e)
+    _write_record(env, run)
+    if run.outcome != "succeeded":
+        raise ReleaseFailed(f"{plan.kind} of {plan.target} to {env.name} failed: {run.reason}. "
+                            f"Record {run.record_id} has the details; `invoke status --env {env.name}` shows "
+                            f"what each host serves now.")
+    log(f"{plan.kind} of {plan.target} to {env.name} succeeded in {time.monotonic() - run.t0:.0f}s "
+        f"(record {run.record_id})")
+    return plan.target
+
+
+def _probe_figures(results) -> dict[str, Any]:
+    figs = dict(results.figures())
+    phases = {name: results.phase(name) for name in results.phase_names()}
+    figs["phases"] = phases
+    before = phases.get("before", {})
+    during = [p for n, p in phases.items() if n.startswith("batch")]
+    figs["p99_ms_before"] = before.get("p99_ms")
+    figs["p99_ms_during"] = max((p.get("p99_ms") or 0 for p in during), default=None)
+    return figs
+
+
+def _start_probe(run: Run, probe, phase: str, *, required: bool) -> None:
+    """Start the probe; a service that cannot take the probe's first writes is already down."""
+    try:
+        probe.start(phase)
+    except probes.ProbeError as e:
+        if required:
+            raise ReleaseFailed(f"the service does not take traffic even after the expand migrations, so the "
+                                f"release cannot be judged: {e}") from e
+        log(f"the service does not take traffic before the {run.plan.kind} ({e}); the probe starts after "
+            f"the expand migrations")
+        return
+    run.live_probe = probe
+    time.sleep(2)   # a baseline of what users feel before anything changes
+
+
+def _preflight(env: Env, plan: Plan) -> None:
+    # Everything but what the release itself converges (services up, hosts in rotation): a host
+    # left out of rotation by a failed release is what the next release is there to fix.
+    hostchecks.run_host_checks(env, extra=["-m", "not converges"])
+    try:
+        with database.Admin(env) as db:
+            blocking = db.blocking_sessions()
+    except database.DatabaseUnreachable as e:
+        if any(plan.current.values()):
+            raise ReleaseFailed(f"preflight: {e}") from e
+        blocking = []
+    if blocking:
+        raise ReleaseFailed("preflight: sessions that would block migrations: "
+                            + "; ".join(str(b) for b in blocking))
+
+
+def _expand(env: Env, art: artifact.Artifact, run: Run) -> None:
+    """The artifact's pending expand phases, run by the migrate runbook as a child record of the
+    release (its lock waits and batch throughput are measured and kept there)."""
+    with tempfile.TemporaryDirectory(prefix="opsbook-migrations-") as tmp, database.Admin(env) as db:
+        mig_dir = art.extract_migrations(Path(tmp))
+        pending = db.pending(mig_dir).expand
+        applied: list[str] = []
+        child = None
+        if pending:
+            try:
+                entry = runner.run("migrate", env, {"phase": "expand", "migrations_dir": str(mig_dir)},
+                                   parent_record_id=run.record_id, progress=False,
+                                   log=lambda m: log(f"migrate: {m}"))
+            except runner.RunbookFailed as e:
+                run.migrations = {"applied": [], "record": e.entry["id"], "error": e.entry.get("error")}
+                raise ReleaseFailed(f"expand migrations failed: {e.entry.get('error')} (record "
+                                    f"{e.entry['id']})") from e
+            applied, child = list(entry["figures"].get("applied") or []), entry["id"]
+        contracts = db.pending(mig_dir).contracts
+    run.migrations = {"applied": applied, "contracts_pending": contracts, "record": child}
+    for c in contracts:
+        log(f"contract pending: {c} (run `invoke migrate --env {env.name} --phase contract` once "
+            f"every app host serves the version it needs)")
+
+
+def _switch(env: Env, hosts: list[str], version: str, what: str) -> None:
+    """Switch hosts to a release already staged on them (switch.yml never needs the artifact)."""
+    ansible.run_playbook(env, "switch.yml", limit=",".join(hosts), what=what, extra_vars={
+        "opsbook_release_version": version,
+        # `serial` is read before inventory variables exist; a batch is switched one host after
+        # another inside it, so a failing host stops its batch early.
+        "opsbook_switch_batch_hosts": len(hosts),
+    })
+
+
+def _return_batch(env: Env, plan: Plan, batch: list[str]) -> str:
+    """Switch a failed batch's hosts back to the versions they served before. Returns a summary."""
+    by_version: dict[str, list[str]] = {}
+    for h in batch:
+        prev = plan.current.get(h)
+        if prev and prev != plan.target:
+            by_version.setdefault(prev, []).append(h)
+    if not by_version:
+        return "no previous version to return to"
+    done = []
+    for prev, hosts in by_version.items():
+        # The version a host served is still in its releases/ (retention keeps the one in use).
+        try:
+            _switch(env, hosts, prev, f"returning {hosts} to {prev}")
+            done.append(f"{', '.join(hosts)} returned to {prev}")
+        except PlaybookFailed as e:
+            done.append(f"{', '.join(hosts)} could NOT be returned to {prev}: {e}")
+    return "; ".join(done)
+
+
+def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
+    if "provision" in plan.phases:
+        # Provisioning converges host configuration (idempotent: changed=0 on a provisioned
+        # fleet); preflight then checks the result, so a first release on new hosts works too.
+        with run.phase("provision"):
+            ansible.run_playbook(env, "site.yml", what="provisioning")
+    with run.phase("preflight"):
+        _preflight(env, plan)
+    if "expand migrations" in plan.phases:
+        with run.phase("expand migrations"):
+            _expand(env, art, run)
+    if run.live_probe is None and any(plan.current.values()):
+        _start_probe(run, probe, "stage", required=True)
+    probe = run.live_probe
+    with run.phase("stage"):
+        ansible.run_playbook(env, "stage.yml", what=f"staging {plan.target}", extra_vars={
+            "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)})
+    with run.phase("rolling switch"):
+        for i, batch in enumerate(plan.batches, 1):
+            name = f"batch {i}"
+            if probe:
+                probe.mark(name)
+            t = time.monotonic()
+            entry: dict[str, Any] = {"batch": i, "hosts": ", ".join(batch)}
+            run.batches.append(entry)
+            try:
+                _switch(env, batch, plan.target, f"{plan.kind} {name} ({', '.join(batch)})")
+            except PlaybookFailed as e:
+                entry.update(result="failed health", seconds=round(time.monotonic() - t, 1))
+                entry["returned"] = _return_batch(env, plan, batch)
+                raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e} {entry['returned']}.") from e
+            held.check()
+            if probe:
+                time.sleep(1)   # let requests sent during the batch complete before judging it
+                ok, reasons = probe.results().phase_within(name, slo)
+                entry["gate"] = "passed" if ok else "failed: " + "; ".join(reasons)
+                if not ok:
+                    entry.update(result="failed gate", seconds=round(time.monotonic() - t, 1))
+                    entry["returned"] = _return_batch(env, plan, batch)
+                    raise ReleaseFailed(f"{name} ({', '.join(batch)}) missed the SLO: {'; '.join(reasons)}. "
+                                        f"{entry['returned']}.")
+            entry.update(result="passed", seconds=round(time.monotonic() - t, 1))
+            log(f"{name} done in {entry['seconds']}s")
+        if probe:
+            probe.mark("after")
+            time.sleep(2)
+
+
+def _write_record(env: Env, run: Run) -> None:
+    data = run.data()
+    with tempfile.TemporaryDirectory(prefix="opsbook-release-") as tmp:
+        path = Path(tmp) / "release.json"
+        path.write_text(json.dumps(data, indent=2, default=str))
+        try:
+            runner.run("release", env, {"release_data": str(path)}, record_id=run.record_id, started=run.started)
+        except runner.RunbookFailed:
+            if run.outcome == "succeeded":
+                raise
