@@ -19,6 +19,7 @@ import papermill
 # Import the opsbook of this checkout, not whichever one is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from opsbook.core.inventory import load
 from opsbook.core.paths import ROOT
 from opsbook.engines.records import runner as runbooks
 from opsbook.engines.records.store import LocalStore
@@ -61,7 +62,7 @@ def main() -> None:
         # One untimed run of each warms the import caches the same way for both.
         papermill.execute_notebook(str(path), str(tmp / "warm.ipynb"), parameters={"rows": 3}, cwd=str(ROOT),
                                    progress_bar=False)
-        runbooks.run("trivial", "lab", {"rows": 3}, store=store, secrets=secrets, runbooks_dir=path.parent,
+        runbooks.run("trivial", load("lab"), {"rows": 3}, store=store, secrets=secrets, runbooks_dir=path.parent,
                      progress=False, log=lambda _m: None)
         for i in range(args.runs):  # alternate, so drift on the machine hits both alike
             t = time.perf_counter()
@@ -69,7 +70,7 @@ def main() -> None:
                                        kernel_name="python3", cwd=str(ROOT), progress_bar=False)
             bare.append(time.perf_counter() - t)
             t = time.perf_counter()
-            entries.append(runbooks.run("trivial", "lab", {"rows": 1000}, store=store, secrets=secrets,
+            entries.append(runbooks.run("trivial", load("lab"), {"rows": 1000}, store=store, secrets=secrets,
                                         runbooks_dir=path.parent, progress=False, log=lambda _m: None))
             opsbook_runs.append(time.perf_counter() - t)
         e = entries[-1]

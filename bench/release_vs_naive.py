@@ -20,7 +20,10 @@ import time
 from opsbook.core.inventory import load
 from opsbook.core.paths import ROOT
 from opsbook.engines import artifact, fleet
+from opsbook.engines.ansible import ansible_env
 from opsbook.engines.probe import Probe, probe_url
+from opsbook.engines.records import ledger
+from opsbook.engines.records.store import store_for
 from opsbook.operations import release as rel
 
 
@@ -42,11 +45,11 @@ def measured(env, name: str, deploy, rate: float) -> dict:
     wall = time.monotonic() - t0
     probe.mark("after")
     time.sleep(3)
-    report = probe.stop()
-    during = report.phase("deploy")
-    return {"name": name, "wall_s": wall, "requests": report.requests, "failed": report.failed,
-            "missing": report.figures().get("missing_acknowledged_writes"), "p99_during_ms": during.get("p99_ms"),
-            "p99_before_ms": report.phase("before").get("p99_ms")}
+    results = probe.stop()
+    during = results.phase("deploy")
+    return {"name": name, "wall_s": wall, "requests": results.requests, "failed": results.failed,
+            "missing": results.figures().get("missing_acknowledged_writes"), "p99_during_ms": during.get("p99_ms"),
+            "p99_before_ms": results.phase("before").get("p99_ms")}
 
 
 def naive_deploy(env, version: str) -> None:
@@ -54,7 +57,7 @@ def naive_deploy(env, version: str) -> None:
     cmd = (f"cd /srv/bl-api && ln -sfn /srv/bl-api/releases/{version} current.tmp && mv -T current.tmp current "
            f"&& systemctl restart bl-api")
     subprocess.run(["ansible", "app", "-i", str(env.path), "-f", "20", "-m", "ansible.builtin.shell", "-a", cmd],
-                   cwd=ROOT, env=rel.ansible_env(), check=True, capture_output=True)
+                   cwd=ROOT, env=ansible_env(), check=True, capture_output=True)
     wait_for(env, version)
 
 
@@ -69,19 +72,20 @@ def main() -> None:
     for v in (a, b):
         artifact.build(v, log=lambda _m: None)
     print(f"setting up: fleet on {a}, {b} staged (not measured)", flush=True)
-    rel.release(env.name, version=b)     # stages b and leaves it good on every host
-    rel.release(env.name, version=a)
-    rows = [
-        measured(env, "opsbook release", lambda: rel.release(env.name, version=b), args.rate),
-        measured(env, "naive (all at once)", lambda: naive_deploy(env, a), args.rate),
-    ]
-    rel.release(env.name, version=b)     # leave the fleet on a release opsbook made
+    rel.release(env, version=b)     # stages b and leaves it good on every host
+    rel.release(env, version=a)
+    rows = [measured(env, "opsbook release", lambda: rel.release(env, version=b), args.rate)]
+    phases = ledger.releases(store_for(env).ledger())[-1]["figures"].get("phase_seconds") or {}
+    rows.append(measured(env, "naive (all at once)", lambda: naive_deploy(env, a), args.rate))
+    rel.release(env, version=b)     # leave the fleet on a release opsbook made
     print()
     print(f"{'deploy':<22} {'wall s':>7} {'requests':>9} {'failed':>7} {'missing acked':>14} "
           f"{'p99 before ms':>14} {'p99 during ms':>14}")
     for r in rows:
         print(f"{r['name']:<22} {r['wall_s']:>7.1f} {r['requests']:>9} {r['failed']:>7} {r['missing']!s:>14} "
               f"{r['p99_before_ms'] or 0:>14.1f} {r['p99_during_ms'] or 0:>14.1f}")
+    print("\nopsbook release, by phase (from its record): "
+          + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()))
 
 
 if __name__ == "__main__":

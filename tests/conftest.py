@@ -1,3 +1,5 @@
+import pytest
+
 pytest_plugins = [
     "tests.fixtures.lab",
     "tests.fixtures.postgres",
@@ -11,3 +13,11 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if exitstatus == 0 and reporter is not None and not reporter.stats.get("passed"):
         session.exitstatus = 5
+
+
+def pytest_collection_modifyitems(config, items):
+    """The lab is one fleet: every lab test runs on the same xdist worker, in order (`--dist
+    loadgroup`), while the tests that do not touch it run on the other workers."""
+    for item in items:
+        if item.get_closest_marker("lab"):
+            item.add_marker(pytest.mark.xdist_group("lab"))

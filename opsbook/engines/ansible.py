@@ -81,3 +81,41 @@ def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, che
         raise PlaybookFailed(
             f"{what or playbook} failed on {env.name} (ansible-playbook exit {proc.returncode}){detail}"
         )
+
+
+# --- converging only what changed -----------------------------------------------------------
+STAMP = "/etc/opsbook/converged"   # on each host: the fingerprint of the configuration it was converged to
+
+
+def fingerprint(env: Env) -> str:
+    """A hash of everything that decides a host's configuration: the roles, the playbooks, the
+    environment's inventory, ansible.cfg and the secrets' values (hashed, never stored). A host whose
+    stamp matches it needs no provisioning; `invoke provision` always converges everything."""
+    import hashlib
+
+    h = hashlib.sha256()
+    paths = [ROOT / "ansible.cfg", *(p for top in (ROOT / "roles", PLAYBOOKS, env.path)
+                                     for p in sorted(top.rglob("*")) if p.is_file())]
+    for p in paths:
+        if "__pycache__" in p.parts:
+            continue
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+    for name, value in sorted(env.secret_values().items()):
+        h.update(f"{name}={value}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def converged_stamps(env: Env, pattern: str = "all") -> dict[str, str | None]:
+    """host -> the fingerprint its stamp holds (None: no stamp, or the host did not answer). One
+    ad-hoc Ansible run for every host at once."""
+    import re
+
+    cmd = ["ansible", "-i", str(env.path), pattern, "-o", "-m", "ansible.builtin.command",
+           "-a", f"cat {STAMP}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False)
+    out: dict[str, str | None] = {h.name: None for h in env.hosts(pattern)}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^(\S+) \| (?:CHANGED|SUCCESS) \| rc=0 \| \(stdout\) ([0-9a-f]{16})\s*$", line)
+        if m and m.group(1) in out:
+            out[m.group(1)] = m.group(2)
+    return out

@@ -15,6 +15,9 @@ def provision(env: Env, check: bool = False) -> None:
 
         lab.up(env)   # the lab's hosts must exist before they can be provisioned (no-op when up)
     t0 = time.monotonic()
-    ansible.run_playbook(env, "site.yml", check=check, what="provisioning")
+    # Every host is converged and stamped with the configuration's fingerprint, so that releases
+    # converge a host only when its configuration changed since.
+    ansible.run_playbook(env, "site.yml", check=check, what="provisioning",
+                         extra_vars={"opsbook_converge_fingerprint": ansible.fingerprint(env)})
     print(f"[opsbook] provisioned {env.name} in {time.monotonic() - t0:.0f}s" + (" (check mode)" if check else ""),
           flush=True)

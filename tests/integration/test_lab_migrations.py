@@ -55,13 +55,19 @@ def seed(lb_url: str, courses: int = 5, per_course: int = 400) -> int:
     return total
 
 
-def test_expand_release_contract_under_the_probe(lab_env, lb_url, old_version, test_versions):
+def test_expand_release_contract_under_the_probe(lab_env, lb_url, old_version, test_versions, serving_fleet):
     _a, new = test_versions
-    # A fresh service database, and a fleet on the 0001 schema serving version 1.0.0. The lab may be
-    # freshly started (as on CI), where db1's cluster runs only once provisioned; the release
-    # provisions again, which creates the dropped database anew.
-    invoke("provision", "--env", "lab", check=True)
+    # A fresh service database, and a fleet on the 0001 schema serving version 1.0.0, whatever the
+    # lab's state: freshly started (db1's cluster runs only once provisioned), after the README's
+    # first release, after an earlier suite run.
     ssh("db1", "runuser -u postgres -- dropdb --if-exists --force bl_api")
+    # Hosts serve a version but its database is gone: a release refuses (it cannot know which
+    # migrations ran) and changes nothing.
+    refused = invoke("release", "--env", "lab", "--version", old_version)
+    assert refused.returncode != 0
+    assert "cannot read the applied migrations" in refused.stdout + refused.stderr
+    assert set(fleet.served_versions(lab_env).values()) == {serving_fleet}
+    invoke("provision", "--env", "lab", check=True)   # creates the service database anew, empty
     invoke("release", "--env", "lab", "--version", old_version, check=True)
     assert set(fleet.served_versions(lab_env).values()) == {old_version}
     seeded = seed(lb_url)

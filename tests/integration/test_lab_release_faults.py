@@ -17,7 +17,7 @@ from opsbook.core.paths import ROOT
 from opsbook.engines import artifact
 from opsbook.engines.lock import lock_for
 from opsbook.engines.records.store import store_for
-from tests.fixtures.lab import invoke, ssh
+from tests.fixtures.lab import ensure_serving, haproxy_status, invoke, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -27,15 +27,6 @@ def served(env) -> dict[str, str | None]:
     return dict(fleet.served_versions(env))
 
 
-def haproxy_status(host: str) -> str:
-    stat = ssh("lb1", "echo 'show stat' | socat stdio /run/haproxy/admin.sock")
-    for line in stat.splitlines():
-        f = line.split(",")
-        if len(f) > 17 and f[0] == "bl_api" and f[1] == host:
-            return f[17]
-    raise AssertionError(f"{host} not in haproxy's bl_api backend")
-
-
 def last_record(env, kind: str) -> dict:
     entries = [e for e in store_for(env).ledger()
                if e.get("runbook") == "release" and (e.get("figures") or {}).get("kind") == kind]
@@ -43,12 +34,12 @@ def last_record(env, kind: str) -> dict:
     return entries[-1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fleet_on_a(lab_env, test_versions):
-    """Every app host serves version a, released by opsbook (so it is a known good release)."""
+    """Every app host serves version a, released by opsbook (so it is a known good release), and is
+    UP in the load balancer: made so for each test, whatever the test before it left."""
     a, _b = test_versions
-    invoke("release", "--env", "lab", "--version", a, check=True)
-    assert set(served(lab_env).values()) == {a}
+    ensure_serving(lab_env, a)
     return a
 
 

@@ -17,7 +17,8 @@ from opsbook.engines import artifact, database, fleet
 # release runs them (steps.py names each phase from here) and its record (runbooks/release.ipynb)
 # shows every phase with this description and the time it took.
 PHASES: dict[str, str] = {
-    "provision": "converge the hosts' configuration (site.yml; changed=0 on a provisioned fleet)",
+    "provision": "converge the app and lb hosts whose configuration changed since their last converge "
+                 "(a stamp on each host); database hosts only when never provisioned",
     "preflight": "host checks (testinfra, less what the release converges) and blocking database sessions",
     "expand migrations": "the artifact's pending expand phases, as a child migrate record",
     "stage": "unpack the artifact into releases/<version> on every app host (offline venv)",

@@ -73,6 +73,7 @@ def key_figures(data: dict[str, Any]) -> dict[str, Any]:
         "previous_versions": sorted({v for v in data["plan"]["current"].values() if v}),
         "outcome": data["outcome"],
         "duration_s": round(data["duration_s"], 1),
+        "phase_seconds": {k: round(v, 1) for k, v in data.get("phases", {}).items()},
         "hosts": sum(len(b) for b in data["plan"]["batches"]),
         "batches": len(data["plan"]["batches"]),
         "commit_time": data.get("commit_time"),

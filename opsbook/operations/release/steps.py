@@ -49,6 +49,7 @@ class Run:
     probe: dict[str, Any] | None = None
     probe_plot: str | None = None
     live_probe: Any = None   # the running Probe, so its samples are labelled with the phase
+    converge: dict[str, Any] = field(default_factory=dict)   # what the provision phase converged
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -70,7 +71,7 @@ class Run:
             "artifact": {"file": self.plan.artifact_file, "sha256": self.plan.artifact_sha256},
             "plan": asdict(self.plan), "phases": self.phases, "batches": self.batches,
             "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
-            "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot,
+            "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
         }
 
 
@@ -147,6 +148,28 @@ def _start_probe(run: Run, probe, phase: str, *, required: bool) -> None:
     time.sleep(2)   # a baseline of what users feel before anything changes
 
 
+def _converge(env: Env, run: Run) -> None:
+    """Converge the app and load-balancer hosts whose configuration changed since they were last
+    converged (their stamp differs from the inventory's fingerprint), and database hosts only when
+    they were never provisioned: a release never restarts Postgres for a configuration change
+    (`invoke provision` does that). Preflight then checks the result."""
+    want = ansible.fingerprint(env)
+    stamps = ansible.converged_stamps(env)
+    release_hosts = {h.name for h in env.hosts("app")} | {h.name for h in env.hosts("lb")}
+    stale = sorted(h for h, stamp in stamps.items() if stamp != want and (h in release_hosts or stamp is None))
+    drifted = sorted(h for h, stamp in stamps.items() if h not in release_hosts and stamp not in (None, want))
+    run.converge = {"fingerprint": want, "converged": stale, "left_for_provision": drifted}
+    for h in drifted:
+        log(f"{h}: its configuration differs from the inventory's; a release does not change database hosts. "
+            f"Run `invoke provision --env {env.name}` when a restart of its services is acceptable.")
+    if not stale:
+        log(f"every host is converged to this configuration ({want}); nothing to provision")
+        return
+    log(f"converging {', '.join(stale)} (configuration {want})")
+    ansible.run_playbook(env, "site.yml", limit=",".join(stale), what="provisioning",
+                         extra_vars={"opsbook_converge_fingerprint": want})
+
+
 def _preflight(env: Env, plan: Plan) -> None:
     # Everything but what the release itself converges (services up, hosts in rotation): a host
     # left out of rotation by a failed release is what the next release is there to fix.
@@ -220,10 +243,8 @@ def _return_batch(env: Env, plan: Plan, batch: list[str]) -> str:
 
 def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
     if "provision" in plan.phases:
-        # Provisioning converges host configuration (idempotent: changed=0 on a provisioned
-        # fleet); preflight then checks the result, so a first release on new hosts works too.
         with run.phase("provision"):
-            ansible.run_playbook(env, "site.yml", what="provisioning")
+            _converge(env, run)
     with run.phase("preflight"):
         _preflight(env, plan)
     if "expand migrations" in plan.phases:
