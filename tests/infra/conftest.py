@@ -1,6 +1,7 @@
 """testinfra suites: run by `invoke check --env E` against that environment's inventory
 (`--ansible-inventory=inventories/E --connection=ansible`). Each module names the group it
-checks in `testinfra_hosts`; values a check needs come from the same inventory."""
+checks in `testinfra_hosts`; paths, ports, users, unit names and other values a check needs
+come from the same inventory (the `hostvars` fixture), so the checks hold for any environment."""
 
 from pathlib import Path
 
@@ -19,10 +20,40 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+class InventoryVars(dict):
+    """A host's inventory variables, as `ansible-inventory --list` gives them: the inventory's
+    group_vars and host_vars only (role defaults are not in it), and values as written, not
+    templated. A check may only read a variable that the inventory sets to a literal value; a
+    missing or templated one fails the check with a message that says where to define it."""
+
+    def __init__(self, variables, host):
+        super().__init__(variables)
+        self.host = host
+
+    def __missing__(self, name):
+        where = [f"group_vars/{g}/" for g in self.get("group_names", []) if g != "all"] + ["group_vars/all/"]
+        pytest.fail(
+            f"{self.host}: the inventory does not define {name!r}, and the host checks read it from the "
+            f"inventory (role defaults are not visible to them): set it in {' or '.join(where)}",
+            pytrace=False,
+        )
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        if isinstance(value, str) and "{{" in value:
+            pytest.fail(
+                f"{self.host}: {name!r} is templated in the inventory ({value!r}); the host checks "
+                f"read inventory values without templating them: set it to a literal value",
+                pytrace=False,
+            )
+        return value
+
+
 @pytest.fixture
 def hostvars(host):
-    """The inventory's variables for the host under test (rendered by Ansible)."""
-    return host.ansible.get_variables()
+    """The inventory's variables for the host under test (see InventoryVars: literal values only)."""
+    variables = host.ansible.get_variables()
+    return InventoryVars(variables, variables.get("inventory_hostname", "the host under test"))
 
 
 @pytest.fixture(scope="session")

@@ -1,25 +1,35 @@
-"""Database hosts: Postgres running, reachable only as pg_hba allows."""
+"""Database hosts: Postgres running, reachable only as pg_hba allows.
+
+The cluster (postgres_version, postgres_cluster: group_vars/db/), the port, database and service
+role (bl_api_db_port, bl_api_db_name, bl_api_db_user) and the ports that must stay closed
+(lb_http_port, bl_api_port: group_vars/all/) come from the inventory."""
 
 testinfra_hosts = ["ansible://db"]
 
 
-def test_postgres_running_and_enabled(host):
-    svc = host.service("postgresql@15-main")
+def _cluster(hostvars):
+    """(systemd unit, config directory) of the cluster, in Debian's layout as the postgres role uses it."""
+    version, cluster = hostvars["postgres_version"], hostvars["postgres_cluster"]
+    return f"postgresql@{version}-{cluster}", f"/etc/postgresql/{version}/{cluster}"
+
+
+def test_postgres_running_and_enabled(host, hostvars):
+    svc = host.service(_cluster(hostvars)[0])
     assert svc.is_running
     assert svc.is_enabled
 
 
-def test_listens_on_5432(host):
-    assert host.socket("tcp://0.0.0.0:5432").is_listening
+def test_listens_on_its_port(host, hostvars):
+    assert host.socket(f"tcp://0.0.0.0:{hostvars['bl_api_db_port']}").is_listening
 
 
-def test_no_http_service_here(host):
-    assert not host.socket("tcp://0.0.0.0:80").is_listening
-    assert not host.socket("tcp://0.0.0.0:8000").is_listening
+def test_no_http_service_here(host, hostvars):
+    assert not host.socket(f"tcp://0.0.0.0:{hostvars['lb_http_port']}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{hostvars['bl_api_port']}").is_listening
 
 
 def test_pg_hba_allows_the_service_role_from_app_hosts_only(host, hostvars, inventory):
-    hba = host.file("/etc/postgresql/15/main/pg_hba.conf")
+    hba = host.file(f"{_cluster(hostvars)[1]}/pg_hba.conf")
     assert hba.mode == 0o640
     lines = [line.split() for line in hba.content_string.splitlines() if line.strip() and not line.startswith("#")]
     service_sources = {f[3] for f in lines if f[0] == "host" and f[2] == hostvars["bl_api_db_user"]}
@@ -30,6 +40,7 @@ def test_pg_hba_allows_the_service_role_from_app_hosts_only(host, hostvars, inve
 
 def test_service_database_exists(host, hostvars):
     with host.sudo("postgres"):
-        out = host.check_output("psql -Atc \"SELECT datname FROM pg_database WHERE datname = '%s'\"",
-                                hostvars["bl_api_db_name"])
+        out = host.check_output(
+            "psql -Atc \"SELECT datname FROM pg_database WHERE datname = '%s'\"", hostvars["bl_api_db_name"]
+        )
     assert out == hostvars["bl_api_db_name"]
