@@ -69,7 +69,7 @@ def _register_errors(app: Flask) -> None:
 
     def database_unavailable(e: Exception):
         log.warning("database unavailable: %s", e)
-        return _error(503, "database unavailable; nothing was written, retry later", str(e)[:500])
+        return _error(503, "database unavailable; nothing was written, retry later")   # details stay in the log
 
     for kind in DATABASE_UNAVAILABLE:
         app.register_error_handler(kind, database_unavailable)

@@ -68,7 +68,10 @@ def ping():
     try:
         _db().ping(current_app.config["BL_API_PING_TIMEOUT"])
     except DATABASE_UNAVAILABLE as e:
-        return jsonify(status="unavailable", error=str(e)[:500]), 503
+        # The reason goes to the service's log (journal), never to whoever asks /ping: database
+        # error text names hosts, users and databases.
+        current_app.logger.warning("/ping: database unavailable: %s", e)
+        return jsonify(status="unavailable", error="database unavailable"), 503
     return jsonify(status="ok")
 
 

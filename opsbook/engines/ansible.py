@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +45,38 @@ def playbook_command(env: Env, playbook: str, *, extra_vars: dict | None = None,
     return cmd
 
 
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop an ansible-playbook process group in order: SIGINT (Ansible ends the task it is in and
+    stops), then SIGTERM, then SIGKILL. Waits for it to be gone."""
+    import signal
+
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        return
+
+
 def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, check: bool = False,
                  limit: str | None = None, what: str = "") -> None:
     """Run a playbook against an environment, streaming Ansible's progress to the terminal."""
     cmd = playbook_command(env, playbook, extra_vars=extra_vars, check=check, limit=limit)
     # Ansible's output streams to the terminal as it comes; the failing task's lines are also
     # kept, so the error (and the release record) says which host failed and why.
+    # Its own process group: a Ctrl-C at the terminal reaches opsbook alone, which then stops
+    # Ansible in order (below) and puts hosts back; and Ansible dies with opsbook if opsbook is killed.
+    # (`setpriv --pdeathsig`, from util-linux: a preexec_fn calling prctl is unsafe with our threads.)
+    if shutil.which("setpriv"):
+        cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1, start_new_session=True)
     failures: list[str] = []
     task = ""
     keep = 0
@@ -69,11 +94,7 @@ def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, che
                 keep -= 1
     except BaseException:
         # Interrupted while Ansible runs: never leave it switching hosts behind our back.
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         raise
     sys.stdout.flush()
     if proc.wait() != 0:

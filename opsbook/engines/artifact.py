@@ -109,6 +109,11 @@ def available() -> list[str]:
 
 def verify(artifact: Artifact) -> Artifact:
     sums = artifact.path.with_name(artifact.path.name + ".sha256")
+    if not sums.exists():
+        raise ArtifactError(
+            f"{artifact.path} has no checksum file ({sums.name}), so nothing proves it is the artifact that was "
+            f"built. Nothing was deployed. Delete it and rebuild with `invoke build --version {artifact.version}`."
+        )
     if sums.exists():
         expected = sums.read_text().split()[0]
         if expected != artifact.sha256:
@@ -140,8 +145,13 @@ def build(version: str | None = None, log=print, source: Path = APP) -> Artifact
         src = tmp / "src"
         shutil.copytree(source, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
         init = src / "bl_api" / "__init__.py"
-        init.write_text(re.sub(r'^__version__ = "[^"]+"', f'__version__ = "{version}"', init.read_text(),
-                               count=1, flags=re.M))
+        stamped = re.sub(r'^__version__ = "[^"]+"', f'__version__ = "{version}"', init.read_text(), count=1,
+                         flags=re.M)
+        stamped, builds = re.subn(r"^RELEASE_BUILD = False$", "RELEASE_BUILD = True", stamped, count=1, flags=re.M)
+        if not builds:
+            raise ArtifactError(f"{init.relative_to(src)} has no `RELEASE_BUILD = False` line to stamp; a release "
+                                f"build must ignore version overrides. Nothing was built.")
+        init.write_text(stamped)
         root = tmp / f"{NAME}-{version}"
         wheelhouse = root / "wheelhouse"
         wheelhouse.mkdir(parents=True)

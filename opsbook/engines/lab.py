@@ -90,7 +90,9 @@ def debian_mirror() -> str:
             uri = m.group(1)
             if "security" not in uri and uri.startswith("http"):
                 return uri
-    return "http://deb.debian.org/debian"
+    raise LabError("this machine's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/) name no Debian "
+                   "mirror, and the lab image is baked from the mirror this machine uses. Nothing was changed. "
+                   "Add the mirror to the apt sources (`apt-get update` must work), then run `invoke lab.up`.")
 
 
 # --- the image ----------------------------------------------------------------------------
@@ -212,6 +214,8 @@ def ensure_keys_and_secrets(env: Env) -> tuple[Path, bool]:
     """The lab's SSH key and generated secrets under .lab/ (0600). Returns (key, changed)."""
     base = lab_dir(env)
     changed = False
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    base.chmod(0o700)   # keys and secrets: nobody else on this machine reads them
     (base / "ssh").mkdir(parents=True, exist_ok=True, mode=0o700)
     key = base / "ssh" / "id_ed25519"
     if not key.exists():

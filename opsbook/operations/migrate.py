@@ -31,6 +31,7 @@ from typing import Any
 from opsbook.core.inventory import Env
 from opsbook.core.paths import APP_MIGRATIONS
 from opsbook.engines import database, fleet
+from opsbook.engines import lock as locks
 from opsbook.engines.migrations import engine, guards, linting
 from opsbook.engines.migrations.guards import Settings
 from opsbook.engines.migrations.measure import RunResult
@@ -121,7 +122,11 @@ def migrate(
     params |= {"phase": phase, "dsn_override": dsn or "", "fleet_override": fleet_override or {}}
     if directory != APP_MIGRATIONS:
         params["migrations_dir"] = str(directory)
-    return runner.run("migrate", env, params, log=out)
+    # One operation at a time per environment: a migration never runs while a release or a
+    # rollback moves hosts (the contract gate's answer would be stale), nor beside another one.
+    with locks.lock_for(env).hold(f"migrate {phase}", wait=0) as held:
+        out(held.message)
+        return runner.run("migrate", env, params, log=out)
 
 
 def dry_run_plan(
@@ -230,7 +235,7 @@ def prepare(
 def plan(ctx: Context) -> engine.Plan:
     """Every step of the pending phase with its SQL, and the lint findings. The contract gate is
     decided in its own section (it needs the fleet)."""
-    p = engine.plan(ctx.conninfo, ctx.directory, ctx.phase, fleet_versions={})
+    p = engine.plan(ctx.conninfo, ctx.directory, ctx.phase, gate=False)
     print(p.text())
     if p.findings:
         print("\nlint findings (each must be accepted in its file, with a reason):")

@@ -254,9 +254,13 @@ def test_unreachable_database_answers_503_json():
         assert r.status_code == 503
         assert r.json["status"] == "unavailable"
         assert r.json["error"]
+        # The database's own error text (host, user, database names) never reaches a client.
+        assert "nowhere" not in r.get_data(as_text=True)
+        assert "nobody" not in r.get_data(as_text=True)
         r = client.post("/create_course", json={"course_uuid": new_uuid(), "ecosystem_uuid": new_uuid()})
         assert r.status_code == 503
         assert r.json["error"].startswith("database unavailable")
+        assert "nowhere" not in r.get_data(as_text=True)
         # Validation still answers without the database.
         assert client.post("/create_course", json={}).status_code == 400
     finally:

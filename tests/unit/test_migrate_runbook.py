@@ -49,7 +49,8 @@ def scratch_env(directory, name="migratetest"):
     (inv / "group_vars" / "all").mkdir(parents=True, exist_ok=True)
     (inv / "hosts.yml").write_text("all:\n  children:\n    app:\n      hosts: {}\n")
     (inv / "group_vars" / "all" / "main.yml").write_text(
-        f"opsbook_env_kind: lab\nopsbook_record_store: {directory / 'records'}\n")
+        f"opsbook_env_kind: lab\nopsbook_record_store: {directory / 'records'}\n"
+        f"opsbook_lock_path: {directory / 'release.lock'}\n")
     return Env(name, path=inv)
 
 

@@ -48,6 +48,7 @@ def test_local_record_is_written_once_and_read_only(tmp_path):
     for key in (stored["notebook"], stored["html"], f"ledger/{stored['id']}.json"):
         mode = os.stat(store.location(key)).st_mode
         assert not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH), key
+        assert not mode & stat.S_IROTH, f"{key} is world-readable"
     with pytest.raises(RecordExists, match="never rewritten"):
         store.put_once(stored["notebook"], b"changed", "application/x-ipynb+json")
     assert store.get(stored["notebook"]) == b'{"nb": 1}'

@@ -34,6 +34,8 @@ from opsbook.engines.migrations.spec import (
     Step,
 )
 
+ADVISORY_LOCK = 0x6F707362   # pg_try_advisory_lock key of the migration engine ("opsb")
+
 LEDGER_DDL = (
     """CREATE TABLE IF NOT EXISTS opsbook_migrations (
         migration  text NOT NULL,
@@ -110,6 +112,7 @@ class Plan:
     not_expanded: list[str] = field(default_factory=list)  # contract asked before expand
     findings: list[linting.Finding] = field(default_factory=list)
     requires: dict[str, str] = field(default_factory=dict)  # migration -> contract_requires_version
+    gated: bool = False   # the contract gate was decided (a plan made only to show the steps is not)
 
     @property
     def blocking_hosts(self) -> list[str]:
@@ -155,7 +158,7 @@ class Plan:
             lines.append(f"  [{mark}] {s.migration} #{s.index} {s.key} ({s.kind})")
             if not s.done:
                 lines += [f"      {line}" for sql in s.sql for line in sql.splitlines()]
-        if self.phase == "contract":
+        if self.gated:
             lines.append(self.gate_verdict())
         return "\n".join(lines)
 
@@ -182,9 +185,9 @@ def _steps_done(conn) -> dict[tuple[str, str, int], str]:
     }
 
 
-def _build_plan(conn, migrations: list[Migration], phase: str, fleet_versions) -> Plan:
+def _build_plan(conn, migrations: list[Migration], phase: str, fleet_versions, gate: bool = True) -> Plan:
     applied, done = _applied(conn), _steps_done(conn)
-    p = Plan(phase)
+    p = Plan(phase, gated=gate and phase == "contract")
     for m in migrations:
         if (m.id, phase) in applied:
             continue
@@ -193,7 +196,7 @@ def _build_plan(conn, migrations: list[Migration], phase: str, fleet_versions) -
             if conn is not None and (m.id, "expand") not in applied:
                 p.not_expanded.append(m.id)
                 continue
-            if steps and m.contract_requires_version:
+            if gate and steps and m.contract_requires_version:
                 old = guards.contract_gate(m.contract_requires_version, fleet_versions)
                 if old:
                     p.refused[m.id] = old
@@ -212,7 +215,8 @@ def _build_plan(conn, migrations: list[Migration], phase: str, fleet_versions) -
 
 
 def plan(
-    conninfo: str | None, directory: Path, phase: str = "expand", fleet_versions: dict[str, str | None] | None = None
+    conninfo: str | None, directory: Path, phase: str = "expand", fleet_versions: dict[str, str | None] | None = None,
+    *, gate: bool = True,
 ) -> Plan:
     """What `run` would do: every step of every pending migration with the SQL it runs, marked done
     or to do (without a database everything is to do), lint findings, and contract refusals."""
@@ -220,12 +224,12 @@ def plan(
         raise MigrationError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
     migrations = spec.load_migrations(directory)
     if conninfo is None:
-        p = _build_plan(None, migrations, phase, fleet_versions)
+        p = _build_plan(None, migrations, phase, fleet_versions, gate)
     else:
         import psycopg
 
         with psycopg.connect(conninfo, autocommit=True, application_name=APP_NAME) as conn:
-            p = _build_plan(conn, migrations, phase, fleet_versions)
+            p = _build_plan(conn, migrations, phase, fleet_versions, gate)
     todo = {s.migration for s in p.pending}
     for m in migrations:
         if m.id in todo:
@@ -588,6 +592,16 @@ def run(
     result = RunResult(phase)
     t0 = time.monotonic()
     with psycopg.connect(conninfo, autocommit=True, application_name=APP_NAME) as conn:
+        # One controller at a time per database: a session advisory lock, held until this
+        # connection closes (so a killed controller frees it at once).
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_LOCK,)).fetchone()[0]:
+            holder = conn.execute(
+                "SELECT a.pid, a.usename, a.client_addr, a.backend_start FROM pg_locks l "
+                "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.objid = %s",
+                (ADVISORY_LOCK & 0xFFFFFFFF,)).fetchone()
+            who = f"pid {holder[0]} ({holder[1]} from {holder[2]}, since {holder[3]:%H:%M:%S})" if holder else "?"
+            raise MigrationError(f"another opsbook is running migrations on this database ({who}); nothing was "
+                                 "run. Wait for it to finish, then run again.")
         runner = _Runner(conn, conninfo, s, result, progress, t0)
         runner.timeouts(s.lock_timeout_ms, s.ddl_statement_timeout_ms, local=False)
         guards.refuse_blockers(conn, s)

@@ -269,6 +269,9 @@ def contract_gate(requires: str, fleet_versions: dict[str, str | None] | None) -
     as old: a host we cannot read may well still use the old schema."""
     if fleet_versions is None:
         return {"<fleet unknown>": "no fleet versions were given"}
+    if not fleet_versions:
+        # Fails closed: an environment whose fleet cannot be listed may still run old versions.
+        return {"<no app hosts>": "no app host was found to ask; the gate cannot tell what runs"}
     need = parse_version(requires)
     reasons = getattr(fleet_versions, "reasons", {})  # opsbook.fleet.FleetVersions says why a host is unknown
     old = {}

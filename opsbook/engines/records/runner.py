@@ -297,6 +297,11 @@ def run(
     outcome = "failed" if error else "succeeded"
 
     nb = redactor.obj(nb)
+    figures = figures_in(nb)
+    if interrupted is not None:
+        outcome = "interrupted"
+    elif error and figures.get("outcome") in ("interrupted", "refused"):
+        outcome = figures["outcome"]   # a failed run that says why: interrupted, or refused before acting
     entry = {
         "id": record_id,
         "runbook": name,
@@ -309,7 +314,7 @@ def run(
         "duration_s": round(duration, 3),
         "outcome": outcome,
         "error": redactor.text(error) if error else None,
-        "figures": redactor.obj(figures_in(nb)),
+        "figures": redactor.obj(figures),
         "parent_record_id": parent_record_id,
     }
     nb_bytes = redactor.bytes(nbformat.writes(nb).encode())
@@ -320,7 +325,7 @@ def run(
     if interrupted is not None:
         log(f"interrupted; record {record_id} stored: {where}")
         raise interrupted
-    if outcome == "failed":
+    if outcome != "succeeded":
         raise RunbookFailed(
             f"runbook {name} failed for {env_name}: {entry['error']}\n"
             f"  Its record {record_id} is stored: {where}\n"

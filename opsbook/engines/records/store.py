@@ -30,7 +30,7 @@ from opsbook.core.errors import OpsbookError
 RECORD_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[A-Za-z0-9_-]+-[0-9a-f]{6}$")
 LEDGER = "ledger"
 RECORDS = "records"
-OUTCOMES = ("succeeded", "failed")
+OUTCOMES = ("succeeded", "failed", "interrupted", "refused")
 
 
 class StoreUnreachable(OpsbookError):
@@ -150,10 +150,10 @@ class LocalStore(Store):
 
     def put_once(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         tmp.write_bytes(data)
-        tmp.chmod(0o444)
+        tmp.chmod(0o440)   # read-only, and not world-readable: records describe production
         try:
             # link() fails if the name exists: the write-once check and the publish in one step,
             # and readers never see a half-written file.

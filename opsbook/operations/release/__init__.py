@@ -35,7 +35,7 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
     if dry_run:
         log("dry run: nothing was locked or changed")
         return art.version
-    return execute(env, plan, art, wait=wait)
+    return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="release", batch=batch))
 
 
 def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_run: bool = False,
@@ -52,7 +52,7 @@ def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_r
     if dry_run:
         log("dry run: nothing was locked or changed")
         return target
-    return execute(env, plan, art, wait=wait)
+    return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="rollback", batch=batch))
 
 
 def previous_good(env: Env, exclude: set[str]) -> str | None:

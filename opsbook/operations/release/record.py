@@ -89,10 +89,15 @@ def key_figures(data: dict[str, Any]) -> dict[str, Any]:
     }
     if data.get("reason"):
         figs["reason"] = data["reason"]
+    if data.get("interrupted_in"):
+        figs["interrupted_in"] = data["interrupted_in"]
+    if data.get("put_back"):
+        figs["put_back"] = data["put_back"]
     return figs
 
 
 def conclude(data: dict[str, Any]) -> None:
     """Raise when the release failed, so the record is stored as failed and the task exits non-zero."""
     if data["outcome"] != "succeeded":
-        raise ReleaseFailed(f"{data['kind']} of {data['version']} to {data['env']} failed: {data.get('reason')}")
+        raise ReleaseFailed(f"{data['kind']} of {data['version']} to {data['env']} {data['outcome']}: "
+                            f"{data.get('reason')}")

@@ -17,7 +17,7 @@ from typing import Any
 from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
-from opsbook.engines import ansible, artifact, database, hostchecks
+from opsbook.engines import ansible, artifact, database, hostchecks, interrupts
 from opsbook.engines import lock as locks
 from opsbook.engines import probe as probes
 from opsbook.engines.ansible import PlaybookFailed
@@ -50,11 +50,15 @@ class Run:
     probe_plot: str | None = None
     live_probe: Any = None   # the running Probe, so its samples are labelled with the phase
     converge: dict[str, Any] = field(default_factory=dict)   # what the provision phase converged
+    current_phase: str | None = None   # the phase running now (an interrupt's record names it)
+    in_flight: list[str] | None = None   # the batch being switched, if any
+    put_back: str | None = None   # after a failure: whether every answering host is back in rotation
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         assert name in PHASES, name   # every phase is described once, in plan.PHASES
         t = time.monotonic()
+        self.current_phase = name
         log(f"{name} …")
         if self.live_probe is not None and name != "rolling switch":   # batches label themselves
             self.live_probe.mark(name)
@@ -72,54 +76,126 @@ class Run:
             "plan": asdict(self.plan), "phases": self.phases, "batches": self.batches,
             "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
+            "interrupted_in": self.current_phase if self.outcome == "interrupted" else None,
+            "put_back": self.put_back,
         }
 
 
-def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int) -> str:
-    """Run the plan under the lock and the probe; always leave a record. Returns the version."""
+def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=None) -> str:
+    """Run the plan under the lock and the probe; always leave a record. Returns the version.
+
+    `replan()` makes the plan again once the lock is held (the fleet may have changed while this
+    release waited for it). SIGINT, SIGTERM and SIGHUP end it in order: Ansible is stopped, the
+    batch in flight goes back to the version it had, every answering host is put back in the
+    load balancer, the record says `interrupted` and where, and the lock is released.
+    """
     run = Run(plan=plan, record_id=new_record_id(plan.kind))
     slo = probes.slo_for(env)
     lock = locks.lock_for(env)
-    with lock.hold(f"{plan.kind} {plan.target} (record {run.record_id})", wait=wait) as held:
-        log(held.message)
-        run.lock = held.message
-        probe = probes.probe_for(env)
+    with interrupts.interruptible():
         try:
-            if any(plan.current.values()):
-                _start_probe(run, probe, "before", required=False)
-            _steps(env, plan, art, run, held=held, probe=probe, slo=slo)
-            run.outcome = "succeeded"
-        except (OpsbookError, KeyboardInterrupt) as e:
-            run.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            run.detail = str(e)
-            log(f"{plan.kind} FAILED: {run.reason}")
-        finally:
-            if run.live_probe is not None:
-                run.live_probe = None
-                with run.phase("probe read-back"):
-                    results = probe.stop()
-                run.probe = _probe_figures(results)
-                plot = Path(tempfile.mkdtemp(prefix="opsbook-probe-")) / "probe.png"
-                run.probe_plot = str(results.plot(plot, title=f"{plan.kind} {plan.target} to {env.name}"))
-                ok, reasons = results.within(slo)
-                if not ok and run.outcome == "succeeded":
-                    run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
-        if run.outcome == "succeeded":
-            try:
-                with run.phase("mark good"):
-                    ansible.run_playbook(env, "mark-good.yml", what="marking the release good",
-                                         extra_vars={"opsbook_release_version": plan.target})
-            except OpsbookError as e:
-                # Every host switched, but retention does not know the release is good: say so.
-                run.outcome, run.reason, run.detail = "failed", f"marking the release good failed: {e}", str(e)
-    _write_record(env, run)
+            with lock.hold(f"{plan.kind} {plan.target} (record {run.record_id})", wait=wait) as held:
+                log(held.message)
+                run.lock = held.message
+                if replan is not None:
+                    run.plan = plan = _replanned(plan, replan())
+                probe = probes.probe_for(env)
+                _run_phases(env, plan, art, run, held=held, probe=probe, slo=slo)
+        except KeyboardInterrupt as e:   # interrupted while waiting for the lock, or while ending in order
+            if run.outcome != "interrupted":
+                run.outcome, run.reason = "interrupted", f"{interrupts.describe(e)} before the {plan.kind} began"
+        except locks.LockHeld:
+            raise   # refused: nothing ran, nothing to record
+        except Exception as e:  # noqa: BLE001 - the lock itself failed (its store, its lease): still a record
+            if run.outcome == "succeeded":
+                run.outcome = "failed"
+            run.reason = run.reason or f"{type(e).__name__}: {e}"
+            run.detail = run.detail or str(e)
+    with interrupts.shielded():
+        _write_record(env, run)
     if run.outcome != "succeeded":
-        raise ReleaseFailed(f"{plan.kind} of {plan.target} to {env.name} failed: {run.reason}. "
+        raise ReleaseFailed(f"{plan.kind} of {plan.target} to {env.name} {run.outcome}: {run.reason}. "
                             f"Record {run.record_id} has the details; `invoke status --env {env.name}` shows "
                             f"what each host serves now.")
     log(f"{plan.kind} of {plan.target} to {env.name} succeeded in {time.monotonic() - run.t0:.0f}s "
         f"(record {run.record_id})")
     return plan.target
+
+
+def _replanned(before: Plan, after: Plan) -> Plan:
+    if after.current != before.current or after.batches != before.batches:
+        log("the fleet changed while waiting for the lock; the plan was made again:\n" + after.text())
+    return after
+
+
+def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
+    try:
+        if any(plan.current.values()):
+            _start_probe(run, probe, "before", required=False)
+        _steps(env, plan, art, run, held=held, probe=probe, slo=slo)
+        run.outcome = "succeeded"
+    except KeyboardInterrupt as e:
+        run.outcome = "interrupted"
+        run.reason = f"{interrupts.describe(e)} during {run.current_phase or 'the plan'}"
+        log(f"{plan.kind} INTERRUPTED: {run.reason}; putting things back in order")
+        _put_back(env, plan, run)
+    except Exception as e:  # noqa: BLE001 - whatever failed (a playbook, the database, a disk), a record
+        run.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, OpsbookError):
+            run.reason = f"{type(e).__name__}: {run.reason}"
+        run.detail = str(e)
+        log(f"{plan.kind} FAILED: {run.reason}")
+        if isinstance(e, locks.LeaseLost):
+            run.put_back = "not attempted: this release no longer holds the lock, someone else may be acting"
+        else:
+            _put_back(env, plan, run)
+    finally:
+        if run.live_probe is not None:
+            run.live_probe = None
+            with run.phase("probe read-back"):
+                results = probe.stop()
+            run.probe = _probe_figures(results)
+            plot = Path(tempfile.mkdtemp(prefix="opsbook-probe-")) / "probe.png"
+            run.probe_plot = str(results.plot(plot, title=f"{plan.kind} {plan.target} to {env.name}"))
+            ok, reasons = results.within(slo)
+            if not ok and run.outcome == "succeeded":
+                run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
+    if run.outcome == "succeeded":
+        try:
+            held.renew()
+            with run.phase("mark good"):
+                ansible.run_playbook(env, "mark-good.yml", what="marking the release good",
+                                     extra_vars={"opsbook_release_version": plan.target})
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every host switched: say what is missing
+            # Every host switched, but retention does not know the release is good: say so.
+            run.outcome, run.reason, run.detail = "failed", f"marking the release good failed: {e}", str(e)
+
+
+def _put_back(env: Env, plan: Plan, run: Run) -> None:
+    """After a failure or an interrupt: the batch in flight goes back to the version it had (the
+    safer path: the new version has not passed its gate on it), then every app host that answers
+    is put back in the load balancer. A second interrupt skips the batch's return but never the
+    putting back, which runs shielded from signals (it takes seconds)."""
+    entry = run.batches[-1] if run.batches else None
+    if run.in_flight and entry is not None and "returned" not in entry:
+        try:
+            entry["returned"] = _return_batch(env, plan, run.in_flight)
+        except KeyboardInterrupt as e:
+            entry["returned"] = f"not returned: {interrupts.describe(e)} while returning it"
+            run.outcome = "interrupted"
+        log(f"batch {entry['batch']}: {entry['returned']}")
+        if entry.get("result") in (None, "switching"):
+            entry["result"] = run.outcome
+    run.in_flight = None
+    with interrupts.shielded() as arrived:
+        try:
+            ansible.run_playbook(env, "rotation.yml", what="putting answering hosts back in the load balancer")
+            run.put_back = "every app host that answers /ping is enabled in the load balancer"
+        except Exception as e:  # noqa: BLE001 - the record says what could not be done
+            run.put_back = f"could not put every host back in the load balancer: {e}"
+            log(run.put_back)
+    if arrived:
+        log("a further interrupt arrived while hosts were put back; it was held until they were")
 
 
 def _probe_figures(results) -> dict[str, Any]:
@@ -243,16 +319,19 @@ def _return_batch(env: Env, plan: Plan, batch: list[str]) -> str:
 
 def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
     if "provision" in plan.phases:
+        held.renew()
         with run.phase("provision"):
             _converge(env, run)
     with run.phase("preflight"):
         _preflight(env, plan)
     if "expand migrations" in plan.phases:
+        held.renew()
         with run.phase("expand migrations"):
             _expand(env, art, run)
     if run.live_probe is None and any(plan.current.values()):
         _start_probe(run, probe, "stage", required=True)
     probe = run.live_probe
+    held.renew()
     with run.phase("stage"):
         ansible.run_playbook(env, "stage.yml", what=f"staging {plan.target}", extra_vars={
             "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)})
@@ -262,13 +341,16 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, prob
             if probe:
                 probe.mark(name)
             t = time.monotonic()
-            entry: dict[str, Any] = {"batch": i, "hosts": ", ".join(batch)}
+            entry: dict[str, Any] = {"batch": i, "hosts": ", ".join(batch), "result": "switching"}
             run.batches.append(entry)
+            held.renew()   # the lease is verified before any host of the batch is touched
+            run.in_flight = batch
             try:
                 _switch(env, batch, plan.target, f"{plan.kind} {name} ({', '.join(batch)})")
             except PlaybookFailed as e:
                 entry.update(result="failed health", seconds=round(time.monotonic() - t, 1))
                 entry["returned"] = _return_batch(env, plan, batch)
+                run.in_flight = None
                 raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e} {entry['returned']}.") from e
             held.check()
             if probe:
@@ -278,8 +360,10 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, prob
                 if not ok:
                     entry.update(result="failed gate", seconds=round(time.monotonic() - t, 1))
                     entry["returned"] = _return_batch(env, plan, batch)
+                    run.in_flight = None
                     raise ReleaseFailed(f"{name} ({', '.join(batch)}) missed the SLO: {'; '.join(reasons)}. "
                                         f"{entry['returned']}.")
+            run.in_flight = None
             entry.update(result="passed", seconds=round(time.monotonic() - t, 1))
             log(f"{name} done in {entry['seconds']}s")
         if probe:

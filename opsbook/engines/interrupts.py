@@ -1,0 +1,67 @@
+"""Operator interrupts: SIGINT (Ctrl-C), SIGTERM and SIGHUP end an operation the same, orderly way.
+
+Python turns SIGINT into KeyboardInterrupt; `interruptible()` does the same for SIGTERM and SIGHUP
+(an `Interrupted`, which is a KeyboardInterrupt naming its signal), so one `except KeyboardInterrupt`
+puts things back in order whatever the signal was. `shielded()` holds signals back for a short
+step that must not be cut in half (putting hosts back in the load balancer); they are re-raised
+once it is done.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HANDLED = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The operation was interrupted by a signal (`.signal` names it)."""
+
+    def __init__(self, signum: int):
+        self.signal = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.signal}")
+
+
+def describe(e: BaseException) -> str:
+    return str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT (Ctrl-C)"
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted in the main thread while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in HANDLED}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def shielded() -> Iterator[list[int]]:
+    """Hold SIGINT, SIGTERM and SIGHUP back while the block runs; the signals that arrived are
+    listed in the yielded list (the caller decides what to do once the block is done)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    arrived: list[int] = []
+
+    def hold(signum, _frame):
+        arrived.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, *HANDLED)}
+    try:
+        yield arrived
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

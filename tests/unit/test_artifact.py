@@ -1,0 +1,40 @@
+"""The artifact's checksums: a tarball without its checksum file, or one that changed after it was
+built, is refused before any host is touched. No build needed: the files are made here."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from opsbook.engines import artifact
+
+
+@pytest.fixture
+def dist(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifact, "DIST", tmp_path)
+    return tmp_path
+
+
+def _tarball(dist, version: str, data: bytes = b"not really a tarball") -> None:
+    (dist / f"{artifact.NAME}-{version}.tar.gz").write_bytes(data)
+
+
+def test_an_artifact_with_a_matching_checksum_is_found(dist):
+    _tarball(dist, "9.9.9")
+    digest = hashlib.sha256(b"not really a tarball").hexdigest()
+    (dist / f"{artifact.NAME}-9.9.9.tar.gz.sha256").write_text(f"{digest}  {artifact.NAME}-9.9.9.tar.gz\n")
+    assert artifact.find("9.9.9").sha256 == digest
+
+
+def test_an_artifact_without_its_checksum_file_is_refused(dist):
+    _tarball(dist, "9.9.8")
+    with pytest.raises(artifact.ArtifactError, match="has no checksum file.*Nothing was deployed"):
+        artifact.find("9.9.8")
+
+
+def test_an_artifact_that_changed_after_it_was_built_is_refused(dist):
+    _tarball(dist, "9.9.7")
+    (dist / f"{artifact.NAME}-9.9.7.tar.gz.sha256").write_text(f"{'0' * 64}  {artifact.NAME}-9.9.7.tar.gz\n")
+    with pytest.raises(artifact.ArtifactError, match="does not match its checksum file"):
+        artifact.find("9.9.7")
