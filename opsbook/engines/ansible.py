@@ -128,15 +128,20 @@ def fingerprint(env: Env) -> str:
 
 def converged_stamps(env: Env, pattern: str = "all") -> dict[str, str | None]:
     """host -> the fingerprint its stamp holds (None: no stamp, or the host did not answer). One
-    ad-hoc Ansible run for every host at once."""
-    import re
-
-    cmd = ["ansible", "-i", str(env.path), pattern, "-o", "-m", "ansible.builtin.command",
-           "-a", f"cat {STAMP}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False)
+    ad-hoc Ansible run for every host at once, read through Ansible's json callback."""
+    cmd = ["ansible", "-i", str(env.path), pattern, "-m", "ansible.builtin.command", "-a", f"cat {STAMP}"]
+    json_output = {"ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "json"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**ansible_env(), **json_output})
     out: dict[str, str | None] = {h.name: None for h in env.hosts(pattern)}
-    for line in proc.stdout.splitlines():
-        m = re.match(r"^(\S+) \| (?:CHANGED|SUCCESS) \| rc=0 \| \(stdout\) ([0-9a-f]{16})\s*$", line)
-        if m and m.group(1) in out:
-            out[m.group(1)] = m.group(2)
+    try:
+        doc = json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError:
+        return out   # nothing readable: every host counts as unconverged (provisioning is idempotent)
+    for play in doc.get("plays", []):
+        for task in play.get("tasks", []):
+            for host, result in (task.get("hosts") or {}).items():
+                stamp = str(result.get("stdout", "")).strip()
+                if host in out and result.get("rc") == 0 and len(stamp) == 16:
+                    out[host] = stamp
     return out

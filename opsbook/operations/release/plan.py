@@ -24,6 +24,8 @@ PHASES: dict[str, str] = {
     "stage": "unpack the artifact into releases/<version> on every app host (offline venv)",
     "rolling switch": "per batch: drain, switch `current`, restart, health and /version, re-enable; "
                       "the probe's figures for the batch must meet the SLO",
+    "verify": "every host check (testinfra), including those preflight leaves out: each app host serves "
+              "the release, its service runs, and it is UP in the load balancer",
     "probe read-back": "every write the service acknowledged during the release is read back",
     "mark good": "mark the release good on every host (retention never deletes it)",
 }

@@ -366,9 +366,12 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, prob
             run.in_flight = None
             entry.update(result="passed", seconds=round(time.monotonic() - t, 1))
             log(f"{name} done in {entry['seconds']}s")
-        if probe:
-            probe.mark("after")
-            time.sleep(2)
+    # Converge, then verify: the whole fleet is checked as it is now, not only the hosts switched.
+    with run.phase("verify"):
+        hostchecks.run_host_checks(env)
+    if probe:
+        probe.mark("after")
+        time.sleep(2)
 
 
 def _write_record(env: Env, run: Run) -> None:
