@@ -29,7 +29,7 @@ def test_an_artifact_with_a_matching_checksum_is_found(dist):
 
 def test_an_artifact_without_its_checksum_file_is_refused(dist):
     _tarball(dist, "9.9.8")
-    with pytest.raises(artifact.ArtifactError, match="has no checksum file.*Nothing was deployed"):
+    with pytest.raises(artifact.ArtifactError, match=r"has no checksum file.*Nothing was deployed"):
         artifact.find("9.9.8")
 
 
