@@ -191,3 +191,105 @@ def test_release_record_json_has_no_secret(lab_env, serving_fleet):
         assert not any(s in blob for s in secrets), rec["id"]
 
 
+
+
+# --- interrupted releases --------------------------------------------------------------------
+def _release_until_batch(version: str, batch: int) -> tuple[subprocess.Popen, list[str]]:
+    """Start `invoke release` and read its output until batch `batch` is draining its host."""
+    env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "release", "--env", "lab", "--version", version],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    assert proc.stdout is not None
+    started = False
+    for line in proc.stdout:
+        seen.append(line)
+        started = started or f"batch {batch - 1} done" in line
+        if started and "TASK [app : Drain the host in the load balancer" in line:
+            return proc, seen
+    raise AssertionError(f"the release ended before batch {batch} switched:\n" + "".join(seen[-60:]))
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM,)],
+                         ids=["ctrl-c-twice", "sigterm"])
+def test_a_release_interrupted_while_a_batch_switches_ends_in_order(lab_env, test_versions, fleet_on_a, signals):
+    a, b = test_versions
+    proc, seen = _release_until_batch(b, 2)
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(1.5)   # a second Ctrl-C while the release puts things back
+        proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=600)
+    out = "".join(seen) + rest
+    assert proc.returncode != 0, out[-3000:]
+    # Every backend UP, each host serving exactly one version, the lock free.
+    assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app")), out[-3000:]
+    versions = served(lab_env)
+    assert set(versions.values()) <= {a, b}, versions
+    assert versions["app1"] == b           # batch 1 had passed
+    assert versions["app3"] == a           # never touched
+    assert lock_for(lab_env).holder() is None
+    rec = last_record(lab_env, "release")
+    assert rec["outcome"] == "interrupted", rec
+    assert rec["figures"]["interrupted_in"] == "rolling switch"
+    assert signal.Signals(signals[0]).name in rec["figures"]["reason"] or "Ctrl-C" in rec["figures"]["reason"]
+    # The next release converges, with nothing lost.
+    invoke("release", "--env", "lab", "--version", b, check=True)
+    rec = last_record(lab_env, "release")
+    assert set(served(lab_env).values()) == {b}
+    assert rec["figures"]["failed_requests"] == 0
+    assert rec["figures"]["missing_acknowledged_writes"] == 0
+
+
+def test_a_version_too_slow_for_the_slo_fails_its_gate_and_returns_its_batch(lab_env, fleet_on_a, tmp_path):
+    """Answers right, but every write takes longer than the SLO's p99 allows: the gate, not the
+    health check, stops it."""
+    a = fleet_on_a
+    src = tmp_path / "app"
+    shutil.copytree(ROOT / "app", src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    handlers = src / "bl_api" / "handlers.py"
+    text = handlers.read_text()
+    slow = lab_env.var("opsbook_release_slo")["max_p99_ms"] / 1000 + 0.5
+    marker = "def record_responses():\n"
+    assert marker in text
+    handlers.write_text(text.replace(marker, marker + f"    time.sleep({slow})\n"))
+    version = f"{artifact.default_version()}.slow"
+    artifact.build(version, log=lambda _m: None, source=src)
+
+    proc = invoke("release", "--env", "lab", "--version", version)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "batch 1 (app1) missed the SLO" in out
+    assert set(served(lab_env).values()) == {a}          # the batch went back
+    rec = last_record(lab_env, "release")
+    assert rec["outcome"] == "failed"
+    assert "p99" in rec["figures"]["reason"]
+    assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
+
+
+def test_a_contract_is_refused_while_a_release_holds_the_lock(lab_env, fleet_on_a):
+    with lock_for(lab_env).hold("a release already running (test)"):
+        proc = invoke("migrate", "--env", "lab", "--phase", "contract")
+    assert proc.returncode != 0
+    assert "a release already running (test)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(("release", "--batch", "abc"), "neither a positive number", id="batch-abc"),
+        pytest.param(("release", "--batch", "0"), "neither a positive number", id="batch-0"),
+        pytest.param(("release", "--batch", "101%"), "neither a positive number", id="batch-101%"),
+        pytest.param(("rollback", "--to", "0.0.0-nope"), "does not exist", id="rollback-to-unknown"),
+    ],
+)
+def test_bad_input_is_refused_clearly_and_changes_nothing(lab_env, test_versions, fleet_on_a, args, message):
+    n_before = len(store_for(lab_env).ledger())
+    extra = ("--version", test_versions[1]) if args[0] == "release" else ()
+    proc = invoke(args[0], "--env", "lab", *extra, *args[1:])
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert set(served(lab_env).values()) == {fleet_on_a}
+    assert len(store_for(lab_env).ledger()) == n_before
+    assert lock_for(lab_env).holder() is None

@@ -12,7 +12,7 @@ from bl_api import __version__
 
 from opsbook.core.inventory import Env
 from opsbook.engines import fleet
-from opsbook.engines.migrations import MigrationError, pending_contracts, run
+from opsbook.engines.migrations import MigrationError, pending_contracts, plan, run
 from opsbook.engines.migrations.guards import contract_gate
 from opsbook.operations import migrate as operator
 from tests.fixtures.service import Service
@@ -127,3 +127,17 @@ def test_pending_contracts_after_a_release_expand(tmp_path, pg_db):
     assert "once every app host serves >= 1.1.0" in str(pending[0])
     run(pg_db, APP_MIGRATIONS, "contract", fleet_versions={"app1": "1.1.0"})
     assert pending_contracts(pg_db, APP_MIGRATIONS) == []
+
+
+def test_the_contract_gate_fails_closed_on_an_empty_or_unknown_fleet():
+    """No app host to ask, or no answer at all, is no evidence that old versions are gone."""
+    assert set(contract_gate("1.1.0", {})) == {"<no app hosts>"}
+    assert set(contract_gate("1.1.0", None)) == {"<fleet unknown>"}
+    assert contract_gate("1.1.0", {"app1": "1.1.0"}) == {}
+
+
+def test_a_contract_plan_on_an_empty_fleet_is_refused(tmp_path, pg_db):
+    migrate_to(pg_db, "expand", tmp_path)
+    p = plan(pg_db, APP_MIGRATIONS, "contract", fleet_versions={})
+    assert not p.gate_allows
+    assert "REFUSED, blocked by <no app hosts>" in p.gate_verdict()
