@@ -174,10 +174,17 @@ class LabHost:
     name: str
     address: str
     container: str
+    data_volume: str | None = None   # database hosts: a podman volume that outlives the container
+
+
+# Where a database host keeps its data: on a named volume, so recreating a stale db host (lab.up)
+# keeps its databases, as a replaced EC2 instance keeps an EBS volume.
+DATA_PATH = "/var/lib/postgresql"
 
 
 def hosts(env: Env) -> list[LabHost]:
-    return [LabHost(h.name, h.address, f"opsbook-lab-{h.name}") for h in env.hosts()]
+    return [LabHost(h.name, h.address, f"opsbook-lab-{h.name}",
+                    f"opsbook-lab-{h.name}-data" if "db" in h.groups else None) for h in env.hosts()]
 
 
 def network(env: Env) -> tuple[str, str, str]:
@@ -309,9 +316,7 @@ def up(env: Env, dry_run: bool = False) -> bool:
         if info:
             log(f"{h.name}: container exists but is not running; recreating it")
             _remove(h.container)
-        podman("create", "--name", h.container, "--hostname", h.name, "--network", net_name,
-               "--ip", h.address, "--privileged", "--label", f"{LABEL}=1", "--label", f"opsbook.host={h.name}",
-               image, "/sbin/init")
+        _create(h, image, net_name)
         _install_key(env, h, pub)
         podman("start", h.container)
         log(f"{h.name}: started at {h.address}")
@@ -321,6 +326,17 @@ def up(env: Env, dry_run: bool = False) -> bool:
     else:
         log("lab is up; nothing changed")
     return changed
+
+
+def _create(h: LabHost, image: str, net_name: str) -> None:
+    volume = []
+    if h.data_volume:
+        if podman("volume", "exists", h.data_volume, check=False).returncode != 0:
+            podman("volume", "create", "--label", f"{LABEL}=1", h.data_volume)
+        volume = ["--volume", f"{h.data_volume}:{DATA_PATH}"]   # a new volume starts as the image's copy
+    podman("create", "--name", h.container, "--hostname", h.name, "--network", net_name,
+           "--ip", h.address, "--privileged", "--label", f"{LABEL}=1", "--label", f"opsbook.host={h.name}",
+           *volume, image, "/sbin/init")
 
 
 def _answering(live: list[LabHost], key: Path) -> set[str]:
@@ -376,6 +392,13 @@ def down(env: Env, dry_run: bool = False) -> None:
         else:
             _remove(name)
             log(f"removed {name}")
+    volumes = podman("volume", "ls", "--filter", f"label={LABEL}=1", "--format", "{{.Name}}").stdout.decode().split()
+    for name in volumes:
+        if dry_run:
+            log(f"would remove volume {name}")
+        else:
+            podman("volume", "rm", "-f", name)
+            log(f"removed volume {name}")
     net_name = network(env)[0]
     if podman("network", "exists", net_name, check=False).returncode == 0:
         info = json.loads(podman("network", "inspect", net_name).stdout)[0]

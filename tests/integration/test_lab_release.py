@@ -107,10 +107,12 @@ def test_lab_down_would_remove_exactly_what_lab_up_created(lab_env, capsys):
     from opsbook.engines import lab
     lab.down(lab_env, dry_run=True)
     out = capsys.readouterr().out
-    removed = set(re.findall(r"would remove (\S+)", out))
-    expected = {f"opsbook-lab-{h.name}" for h in lab_env.hosts()} | {"network"}
-    assert removed == expected
+    removed = set(re.findall(r"would remove (?!volume |network )(\S+)", out))
+    assert removed == {f"opsbook-lab-{h.name}" for h in lab_env.hosts()}
     assert "would remove network opsbook-lab" in out
+    # Database hosts' data volumes (made by lab.up) go too, and nothing else does.
+    volumes = set(re.findall(r"would remove volume (\S+)", out))
+    assert volumes <= {f"opsbook-lab-{h.name}-data" for h in lab_env.hosts("db")}
 
 
 # --- provisioning, release, service ------------------------------------------------------
