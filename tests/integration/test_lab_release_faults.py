@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -293,3 +294,57 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(lab_env, test_versions
     assert set(served(lab_env).values()) == {fleet_on_a}
     assert len(store_for(lab_env).ledger()) == n_before
     assert lock_for(lab_env).holder() is None
+
+
+# --- hosts and the database going away mid-release -------------------------------------------
+def test_a_host_killed_in_the_middle_of_a_release(lab_env, test_versions, fleet_on_a):
+    from opsbook.engines import lab
+
+    _a, b = test_versions
+    proc, seen = _release_until_batch(b, 2)        # app2 is being drained
+    lab.podman("kill", "opsbook-lab-app2")
+    rest, _ = proc.communicate(timeout=600)
+    out = "".join(seen) + rest
+    assert proc.returncode != 0, out[-3000:]
+    rec = last_record(lab_env, "release")
+    assert rec["outcome"] == "failed"
+    assert "app2" in rec["figures"]["reason"]
+    status = invoke("status", "--env", "lab", check=True).stdout
+    assert re.search(r"app2\s+not serving", status), status       # status tells the truth
+    assert lock_for(lab_env).holder() is None
+    assert all(haproxy_status(h) == "UP" for h in ("app1", "app3"))
+    # The host comes back (lab.up recreates it from the image, unprovisioned, like a replaced
+    # instance); the next release provisions it and converges the fleet, with nothing lost.
+    invoke("lab.up", check=True)
+    invoke("release", "--env", "lab", "--version", b, check=True)
+    assert set(served(lab_env).values()) == {b}
+    rec = last_record(lab_env, "release")
+    assert rec["figures"]["converged"] == ["app2"]      # only the new host needed provisioning
+    assert rec["figures"]["failed_requests"] == 0
+    assert rec["figures"]["missing_acknowledged_writes"] == 0
+    assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
+
+
+def test_the_database_stopped_in_the_middle_of_a_release(lab_env, test_versions, fleet_on_a):
+    _a, b = test_versions
+    proc, seen = _release_until_batch(b, 2)
+    ssh("db1", "systemctl stop postgresql")
+    try:
+        rest, _ = proc.communicate(timeout=600)
+        status = invoke("status", "--env", "lab", check=True).stdout
+    finally:
+        ssh("db1", "systemctl start postgresql")
+    out = "".join(seen) + rest
+    assert proc.returncode != 0, out[-3000:]
+    rec = last_record(lab_env, "release")
+    assert rec["outcome"] == "failed"
+    assert "batch 2" in rec["figures"]["reason"]
+    assert "database not reachable" in status
+    assert lock_for(lab_env).holder() is None
+    # Once the database is back, the next release converges with nothing lost.
+    invoke("release", "--env", "lab", "--version", b, check=True)
+    assert set(served(lab_env).values()) == {b}
+    rec = last_record(lab_env, "release")
+    assert rec["figures"]["failed_requests"] == 0
+    assert rec["figures"]["missing_acknowledged_writes"] == 0
+    assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))

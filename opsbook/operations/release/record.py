@@ -89,6 +89,8 @@ def key_figures(data: dict[str, Any]) -> dict[str, Any]:
     }
     if data.get("reason"):
         figs["reason"] = data["reason"]
+    if data.get("converge"):
+        figs["converged"] = data["converge"].get("converged", [])
     if data.get("interrupted_in"):
         figs["interrupted_in"] = data["interrupted_in"]
     if data.get("put_back"):
