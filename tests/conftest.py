@@ -1,4 +1,11 @@
+import os
+import tempfile
+
 import pytest
+
+# Records a store refuses are kept in a spool (opsbook.engines.records.spool): the suite's own,
+# never the operator's ~/.local/state/opsbook.
+os.environ.setdefault("OPSBOOK_SPOOL", tempfile.mkdtemp(prefix="opsbook-test-spool-"))
 
 pytest_plugins = [
     "tests.fixtures.lab",

@@ -309,3 +309,33 @@ def test_the_kernel_talks_over_private_unix_sockets_not_loopback_tcp(tmp_path):
     printed = store.get(entry["notebook"]).decode()
     assert "transport ipc" in printed
     assert "private True" in printed
+
+
+@pytest.mark.moto
+def test_a_record_the_store_refuses_is_kept_here_and_uploaded_by_the_next_run(tmp_path, s3_bucket, aws, monkeypatch):
+    """The bucket disappears while a run executes (after the store was checked): the record is
+    kept on this machine, the operator is told where, and the next run that reaches the store
+    uploads it before its own."""
+    import boto3
+
+    monkeypatch.setenv("OPSBOOK_SPOOL", str(tmp_path / "spool"))
+    rb = tmp_path / "rb"
+    write_runbook(rb, "vanish", INJECTED + "bucket: str = None  # required: the bucket to delete",
+                  "import boto3\nboto3.client('s3').delete_bucket(Bucket=bucket)\nprint('the bucket is gone')")
+    write_runbook(rb, "noop", INJECTED, "print('nothing to do')")
+    store = S3Store(f"s3://{s3_bucket}/lab")
+    said: list[str] = []
+    entry = runbooks.run("vanish", LAB, {"bucket": s3_bucket}, store=store, secrets={}, runbooks_dir=rb,
+                         progress=False, log=said.append)
+    kept = Path(entry["spooled"])
+    assert (kept / "entry.json").is_file()
+    assert "the bucket is gone" in (kept / "notebook.ipynb").read_text()
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o700
+    assert any(str(kept) in line and "uploads it" in line for line in said)
+
+    boto3.client("s3", endpoint_url=aws).create_bucket(Bucket=s3_bucket)   # the store is back
+    second = runbooks.run("noop", LAB, {}, store=store, secrets={}, runbooks_dir=rb, progress=False,
+                          log=said.append)
+    assert [e["id"] for e in store.ledger()] == [entry["id"], second["id"]]
+    assert not kept.exists()
+    assert b"the bucket is gone" in store.get(f"records/{entry['id']}/notebook.ipynb")

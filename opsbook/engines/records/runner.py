@@ -269,6 +269,7 @@ def run(
     import nbformat
 
     from opsbook.core.redaction import Redactor
+    from opsbook.engines.records import spool
     from opsbook.engines.records.figures import figures_in
     from opsbook.engines.records.store import check_record_id, new_record_id, store_for
 
@@ -282,6 +283,7 @@ def run(
     store = store if store is not None else store_for(env)
     secrets = secrets if secrets is not None else env.secret_values()
     store.check()
+    spool.flush(store, log)   # records this machine kept while the store refused them go first
     redactor = Redactor(secrets)
 
     # A caller may reserve the id up front (a release names its record before it starts, so the
@@ -320,8 +322,14 @@ def run(
     nb_bytes = redactor.bytes(nbformat.writes(nb).encode())
     html_bytes = redactor.bytes(render_html(nb))
     entry = json.loads(redactor.bytes(json.dumps(entry).encode()))
-    stored = store.write_record(entry, nb_bytes, html_bytes)
-    where = store.location(stored["html"])
+    try:
+        stored = store.write_record(entry, nb_bytes, html_bytes)
+        where = store.location(stored["html"])
+    except Exception as e:  # noqa: BLE001 - whatever the store's failure (disk, S3, network), keep the record
+        kept = spool.keep(store, entry, nb_bytes, html_bytes)
+        stored, where = {**entry, "spooled": str(kept)}, str(kept / "record.html")
+        log(f"the record store {store.url} refused record {record_id} ({type(e).__name__}: {e}); it is kept on "
+            f"this machine at {kept}, and the next opsbook command that reaches the store uploads it")
     if interrupted is not None:
         log(f"interrupted; record {record_id} stored: {where}")
         raise interrupted

@@ -89,14 +89,21 @@ class Store(ABC):
         """Where an operator finds this key (a path or an s3:// URL)."""
 
     # -- records -------------------------------------------------------------------------
-    def write_record(self, entry: dict[str, Any], notebook: bytes, html: bytes) -> dict[str, Any]:
-        """Store one run: notebook, HTML, then its ledger entry (last, so it only points at what exists)."""
+    def write_record(self, entry: dict[str, Any], notebook: bytes, html: bytes, *,
+                     resume: bool = False) -> dict[str, Any]:
+        """Store one run: notebook, HTML, then its ledger entry (last, so it only points at what exists).
+        `resume`: finishing a record that an earlier attempt stored in part (the spool uploads so)."""
         record_id = check_record_id(entry["id"])
         entry = dict(entry)
         entry["notebook"] = f"{RECORDS}/{record_id}/notebook.ipynb"
         entry["html"] = f"{RECORDS}/{record_id}/record.html"
-        self.put_once(entry["notebook"], notebook, "application/x-ipynb+json")
-        self.put_once(entry["html"], html, "text/html; charset=utf-8")
+        for key, data, kind in ((entry["notebook"], notebook, "application/x-ipynb+json"),
+                                (entry["html"], html, "text/html; charset=utf-8")):
+            try:
+                self.put_once(key, data, kind)
+            except RecordExists:
+                if not resume:
+                    raise
         blob = json.dumps(entry, indent=1, sort_keys=True).encode() + b"\n"
         self.put_once(f"{LEDGER}/{record_id}.json", blob, "application/json")
         return entry
