@@ -1,8 +1,6 @@
 import os
 import tempfile
 
-import pytest
-
 # Records a store refuses are kept in a spool (opsbook.engines.records.spool): the suite's own,
 # never the operator's ~/.local/state/opsbook.
 os.environ.setdefault("OPSBOOK_SPOOL", tempfile.mkdtemp(prefix="opsbook-test-spool-"))
@@ -20,11 +18,3 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if exitstatus == 0 and reporter is not None and not reporter.stats.get("passed"):
         session.exitstatus = 5
-
-
-def pytest_collection_modifyitems(config, items):
-    """The lab is one fleet: every lab test runs on the same xdist worker, in order (`--dist
-    loadgroup`), while the tests that do not touch it run on the other workers."""
-    for item in items:
-        if item.get_closest_marker("lab"):
-            item.add_marker(pytest.mark.xdist_group("lab"))
