@@ -20,6 +20,18 @@ class UnknownEnvironment(OpsbookError):
     pass
 
 
+def default_env() -> str:
+    """The default environment's name, as invoke.yaml names it (`opsbook.env`): the one place it is set."""
+    import yaml
+
+    from opsbook.core.paths import ROOT
+
+    name = ((yaml.safe_load((ROOT / "invoke.yaml").read_text()) or {}).get("opsbook") or {}).get("env")
+    if not name:
+        raise OpsbookError("invoke.yaml names no default environment (opsbook.env); pass one explicitly.")
+    return str(name)
+
+
 def environments() -> list[str]:
     """Names of the environments that exist (directories under inventories/)."""
     return sorted(p.name for p in INVENTORIES.iterdir() if p.is_dir() and not p.name.startswith("."))
