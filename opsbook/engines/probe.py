@@ -189,6 +189,20 @@ class ProbeResults:
                            f"(SLO allows {limit}), e.g. {self.missing_acknowledged_writes[:3]}")
         return not reasons, reasons
 
+    def baseline_slo(self, slo: dict[str, Any], baseline: str = "before",
+                     headroom: float = 1.25) -> tuple[dict[str, Any], str | None]:
+        """The SLO a change is judged by: `slo`, except that when the service already missed its
+        latency objective before the change (the `baseline` phase), the change may not make it worse
+        than `headroom` times that baseline. A change cannot fix what it is blamed for otherwise.
+        Returns (slo, note) where the note says why it was relaxed (None when it was not)."""
+        limit = slo.get("max_p99_ms")
+        before = self.phase(baseline).get("p99_ms") if baseline in self.phase_names() else None
+        if limit is None or before is None or before <= limit:
+            return slo, None
+        relaxed = {**slo, "max_p99_ms": round(before * headroom)}
+        return relaxed, (f"the service already missed its p99 objective before this change ({before:.0f} ms > "
+                         f"{limit} ms): judged against that baseline, no worse than {relaxed['max_p99_ms']} ms")
+
     def phase_within(self, phase: str, slo: dict[str, Any]) -> tuple[bool, list[str]]:
         """One phase's gate (e.g. after each batch): (ok, reasons). Missing writes count only once
         the run is verified."""

@@ -159,3 +159,21 @@ def test_the_lab_inventory_points_the_probe_at_its_load_balancer_and_names_the_s
     assert probe.max_seconds == 3600
     assert slo_for(load("lab")) == {"max_failed_requests": 0, "max_p99_ms": 2000,
                               "max_missing_acknowledged_writes": 0, "max_client_errors": 0}
+
+
+def test_a_fleet_already_slow_before_a_change_is_judged_against_its_own_baseline():
+    """A release that would fix a slow fleet must not be blamed for the slowness it found; one that
+    makes a healthy fleet slow is still stopped."""
+    slow_before = [_sample(i * 0.1, "before", latency=2500.0 if i % 3 else 20.0) for i in range(60)]
+    better = [_sample(6 + i * 0.1, "batch 1", latency=2400.0 if i % 3 == 1 else 15.0) for i in range(60)]
+    worse = [_sample(12 + i * 0.1, "batch 2", latency=4000.0 if i % 3 else 15.0) for i in range(60)]
+    results = ProbeResults("http://lb", 1_700_000_000, 18, slow_before + better + worse,
+                           [("before", 0, 6), ("batch 1", 6, 12), ("batch 2", 12, 18)], {}, [])
+    gate, note = results.baseline_slo(SLO)
+    assert gate["max_p99_ms"] == 3125            # 1.25 x the 2500 ms the fleet had before
+    assert "already missed its p99 objective" in note
+    assert results.phase_within("batch 1", gate)[0]
+    assert not results.phase_within("batch 2", gate)[0]
+    healthy = ProbeResults("http://lb", 1_700_000_000, 12, [_sample(i * 0.1, "before") for i in range(60)] + worse,
+                           [("before", 0, 6), ("batch 2", 12, 18)], {}, [])
+    assert healthy.baseline_slo(SLO) == (SLO, None)   # a healthy baseline keeps the SLO as it is

@@ -33,6 +33,8 @@ def summary(data: dict[str, Any]) -> str:
         lines.append("  detail:\n    " + data["detail"].replace("\n", "\n    "))
     if data.get("lock"):
         lines.append(f"  lock: {data['lock']}")
+    for note in data.get("notes") or []:
+        lines.append(f"  note: {note}")
     return "\n".join(lines)
 
 

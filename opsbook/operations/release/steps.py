@@ -53,6 +53,7 @@ class Run:
     current_phase: str | None = None   # the phase running now (an interrupt's record names it)
     in_flight: list[str] | None = None   # the batch being switched, if any
     put_back: str | None = None   # after a failure: whether every answering host is back in rotation
+    notes: list[str] = field(default_factory=list)   # what the record should say besides the outcome
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -77,7 +78,7 @@ class Run:
             "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
             "interrupted_in": self.current_phase if self.outcome == "interrupted" else None,
-            "put_back": self.put_back,
+            "put_back": self.put_back, "notes": self.notes,
         }
 
 
@@ -157,7 +158,7 @@ def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held,
             run.probe = _probe_figures(results)
             plot = Path(tempfile.mkdtemp(prefix="opsbook-probe-")) / "probe.png"
             run.probe_plot = str(results.plot(plot, title=f"{plan.kind} {plan.target} to {env.name}"))
-            ok, reasons = results.within(slo)
+            ok, reasons = results.within(results.baseline_slo(slo)[0])
             if not ok and run.outcome == "succeeded":
                 run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
     if run.outcome == "succeeded":
@@ -337,41 +338,51 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, prob
             "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)})
     with run.phase("rolling switch"):
         for i, batch in enumerate(plan.batches, 1):
-            name = f"batch {i}"
-            if probe:
-                probe.mark(name)
-            t = time.monotonic()
-            entry: dict[str, Any] = {"batch": i, "hosts": ", ".join(batch), "result": "switching"}
-            run.batches.append(entry)
-            held.renew()   # the lease is verified before any host of the batch is touched
-            run.in_flight = batch
-            try:
-                _switch(env, batch, plan.target, f"{plan.kind} {name} ({', '.join(batch)})")
-            except PlaybookFailed as e:
-                entry.update(result="failed health", seconds=round(time.monotonic() - t, 1))
-                entry["returned"] = _return_batch(env, plan, batch)
-                run.in_flight = None
-                raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e} {entry['returned']}.") from e
-            held.check()
-            if probe:
-                time.sleep(1)   # let requests sent during the batch complete before judging it
-                ok, reasons = probe.results().phase_within(name, slo)
-                entry["gate"] = "passed" if ok else "failed: " + "; ".join(reasons)
-                if not ok:
-                    entry.update(result="failed gate", seconds=round(time.monotonic() - t, 1))
-                    entry["returned"] = _return_batch(env, plan, batch)
-                    run.in_flight = None
-                    raise ReleaseFailed(f"{name} ({', '.join(batch)}) missed the SLO: {'; '.join(reasons)}. "
-                                        f"{entry['returned']}.")
-            run.in_flight = None
-            entry.update(result="passed", seconds=round(time.monotonic() - t, 1))
-            log(f"{name} done in {entry['seconds']}s")
+            _switch_batch(env, plan, run, i, batch, held=held, probe=probe, slo=slo)
     # Converge, then verify: the whole fleet is checked as it is now, not only the hosts switched.
     with run.phase("verify"):
         hostchecks.run_host_checks(env)
     if probe:
         probe.mark("after")
         time.sleep(2)
+
+
+def _switch_batch(env: Env, plan: Plan, run: Run, i: int, batch: list[str], *, held, probe, slo) -> None:
+    """One batch: switch its hosts, then its gate (the probe's figures while it switched)."""
+    name = f"batch {i}"
+    if probe:
+        probe.mark(name)
+    t = time.monotonic()
+    entry: dict[str, Any] = {"batch": i, "hosts": ", ".join(batch), "result": "switching"}
+    run.batches.append(entry)
+    held.renew()   # the lease is verified before any host of the batch is touched
+    run.in_flight = batch
+    try:
+        _switch(env, batch, plan.target, f"{plan.kind} {name} ({', '.join(batch)})")
+    except PlaybookFailed as e:
+        entry.update(result="failed health", seconds=round(time.monotonic() - t, 1))
+        entry["returned"] = _return_batch(env, plan, batch)
+        run.in_flight = None
+        raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e} {entry['returned']}.") from e
+    held.check()
+    if probe:
+        time.sleep(1)   # let requests sent during the batch complete before judging it
+        results = probe.results()
+        gate, note = results.baseline_slo(slo)
+        if note and note not in run.notes:
+            run.notes.append(note)
+            log(note)
+        ok, reasons = results.phase_within(name, gate)
+        entry["gate"] = "passed" if ok else "failed: " + "; ".join(reasons)
+        if not ok:
+            entry.update(result="failed gate", seconds=round(time.monotonic() - t, 1))
+            entry["returned"] = _return_batch(env, plan, batch)
+            run.in_flight = None
+            raise ReleaseFailed(f"{name} ({', '.join(batch)}) missed the SLO: {'; '.join(reasons)}. "
+                                f"{entry['returned']}.")
+    run.in_flight = None
+    entry.update(result="passed", seconds=round(time.monotonic() - t, 1))
+    log(f"{name} done in {entry['seconds']}s")
 
 
 def _write_record(env: Env, run: Run) -> None:
