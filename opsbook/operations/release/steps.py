@@ -50,7 +50,8 @@ class Run:
     probe_plot: str | None = None
     live_probe: Any = None   # the running Probe, so its samples are labelled with the phase
     converge: dict[str, Any] = field(default_factory=dict)   # what the provision phase converged
-    current_phase: str | None = None   # the phase running now (an interrupt's record names it)
+    current_phase: str | None = None   # the phase running now
+    interrupted_in: str | None = None  # the phase an interrupt stopped (the record names it)
     in_flight: list[str] | None = None   # the batch being switched, if any
     put_back: str | None = None   # after a failure: whether every answering host is back in rotation
     notes: list[str] = field(default_factory=list)   # what the record should say besides the outcome
@@ -77,7 +78,7 @@ class Run:
             "plan": asdict(self.plan), "phases": self.phases, "batches": self.batches,
             "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
-            "interrupted_in": self.current_phase if self.outcome == "interrupted" else None,
+            "interrupted_in": self.interrupted_in if self.outcome == "interrupted" else None,
             "put_back": self.put_back, "notes": self.notes,
         }
 
@@ -104,7 +105,8 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
                 _run_phases(env, plan, art, run, held=held, probe=probe, slo=slo)
         except KeyboardInterrupt as e:   # interrupted while waiting for the lock, or while ending in order
             if run.outcome != "interrupted":
-                run.outcome, run.reason = "interrupted", f"{interrupts.describe(e)} before the {plan.kind} began"
+                run.interrupted_in = run.current_phase or "waiting for the lock"
+                run.outcome, run.reason = "interrupted", f"{interrupts.describe(e)} during {run.interrupted_in}"
         except locks.LockHeld:
             raise   # refused: nothing ran, nothing to record
         except Exception as e:  # noqa: BLE001 - the lock itself failed (its store, its lease): still a record
@@ -137,7 +139,8 @@ def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held,
         run.outcome = "succeeded"
     except KeyboardInterrupt as e:
         run.outcome = "interrupted"
-        run.reason = f"{interrupts.describe(e)} during {run.current_phase or 'the plan'}"
+        run.interrupted_in = run.current_phase or "the plan"
+        run.reason = f"{interrupts.describe(e)} during {run.interrupted_in}"
         log(f"{plan.kind} INTERRUPTED: {run.reason}; putting things back in order")
         _put_back(env, plan, run)
     except Exception as e:  # noqa: BLE001 - whatever failed (a playbook, the database, a disk), a record
