@@ -287,6 +287,7 @@ class Probe:
         self._samples: list[Sample] = []
         self._acknowledged: dict[str, str] = {}          # response uuid -> phase
         self._read_offsets: dict[str, int] = {}
+        self._inflight: dict[int, tuple[str, str, float]] = {}   # request -> (phase, kind, sent at t)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._jobs: queue.Queue = queue.Queue(maxsize=senders)
@@ -350,10 +351,27 @@ class Probe:
     def _now(self) -> float:
         return time.monotonic() - self._t0
 
+    def settle(self, phase: str, within_s: float) -> None:
+        """Wait until every request sent during `phase` has an answer, or has waited `within_s` (a
+        request that slow is judged by how long it has waited so far: see `results`)."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                now = self._now()
+                waiting = [t for p, _k, t in self._inflight.values() if p == phase and now - t < within_s]
+            if not waiting:
+                return
+            time.sleep(0.05)
+
     def results(self) -> ProbeResults:
-        """The figures so far (acknowledged writes not verified yet); the probe keeps running."""
+        """The figures so far (acknowledged writes not verified yet); the probe keeps running. A
+        request still waiting for its answer counts with the time it has waited so far: a server
+        too slow to answer is not a server without slow requests."""
         with self._lock:
-            samples = list(self._samples)
+            now_t = self._now()
+            waiting = [Sample(t, self._wall0 + t, p, k, OK, None, "no answer yet", (now_t - t) * 1000)
+                       for p, k, t in self._inflight.values()]
+            samples = list(self._samples) + waiting
             acknowledged = dict(self._acknowledged)
             now = self._ended if self._ended is not None else self._now()
             phases = [(name, start, self._phases[i + 1][1] if i + 1 < len(self._phases) else now)
@@ -461,6 +479,9 @@ class Probe:
         t, at = self._now(), time.time()
         started = time.perf_counter()
         status, error, answer = None, None, None
+        token = id(body) ^ int(started * 1e9)
+        with self._lock:
+            self._inflight[token] = (phase, kind, t)
         try:
             r = client.request(method, path, json=body)
             status = r.status_code
@@ -476,6 +497,7 @@ class Probe:
         latency = (time.perf_counter() - started) * 1000
         outcome = FAILED if status is None or status >= 500 else CLIENT_ERROR if status >= 400 else OK
         with self._lock:
+            self._inflight.pop(token, None)
             self._samples.append(Sample(t, at, phase, kind, outcome, status, error, latency))
             if outcome == OK:
                 self._remember(kind, course, phase, sent, answer)

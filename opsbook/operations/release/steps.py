@@ -369,9 +369,12 @@ def _switch_batch(env: Env, plan: Plan, run: Run, i: int, batch: list[str], *, h
         raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e} {entry['returned']}.") from e
     held.check()
     if probe:
-        time.sleep(1)   # let requests sent during the batch complete before judging it
+        # The switched hosts take traffic for a while (`opsbook_release_gate_seconds`), then every
+        # request sent during the batch has its answer, or counts with how long it has waited.
+        time.sleep(float(env.var("opsbook_release_gate_seconds", 2)))
+        gate, note = probe.results().baseline_slo(slo)
+        probe.settle(name, within_s=float(gate.get("max_p99_ms") or 2000) / 1000 + 0.5)
         results = probe.results()
-        gate, note = results.baseline_slo(slo)
         if note and note not in run.notes:
             run.notes.append(note)
             log(note)
