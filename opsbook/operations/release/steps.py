@@ -101,8 +101,7 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
                 run.lock = held.message
                 if replan is not None:
                     run.plan = plan = _replanned(plan, replan())
-                probe = probes.probe_for(env)
-                _run_phases(env, plan, art, run, held=held, probe=probe, slo=slo)
+                _run_phases(env, plan, art, run, held=held, slo=slo)
         except KeyboardInterrupt as e:   # interrupted while waiting for the lock, or while ending in order
             if run.outcome != "interrupted":
                 run.interrupted_in = run.current_phase or "waiting for the lock"
@@ -131,11 +130,11 @@ def _replanned(before: Plan, after: Plan) -> Plan:
     return after
 
 
-def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
+def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo) -> None:
     try:
         if any(plan.current.values()):
-            _start_probe(run, probe, "before", required=False)
-        _steps(env, plan, art, run, held=held, probe=probe, slo=slo)
+            _start_probe(run, env, "before", required=False)
+        _steps(env, plan, art, run, held=held, slo=slo)
         run.outcome = "succeeded"
     except KeyboardInterrupt as e:
         run.outcome = "interrupted"
@@ -155,9 +154,9 @@ def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held,
             _put_back(env, plan, run)
     finally:
         if run.live_probe is not None:
-            run.live_probe = None
+            live, run.live_probe = run.live_probe, None
             with run.phase("probe read-back"):
-                results = probe.stop()
+                results = live.stop()
             run.probe = _probe_figures(results)
             plot = Path(tempfile.mkdtemp(prefix="opsbook-probe-")) / "probe.png"
             run.probe_plot = str(results.plot(plot, title=f"{plan.kind} {plan.target} to {env.name}"))
@@ -213,17 +212,26 @@ def _probe_figures(results) -> dict[str, Any]:
     return figs
 
 
-def _start_probe(run: Run, probe, phase: str, *, required: bool) -> None:
-    """Start the probe; a service that cannot take the probe's first writes is already down."""
-    try:
-        probe.start(phase)
-    except probes.ProbeError as e:
-        if required:
-            raise ReleaseFailed(f"the service does not take traffic even after the expand migrations, so the "
-                                f"release cannot be judged: {e}") from e
-        log(f"the service does not take traffic before the {run.plan.kind} ({e}); the probe starts after "
-            f"the expand migrations")
-        return
+def _start_probe(run: Run, env: Env, phase: str, *, required: bool) -> None:
+    """Start the probe; a service that cannot take the probe's first writes is down. When the release
+    needs it (`required`), the service gets the health timeout to come back (a database that was
+    just restarted, hosts the balancer still marks DOWN) before the release gives up."""
+    deadline = time.monotonic() + (float(env.var("opsbook_release_health_timeout", 20)) if required else 0)
+    while True:
+        probe = probes.probe_for(env)
+        try:
+            probe.start(phase)
+            break
+        except probes.ProbeError as e:
+            if not required:
+                log(f"the service does not take traffic before the {run.plan.kind} ({e}); the probe starts "
+                    f"after the expand migrations")
+                return
+            if time.monotonic() >= deadline:
+                raise ReleaseFailed(f"the service does not take traffic even after the expand migrations, so "
+                                    f"the release cannot be judged: {e}") from e
+            log(f"the service does not take traffic yet ({str(e)[:120]}); waiting for it")
+            time.sleep(1)
     run.live_probe = probe
     time.sleep(2)   # a baseline of what users feel before anything changes
 
@@ -321,7 +329,7 @@ def _return_batch(env: Env, plan: Plan, batch: list[str]) -> str:
     return "; ".join(done)
 
 
-def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, probe, slo) -> None:
+def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo) -> None:
     if "provision" in plan.phases:
         held.renew()
         with run.phase("provision"):
@@ -333,7 +341,7 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, prob
         with run.phase("expand migrations"):
             _expand(env, art, run)
     if run.live_probe is None and any(plan.current.values()):
-        _start_probe(run, probe, "stage", required=True)
+        _start_probe(run, env, "stage", required=True)
     probe = run.live_probe
     held.renew()
     with run.phase("stage"):
