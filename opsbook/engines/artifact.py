@@ -9,6 +9,7 @@ and `dist/bl-api-<V>.tar.gz.sha256` beside it. Artifacts are never rebuilt in pl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -38,8 +39,9 @@ class Artifact:
     version: str
     path: Path
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
+        """Hashed once per Artifact (verify, the plan and a re-plan all ask; the file is immutable)."""
         return sha256_file(self.path)
 
     def manifest(self) -> dict:
@@ -114,14 +116,12 @@ def verify(artifact: Artifact) -> Artifact:
             f"{artifact.path} has no checksum file ({sums.name}), so nothing proves it is the artifact that was "
             f"built. Nothing was deployed. Delete it and rebuild with `invoke build --version {artifact.version}`."
         )
-    if sums.exists():
-        expected = sums.read_text().split()[0]
-        if expected != artifact.sha256:
-            raise ArtifactError(
-                f"{artifact.path} does not match its checksum file {sums.name}: it changed after it was "
-                f"built. Nothing was deployed. Delete both files and rebuild with `invoke build --version "
-                f"{artifact.version}`."
-            )
+    if sums.read_text().split()[0] != artifact.sha256:
+        raise ArtifactError(
+            f"{artifact.path} does not match its checksum file {sums.name}: it changed after it was "
+            f"built. Nothing was deployed. Delete both files and rebuild with `invoke build --version "
+            f"{artifact.version}`."
+        )
     return artifact
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.engines import migrations
+from opsbook.engines.migrations import guards
 
 
 class DatabaseUnreachable(OpsbookError):
@@ -84,7 +85,7 @@ class Admin:
 
     def blocking_sessions(self) -> list:
         """Long or idle-in-transaction sessions that would block a migration's DDL."""
-        return migrations.guards.blocking_sessions(self.conn, migrations.Settings())
+        return guards.blocking_sessions(self.conn, guards.Settings())
 
 
 def refuse_below(floor: dict[str, str], version: str, env_name: str) -> None:

@@ -20,6 +20,7 @@ called, and its threads are daemons.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import random
@@ -288,6 +289,7 @@ class Probe:
         self._acknowledged: dict[str, str] = {}          # response uuid -> phase
         self._read_offsets: dict[str, int] = {}
         self._inflight: dict[int, tuple[str, str, float]] = {}   # request -> (phase, kind, sent at t)
+        self._requests = itertools.count()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._jobs: queue.Queue = queue.Queue(maxsize=senders)
@@ -479,8 +481,8 @@ class Probe:
         t, at = self._now(), time.time()
         started = time.perf_counter()
         status, error, answer = None, None, None
-        token = id(body) ^ int(started * 1e9)
         with self._lock:
+            token = next(self._requests)
             self._inflight[token] = (phase, kind, t)
         try:
             r = client.request(method, path, json=body)

@@ -78,7 +78,7 @@ class Run:
             "plan": asdict(self.plan), "phases": self.phases, "batches": self.batches,
             "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
-            "interrupted_in": self.interrupted_in if self.outcome == "interrupted" else None,
+            "interrupted_in": self.interrupted_in,
             "put_back": self.put_back, "notes": self.notes,
         }
 
@@ -180,13 +180,14 @@ def _put_back(env: Env, plan: Plan, run: Run) -> None:
     is put back in the load balancer. A second interrupt skips the batch's return but never the
     putting back, which runs shielded from signals (it takes seconds)."""
     entry = run.batches[-1] if run.batches else None
-    if run.in_flight and entry is not None and "returned" not in entry:
+    if run.in_flight and entry is not None:
         try:
             entry["returned"] = _return_batch(env, plan, run.in_flight)
         except KeyboardInterrupt as e:
             entry["returned"] = f"not returned: {interrupts.describe(e)} while returning it"
             run.outcome = "interrupted"
         log(f"batch {entry['batch']}: {entry['returned']}")
+        run.detail = f"{run.detail}\n{entry['returned']}" if run.detail else entry["returned"]
         if entry.get("result") in (None, "switching"):
             entry["result"] = run.outcome
     run.in_flight = None
@@ -368,13 +369,12 @@ def _switch_batch(env: Env, plan: Plan, run: Run, i: int, batch: list[str], *, h
     run.batches.append(entry)
     held.renew()   # the lease is verified before any host of the batch is touched
     run.in_flight = batch
+    # A failure below leaves the batch in flight: _put_back returns it, whatever the failure was.
     try:
         _switch(env, batch, plan.target, f"{plan.kind} {name} ({', '.join(batch)})")
     except PlaybookFailed as e:
         entry.update(result="failed health", seconds=round(time.monotonic() - t, 1))
-        entry["returned"] = _return_batch(env, plan, batch)
-        run.in_flight = None
-        raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e} {entry['returned']}.") from e
+        raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e}") from e
     held.check()
     if probe:
         # The switched hosts take traffic for a while (`opsbook_release_gate_seconds`), then every
@@ -390,10 +390,7 @@ def _switch_batch(env: Env, plan: Plan, run: Run, i: int, batch: list[str], *, h
         entry["gate"] = "passed" if ok else "failed: " + "; ".join(reasons)
         if not ok:
             entry.update(result="failed gate", seconds=round(time.monotonic() - t, 1))
-            entry["returned"] = _return_batch(env, plan, batch)
-            run.in_flight = None
-            raise ReleaseFailed(f"{name} ({', '.join(batch)}) missed the SLO: {'; '.join(reasons)}. "
-                                f"{entry['returned']}.")
+            raise ReleaseFailed(f"{name} ({', '.join(batch)}) missed the SLO: {'; '.join(reasons)}.")
     run.in_flight = None
     entry.update(result="passed", seconds=round(time.monotonic() - t, 1))
     log(f"{name} done in {entry['seconds']}s")
