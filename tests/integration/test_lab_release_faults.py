@@ -341,10 +341,34 @@ def test_the_database_stopped_in_the_middle_of_a_release(lab_env, test_versions,
     assert "batch 2" in rec["figures"]["reason"]
     assert "database not reachable" in status
     assert lock_for(lab_env).holder() is None
-    # Once the database is back, the next release converges with nothing lost.
+    # Once the database is back and the service answers again (bl-api's connection pool reconnects with
+    # a backoff, which after a minute-long outage can take tens of seconds), the next release converges
+    # with nothing lost.
+    _wait_until_every_app_host_answers_ping(lab_env, timeout=180)
     invoke("release", "--env", "lab", "--version", b, check=True)
     assert set(served(lab_env).values()) == {b}
     rec = last_record(lab_env, "release")
     assert rec["figures"]["failed_requests"] == 0
     assert rec["figures"]["missing_acknowledged_writes"] == 0
     assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
+
+
+def _wait_until_every_app_host_answers_ping(env, timeout: float) -> None:
+    import urllib.request
+
+    port = env.var("bl_api_port")
+    deadline = time.monotonic() + timeout
+    waiting = [h.address for h in env.hosts("app")]
+    while waiting and time.monotonic() < deadline:
+        still = []
+        for address in waiting:
+            try:
+                with urllib.request.urlopen(f"http://{address}:{port}/ping", timeout=3) as r:
+                    if r.status != 200:
+                        still.append(address)
+            except OSError:
+                still.append(address)
+        waiting = still
+        if waiting:
+            time.sleep(1)
+    assert not waiting, f"app hosts {waiting} did not answer /ping within {timeout:.0f}s of the database's return"
