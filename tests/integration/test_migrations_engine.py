@@ -411,3 +411,98 @@ def test_measures_the_sessions_that_queue_behind_the_migration(table_t, tmp_path
     assert max(s.waiting_behind_migration for s in result.lock_samples) == 1
     assert 0.6 < result.longest_wait_behind_migration_s <= writer_seconds[0] + 0.1
     assert result.summary()["longest_wait_behind_migration_s"] > 0.6
+
+
+WATCH_BUILD_SQL = """
+SELECT p.phase, a.wait_event_type, a.wait_event, pg_blocking_pids(p.pid), i.indisready, i.indisvalid
+FROM pg_stat_progress_create_index p
+JOIN pg_stat_activity a USING (pid)
+JOIN pg_index i ON i.indexrelid = p.index_relid
+WHERE p.relid = 't'::regclass AND p.command = 'CREATE INDEX CONCURRENTLY'
+"""
+
+
+@pytest.mark.parametrize(
+    ("holder_sql", "build_phase", "holder_blocks_the_drop"),
+    [
+        # A writer on t: the build waits for it before building; so does DROP INDEX CONCURRENTLY.
+        pytest.param(
+            ("INSERT INTO t VALUES (1000, 1)",), "waiting for writers before build", True, id="writer_on_t"
+        ),
+        # A snapshot and no lock on t: the build waits for it after building, before marking the index
+        # valid; DROP INDEX CONCURRENTLY does not wait for it.
+        pytest.param(
+            ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", "SELECT 1"),
+            "waiting for old snapshots",
+            False,
+            id="old_snapshot",
+        ),
+    ],
+)
+def test_a_lock_timeout_in_the_middle_of_create_index_concurrently_leaves_no_invalid_index(
+    table_t, tmp_path, holder_sql, build_phase, holder_blocks_the_drop
+):
+    """The holder opens its transaction as the engine announces the step, so the engine's pre-check
+    (which refuses only lock holders older than lock_timeout) lets the build start: CREATE INDEX
+    CONCURRENTLY commits its INVALID catalog entry, waits for the holder's virtualxid, and its
+    lock_timeout fires in the middle of the build. A watcher sees that happen."""
+    write(tmp_path, "0001_x.yml", "expand:\n  - create_index: {table: t, name: t_a_idx, columns: [a]}\n")
+    holder = psycopg.connect(table_t, application_name="late-holder")
+    holder_pid = holder.info.backend_pid
+    seen, events, timers = [], [], []
+    stop = threading.Event()
+
+    def watch():
+        with psycopg.connect(table_t, autocommit=True) as w:
+            while not stop.is_set():
+                seen.extend(w.execute(WATCH_BUILD_SQL).fetchall())
+                stop.wait(0.01)
+
+    def progress(event, data):
+        events.append((event, data))
+        if event == "step":  # just before the build: the holder's transaction is younger than lock_timeout
+            for sql in holder_sql:
+                holder.execute(sql)
+        if event == "drop_invalid_index" and "wait_up_to_s" in data and holder_blocks_the_drop:
+            # The engine gave up and drops the invalid index, waiting for the holder: it ends after
+            # twice lock_timeout, so a drop that waited only lock_timeout would leave the index.
+            timers.append(threading.Timer(2 * FAST.lock_timeout_ms / 1000, holder.rollback))
+            timers[-1].start()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(MigrationError) as err:
+            run(table_t, tmp_path, "expand", settings=FAST, progress=progress)
+        with psycopg.connect(table_t) as conn:
+            left = conn.execute(
+                "SELECT c.relname, i.indisvalid FROM pg_class c LEFT JOIN pg_index i ON i.indexrelid = c.oid "
+                "WHERE c.relname = 't_a_idx' OR i.indrelid = 't'::regclass AND NOT i.indisvalid"
+            ).fetchall()
+            holder_open = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND xact_start IS NOT NULL", (holder_pid,)
+            ).fetchone()[0]
+    finally:
+        stop.set()
+        watcher.join()
+        for timer in timers:
+            timer.join()
+        holder.close()
+    # The build itself was started and timed out in the middle (not refused before it started).
+    ready = build_phase != "waiting for writers before build"  # the build fills the index before validating
+    assert (build_phase, "Lock", "virtualxid", [holder_pid], ready, False) in seen
+    assert events[[e for e, _ in events].index("retry")][1]["error"] == "canceling statement due to lock timeout"
+    # After the failure no index of the step is left, valid or invalid, and nothing is recorded.
+    assert left == []
+    assert holder_open == (0 if holder_blocks_the_drop else 1)  # the snapshot holder did not need to end
+    msg = str(err.value)
+    assert f"pid {holder_pid}" in msg
+    assert "late-holder" in msg
+    assert "Nothing of 0001_x expand had been applied" in msg
+    with psycopg.connect(table_t) as conn:
+        assert conn.execute("SELECT count(*) FROM opsbook_migration_steps").fetchone()[0] == 0
+    run(table_t, tmp_path, "expand", settings=FAST)  # once the holder is gone the index is built
+    with psycopg.connect(table_t) as conn:
+        assert conn.execute(
+            "SELECT indisvalid, indisready FROM pg_index WHERE indexrelid = 't_a_idx'::regclass"
+        ).fetchone() == (True, True)

@@ -92,6 +92,21 @@ def _lock_failure(e: BaseException) -> bool:
     return isinstance(e, _Blocked) or guards.is_lock_failure(e)
 
 
+def _snapshot_holders(conn) -> list[guards.Session]:
+    """Sessions of this database holding a snapshot. Before it marks an index valid, CREATE INDEX
+    CONCURRENTLY waits for every one older than its build ("waiting for old snapshots"), whether or
+    not it holds a lock on the table, so a lock timeout there names these."""
+    rows = conn.execute(
+        """SELECT pid, usename, state, extract(epoch FROM now() - coalesce(xact_start, state_change))::float8,
+                  coalesce(query, ''), coalesce(application_name, '')
+           FROM pg_stat_activity
+           WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL
+             AND backend_type = 'client backend' AND coalesce(application_name, '') NOT LIKE %s""",
+        (APP_NAME + "%",),
+    ).fetchall()
+    return [guards.Session(*r) for r in rows]
+
+
 # --- plan -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlannedStep:
@@ -285,11 +300,15 @@ class _Runner:
             if not _lock_failure(e):
                 raise
             holders = e.sessions if isinstance(e, _Blocked) else guards.lock_holders(self.conn, step.table)
+            whose = f"Sessions holding locks on {step.table or 'the object'}"
+            if step.kind == INDEX and not isinstance(e, _Blocked):
+                holders += [h for h in _snapshot_holders(self.conn) if h.pid not in {x.pid for x in holders}]
+                whose += " or a snapshot (CREATE INDEX CONCURRENTLY waits for both)"
             names = "\n  ".join(str(h) for h in holders) or "(none seen now; the conflict was transient)"
             raise _LockGaveUp(
                 f"could not get the lock for step {step.key!r} in {self.s.retries + 1} attempts "
                 f"(lock_timeout {self.s.lock_timeout_ms}ms each, backoff up to {self.s.backoff_max_s}s). "
-                f"Sessions holding locks on {step.table or 'the object'}:\n  {names}"
+                f"{whose}:\n  {names}"
             ) from e
 
     # step kinds ----------------------------------------------------------------------------
@@ -340,10 +359,14 @@ class _Runner:
         ).fetchone()
         return None if row is None else ("valid" if row[0] else "invalid")
 
-    def drop_invalid_index(self, name: str) -> None:
+    def drop_invalid_index(self, name: str, wait_s: float | None = None) -> None:
+        """Drop `name` if it is invalid. DROP INDEX CONCURRENTLY waits for every transaction holding a
+        lock on the table: for lock_timeout, or up to `wait_s` (its wait blocks no reads or writes,
+        only other DDL and vacuum of the table)."""
         if self.index_state(name) == "invalid":
-            self.progress("drop_invalid_index", {"index": name})
-            self.timeouts(self.s.lock_timeout_ms, self.s.long_statement_timeout_ms, local=False)
+            lock_ms = self.s.lock_timeout_ms if wait_s is None else max(self.s.lock_timeout_ms, int(wait_s * 1000))
+            self.progress("drop_invalid_index", {"index": name} | ({} if wait_s is None else {"wait_up_to_s": wait_s}))
+            self.timeouts(lock_ms, self.s.long_statement_timeout_ms, local=False)
             self.conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
 
     def run_index(self, m: Migration, phase: str, i: int, step: Step) -> int:
@@ -355,6 +378,7 @@ class _Runner:
             if self.index_state(name) != "valid":
                 # CREATE INDEX CONCURRENTLY waits for every open writer on the table; one that stays open
                 # makes it time out after it has created an invalid index. Do not start while one exists.
+                # (A writer that begins just before the build, or an old snapshot, still can: see below.)
                 blockers = guards.blocking_sessions(
                     self.conn, self.s, step.table, self.s.lock_timeout_ms / 1000
                 )
@@ -367,15 +391,27 @@ class _Runner:
         try:
             return self.retrying(attempt, step)[1]
         except Exception as e:
+            # A build that failed in the middle (a lock timeout while it waits for a writer that began
+            # just before it) leaves its index INVALID, and dropping it waits for that same writer: wait
+            # for it as long as the engine lets a transaction run beside it (max_transaction_age_s).
+            wait_s = self.s.max_transaction_age_s
             try:
-                self.drop_invalid_index(name)
+                self.drop_invalid_index(name, wait_s)
             except Exception as cleanup:  # noqa: BLE001 - reported in the message below
+                try:
+                    ready = self.conn.execute(
+                        "SELECT indisready FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)
+                    ).fetchone()
+                except Exception:  # noqa: BLE001 - unknown: the message assumes the costlier case
+                    ready = None
+                cost = "writes do not maintain it" if ready == (False,) else f"every write to {step.table} maintains it"
                 raise MigrationError(
-                    f"{m.id} {phase} step {i} {step.key!r} failed ({e}); the invalid index {name} it left "
-                    "could "
-                    f"not be dropped now ({cleanup}). It does not serve reads but slows writes: the rerun "
-                    "drops "
-                    f"it first, or run DROP INDEX CONCURRENTLY {name}."
+                    f"{m.id} {phase} step {i} {step.key!r} failed ({e}). Its CREATE INDEX CONCURRENTLY had "
+                    f"already created {name}, which is left INVALID: dropping it waits for the same "
+                    f"sessions, still open after {wait_s:.0f}s more ({cleanup}). No query uses {name}; "
+                    f"{cost}. Nothing else of the step was applied and it is not recorded. End or wait "
+                    f"out the sessions named above, then rerun (it drops {name} first), or run "
+                    f"DROP INDEX CONCURRENTLY {name}."
                 ) from e
             raise
         finally:
