@@ -190,14 +190,19 @@ class ProbeResults:
                            f"(SLO allows {limit}), e.g. {self.missing_acknowledged_writes[:3]}")
         return not reasons, reasons
 
-    def baseline_slo(self, slo: dict[str, Any], baseline: str = "before",
+    def baseline(self, phases: tuple[str, ...]) -> dict[str, Any]:
+        """Figures of the requests sent during any of `phases` (those it has; empty when none)."""
+        wanted = set(phases) & set(self.phase_names())
+        return _stats([s for s in self.samples if s.phase in wanted])
+
+    def baseline_slo(self, slo: dict[str, Any], baseline: tuple[str, ...] = ("before",),
                      headroom: float = 1.25) -> tuple[dict[str, Any], str | None]:
         """The SLO a change is judged by: `slo`, except that when the service already missed its
-        latency objective before the change (the `baseline` phase), the change may not make it worse
+        latency objective before the change (the `baseline` phases), the change may not make it worse
         than `headroom` times that baseline. A change cannot fix what it is blamed for otherwise.
         Returns (slo, note) where the note says why it was relaxed (None when it was not)."""
         limit = slo.get("max_p99_ms")
-        before = self.phase(baseline).get("p99_ms") if baseline in self.phase_names() else None
+        before = self.baseline(baseline).get("p99_ms")
         if limit is None or before is None or before <= limit:
             return slo, None
         relaxed = {**slo, "max_p99_ms": round(before * headroom)}

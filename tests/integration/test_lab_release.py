@@ -128,15 +128,16 @@ def test_second_provision_changes_nothing(lab_env):
     assert not changed, "second provision changed something:\n" + "\n".join(changed)
 
 
-def test_release_switches_every_host_from_a_to_b(lab_env, test_versions):
-    a, b = test_versions
-    invoke("release", "--env", "lab", "--version", a, check=True)
+def test_release_switches_every_host_from_a_to_b(lab_env, fleet):
+    a, b = fleet
     assert set(served_versions(lab_env).values()) == {a}
+    before = fleet_state(lab_env)
     plant_old_releases("app1")
     invoke("release", "--env", "lab", "--version", b, check=True)
     assert set(served_versions(lab_env).values()) == {b}
-    for host, (current, _pid) in fleet_state(lab_env).items():
+    for host, (current, pid) in fleet_state(lab_env).items():
         assert current == f"/srv/bl-api/releases/{b}", host
+        assert pid != before[host][1], f"{host}: the service was not restarted on the new release"
     invoke("check", "--env", "lab", check=True)
 
     # Retention: at most opsbook_release_keep releases besides the one in use, the oldest gone,

@@ -18,7 +18,7 @@ from opsbook.core.paths import ROOT
 from opsbook.engines import artifact
 from opsbook.engines.lock import lock_for
 from opsbook.engines.records.store import store_for
-from tests.fixtures.lab import ensure_serving, haproxy_status, invoke, ssh
+from tests.fixtures.lab import haproxy_status, invoke, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -35,17 +35,8 @@ def last_record(env, kind: str) -> dict:
     return entries[-1]
 
 
-@pytest.fixture
-def fleet_on_a(lab_env, test_versions):
-    """Every app host serves version a, released by opsbook (so it is a known good release), and is
-    UP in the load balancer: made so for each test, whatever the test before it left."""
-    a, _b = test_versions
-    ensure_serving(lab_env, a)
-    return a
-
-
-def test_release_under_probe_then_rollback_with_zero_failed_requests(lab_env, test_versions, fleet_on_a):
-    a, b = test_versions
+def test_release_under_probe_then_rollback_with_zero_failed_requests(lab_env, fleet):
+    a, b = fleet
     proc = invoke("release", "--env", "lab", "--version", b, check=True)
     assert "plan: release" in proc.stdout
     assert set(served(lab_env).values()) == {b}
@@ -68,8 +59,8 @@ def test_release_under_probe_then_rollback_with_zero_failed_requests(lab_env, te
     assert rb["figures"]["missing_acknowledged_writes"] == 0
 
 
-def test_dry_run_prints_the_plan_and_changes_nothing(lab_env, test_versions, fleet_on_a):
-    _a, b = test_versions
+def test_dry_run_prints_the_plan_and_changes_nothing(lab_env, fleet):
+    _a, b = fleet
     before = served(lab_env)
     proc = invoke("release", "--env", "lab", "--version", b, "--dry-run", "--batch", "2", check=True)
     assert "batch 1: app1" in proc.stdout
@@ -80,8 +71,8 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab_env, test_versions, fle
     assert lock_for(lab_env).holder() is None
 
 
-def test_second_release_during_the_first_is_refused_and_changes_nothing(lab_env, test_versions, fleet_on_a):
-    _a, b = test_versions
+def test_second_release_during_the_first_is_refused_and_changes_nothing(lab_env, fleet):
+    _a, b = fleet
     before = served(lab_env)
     with lock_for(lab_env).hold("a release already running (test)"):
         proc = invoke("release", "--env", "lab", "--version", b)
@@ -92,8 +83,8 @@ def test_second_release_during_the_first_is_refused_and_changes_nothing(lab_env,
     assert served(lab_env) == before
 
 
-def test_killed_lock_holder_blocks_until_its_lease_expires(lab_env, test_versions, fleet_on_a):
-    a, _b = test_versions
+def test_killed_lock_holder_blocks_until_its_lease_expires(lab_env, fleet):
+    a, _b = fleet
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import time; from opsbook.engines.lock import lock_for; "
@@ -113,8 +104,8 @@ def test_killed_lock_holder_blocks_until_its_lease_expires(lab_env, test_version
     assert set(served(lab_env).values()) == {a}
 
 
-def test_a_version_that_fails_its_health_check_returns_its_batch(lab_env, fleet_on_a, tmp_path):
-    a = fleet_on_a
+def test_a_version_that_fails_its_health_check_returns_its_batch(lab_env, fleet, tmp_path):
+    a, _b = fleet
     src = tmp_path / "app"
     shutil.copytree(ROOT / "app", src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     handlers = src / "bl_api" / "handlers.py"
@@ -138,8 +129,8 @@ def test_a_version_that_fails_its_health_check_returns_its_batch(lab_env, fleet_
     assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
 
 
-def test_service_killed_while_its_host_is_released_stops_the_release(lab_env, test_versions, fleet_on_a):
-    a, b = test_versions
+def test_service_killed_while_its_host_is_released_stops_the_release(lab_env, fleet):
+    a, b = fleet
     # As soon as app2 is switched to b (it is being released), its service is killed again and
     # again (a crash loop), the way a host dies in the middle of a deploy.
     ssh("app2", "rm -f /tmp/stop-killing; nohup timeout 600 sh -c 'until [ -e /tmp/stop-killing ]; do "
@@ -213,8 +204,8 @@ def _release_until_batch(version: str, batch: int) -> tuple[subprocess.Popen, li
 
 @pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM,)],
                          ids=["ctrl-c-twice", "sigterm"])
-def test_a_release_interrupted_while_a_batch_switches_ends_in_order(lab_env, test_versions, fleet_on_a, signals):
-    a, b = test_versions
+def test_a_release_interrupted_while_a_batch_switches_ends_in_order(lab_env, fleet, signals):
+    a, b = fleet
     proc, seen = _release_until_batch(b, 2)
     for i, sig in enumerate(signals):
         if i:
@@ -242,10 +233,10 @@ def test_a_release_interrupted_while_a_batch_switches_ends_in_order(lab_env, tes
     assert rec["figures"]["missing_acknowledged_writes"] == 0
 
 
-def test_a_version_too_slow_for_the_slo_fails_its_gate_and_returns_its_batch(lab_env, fleet_on_a, tmp_path):
+def test_a_version_too_slow_for_the_slo_fails_its_gate_and_returns_its_batch(lab_env, fleet, tmp_path):
     """Answers right, but every write takes longer than the SLO's p99 allows: the gate, not the
     health check, stops it."""
-    a = fleet_on_a
+    a, _b = fleet
     src = tmp_path / "app"
     shutil.copytree(ROOT / "app", src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     handlers = src / "bl_api" / "handlers.py"
@@ -268,7 +259,7 @@ def test_a_version_too_slow_for_the_slo_fails_its_gate_and_returns_its_batch(lab
     assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
 
 
-def test_a_contract_is_refused_while_a_release_holds_the_lock(lab_env, fleet_on_a):
+def test_a_contract_is_refused_while_a_release_holds_the_lock(lab_env, fleet):
     with lock_for(lab_env).hold("a release already running (test)"):
         proc = invoke("migrate", "--env", "lab", "--phase", "contract")
     assert proc.returncode != 0
@@ -284,23 +275,23 @@ def test_a_contract_is_refused_while_a_release_holds_the_lock(lab_env, fleet_on_
         pytest.param(("rollback", "--to", "0.0.0-nope"), "does not exist", id="rollback-to-unknown"),
     ],
 )
-def test_bad_input_is_refused_clearly_and_changes_nothing(lab_env, test_versions, fleet_on_a, args, message):
+def test_bad_input_is_refused_clearly_and_changes_nothing(lab_env, fleet, args, message):
     n_before = len(store_for(lab_env).ledger())
-    extra = ("--version", test_versions[1]) if args[0] == "release" else ()
+    extra = ("--version", fleet[1]) if args[0] == "release" else ()
     proc = invoke(args[0], "--env", "lab", *extra, *args[1:])
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    assert set(served(lab_env).values()) == {fleet_on_a}
+    assert set(served(lab_env).values()) == {fleet[0]}
     assert len(store_for(lab_env).ledger()) == n_before
     assert lock_for(lab_env).holder() is None
 
 
 # --- hosts and the database going away mid-release -------------------------------------------
-def test_a_host_killed_in_the_middle_of_a_release(lab_env, test_versions, fleet_on_a):
+def test_a_host_killed_in_the_middle_of_a_release(lab_env, fleet):
     from opsbook.engines import lab
 
-    _a, b = test_versions
+    _a, b = fleet
     proc, seen = _release_until_batch(b, 2)        # app2 is being drained
     lab.podman("kill", "opsbook-lab-app2")
     rest, _ = proc.communicate(timeout=600)
@@ -325,8 +316,8 @@ def test_a_host_killed_in_the_middle_of_a_release(lab_env, test_versions, fleet_
     assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
 
 
-def test_the_database_stopped_in_the_middle_of_a_release(lab_env, test_versions, fleet_on_a):
-    _a, b = test_versions
+def test_the_database_stopped_in_the_middle_of_a_release(lab_env, fleet):
+    _a, b = fleet
     proc, seen = _release_until_batch(b, 2)
     ssh("db1", "systemctl stop postgresql")
     try:

@@ -21,11 +21,13 @@ PHASES: dict[str, str] = {
                  "(a stamp on each host); database hosts only when never provisioned",
     "preflight": "host checks (testinfra, less what the release converges) and blocking database sessions",
     "expand migrations": "the artifact's pending expand phases, as a child migrate record",
-    "stage": "unpack the artifact into releases/<version> on every app host (offline venv)",
+    "stage": "unpack the artifact into releases/<version> on every app host (offline venv); it starts "
+             "beside preflight and the expand migrations, so its time is only what was left to wait for",
     "rolling switch": "per batch: drain, switch `current`, restart, health and /version, re-enable; "
                       "the probe's figures for the batch must meet the SLO",
     "verify": "every host check (testinfra), including those preflight leaves out: each app host serves "
-              "the release, its service runs, and it is UP in the load balancer",
+              "the release, its service runs, and it is UP in the load balancer; the probe's traffic "
+              "meanwhile is what users feel after the change",
     "probe read-back": "every write the service acknowledged during the release is read back",
     "mark good": "mark the release good on every host (retention never deletes it)",
 }

@@ -26,6 +26,10 @@ from opsbook.engines.records.store import new_record_id
 from opsbook.operations.release.plan import PHASES, Plan
 from opsbook.operations.release.record import ReleaseFailed
 
+# The probe's phases that change nothing users see: what they feel then is the baseline a slow
+# service is judged against (`ProbeResults.baseline_slo`), with no wait of its own.
+BASELINE_PHASES = ("before", "preflight")
+
 
 def log(msg: str) -> None:
     print(f"[opsbook] {msg}", flush=True)
@@ -55,6 +59,7 @@ class Run:
     in_flight: list[str] | None = None   # the batch being switched, if any
     put_back: str | None = None   # after a failure: whether every answering host is back in rotation
     notes: list[str] = field(default_factory=list)   # what the record should say besides the outcome
+    staged_s: float | None = None   # how long staging ran (beside preflight; its phase is what remained)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -79,7 +84,7 @@ class Run:
             "migrations": self.migrations, "outcome": self.outcome, "reason": self.reason, "detail": self.detail,
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
             "interrupted_in": self.interrupted_in,
-            "put_back": self.put_back, "notes": self.notes,
+            "put_back": self.put_back, "notes": self.notes, "staged_s": self.staged_s,
         }
 
 
@@ -160,7 +165,7 @@ def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held,
             run.probe = _probe_figures(results)
             plot = Path(tempfile.mkdtemp(prefix="opsbook-probe-")) / "probe.png"
             run.probe_plot = str(results.plot(plot, title=f"{plan.kind} {plan.target} to {env.name}"))
-            ok, reasons = results.within(results.baseline_slo(slo)[0])
+            ok, reasons = results.within(results.baseline_slo(slo, BASELINE_PHASES)[0])
             if not ok and run.outcome == "succeeded":
                 run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
     if run.outcome == "succeeded":
@@ -206,9 +211,8 @@ def _probe_figures(results) -> dict[str, Any]:
     figs = dict(results.figures())
     phases = {name: results.phase(name) for name in results.phase_names()}
     figs["phases"] = phases
-    before = phases.get("before", {})
     during = [p for n, p in phases.items() if n.startswith("batch")]
-    figs["p99_ms_before"] = before.get("p99_ms")
+    figs["p99_ms_before"] = results.baseline(BASELINE_PHASES).get("p99_ms")
     figs["p99_ms_during"] = max((p.get("p99_ms") or 0 for p in during), default=None)
     return figs
 
@@ -234,7 +238,8 @@ def _start_probe(run: Run, env: Env, phase: str, *, required: bool) -> None:
             log(f"the service does not take traffic yet ({str(e)[:120]}); waiting for it")
             time.sleep(1)
     run.live_probe = probe
-    time.sleep(2)   # a baseline of what users feel before anything changes
+    # No wait for a baseline here: what users feel before anything changes is measured while the
+    # read-only phases run (BASELINE_PHASES).
 
 
 def _converge(env: Env, run: Run) -> None:
@@ -335,28 +340,31 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo)
         held.renew()
         with run.phase("provision"):
             _converge(env, run)
-    with run.phase("preflight"):
-        _preflight(env, plan)
-    if "expand migrations" in plan.phases:
-        held.renew()
-        with run.phase("expand migrations"):
-            _expand(env, art, run)
-    if run.live_probe is None and any(plan.current.values()):
-        _start_probe(run, env, "stage", required=True)
-    probe = run.live_probe
     held.renew()
-    with run.phase("stage"):
-        ansible.run_playbook(env, "stage.yml", what=f"staging {plan.target}", extra_vars={
-            "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)})
+    # Staging only unpacks the release beside the one serving, so it runs beside preflight and the
+    # expand migrations (checks and the database; neither needs it nor is touched by it). It is
+    # waited for, its output shown, before any host is switched; leaving early stops it.
+    with ansible.start_playbook(env, "stage.yml", what=f"staging {plan.target}", extra_vars={
+            "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)}) as staging:
+        with run.phase("preflight"):
+            _preflight(env, plan)
+        if "expand migrations" in plan.phases:
+            held.renew()
+            with run.phase("expand migrations"):
+                _expand(env, art, run)
+        if run.live_probe is None and any(plan.current.values()):
+            _start_probe(run, env, "stage", required=True)
+        with run.phase("stage"):
+            staging.wait()
+        run.staged_s = staging.seconds
+    probe = run.live_probe
     with run.phase("rolling switch"):
         for i, batch in enumerate(plan.batches, 1):
             _switch_batch(env, plan, run, i, batch, held=held, probe=probe, slo=slo)
     # Converge, then verify: the whole fleet is checked as it is now, not only the hosts switched.
+    # The probe's "verify" is the traffic after the change (checks change nothing on the hosts).
     with run.phase("verify"):
         hostchecks.run_host_checks(env)
-    if probe:
-        probe.mark("after")
-        time.sleep(2)
 
 
 def _switch_batch(env: Env, plan: Plan, run: Run, i: int, batch: list[str], *, held, probe, slo) -> None:
@@ -380,7 +388,7 @@ def _switch_batch(env: Env, plan: Plan, run: Run, i: int, batch: list[str], *, h
         # The switched hosts take traffic for a while (`opsbook_release_gate_seconds`), then every
         # request sent during the batch has its answer, or counts with how long it has waited.
         time.sleep(float(env.var("opsbook_release_gate_seconds", 2)))
-        gate, note = probe.results().baseline_slo(slo)
+        gate, note = probe.results().baseline_slo(slo, BASELINE_PHASES)
         probe.settle(name, within_s=float(gate.get("max_p99_ms") or 2000) / 1000 + 0.5)
         results = probe.results()
         if note and note not in run.notes:
