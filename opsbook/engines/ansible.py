@@ -194,24 +194,33 @@ def fingerprint(env: Env) -> str:
     return h.hexdigest()[:16]
 
 
-def converged_stamps(env: Env, pattern: str = "all") -> dict[str, str | None]:
-    """host -> the fingerprint its stamp holds (None: no stamp, or the host did not answer). One
-    ad-hoc Ansible run for every host at once, read through Ansible's json callback. The `raw` module:
-    a plain `cat` over the SSH connection needs no Python module shipped to each host (half the time
-    of `command`, which matters on every release)."""
-    cmd = ["ansible", "-i", str(env.path), pattern, "-m", "ansible.builtin.raw", "-a", f"cat {STAMP}"]
+def raw(env: Env, pattern: str, command: str) -> dict[str, tuple[int, str] | None]:
+    """Run a shell command on the hosts matching `pattern`, all at once: host -> (exit code, stdout),
+    None for a host that did not answer. The `raw` module: nothing but the command over the SSH
+    connection (no Python module shipped to each host, half the time of `command`), read through
+    Ansible's json callback, so the inventory's connection settings apply as for a playbook."""
+    cmd = ["ansible", "-i", str(env.path), pattern, "-m", "ansible.builtin.raw", "-a", command]
     json_output = {"ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "json"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
                           env={**ansible_env(), **json_output})
-    out: dict[str, str | None] = {h.name: None for h in env.hosts(pattern)}
+    out: dict[str, tuple[int, str] | None] = {h.name: None for h in env.hosts(pattern)}
     try:
         doc = json.loads(proc.stdout[proc.stdout.index("{"):])
     except ValueError:
-        return out   # nothing readable: every host counts as unconverged (provisioning is idempotent)
+        return out
     for play in doc.get("plays", []):
         for task in play.get("tasks", []):
             for host, result in (task.get("hosts") or {}).items():
-                stamp = str(result.get("stdout", "")).strip()
-                if host in out and result.get("rc") == 0 and len(stamp) == 16:
-                    out[host] = stamp
+                if host in out and isinstance(result.get("rc"), int) and not result.get("unreachable"):
+                    out[host] = (result["rc"], str(result.get("stdout", "")))
+    return out
+
+
+def converged_stamps(env: Env, pattern: str = "all") -> dict[str, str | None]:
+    """host -> the fingerprint its stamp holds (None: no stamp, or the host did not answer; such a
+    host counts as unconverged, and provisioning is idempotent)."""
+    out: dict[str, str | None] = {}
+    for host, answer in raw(env, pattern, f"cat {STAMP}").items():
+        stamp = answer[1].strip() if answer and answer[0] == 0 else ""
+        out[host] = stamp if len(stamp) == 16 else None
     return out

@@ -1,4 +1,5 @@
-"""What the fleet serves: the version each app host answers on `GET /version`.
+"""What the fleet serves: the version each app host answers on `GET /version`, and how each load
+balancer sees each app host (`rotation`).
 
 The contract gate reads it: a contract phase may run only once no app host serves a version that
 still needs the old schema. A host that does not answer counts as blocking (its version is
@@ -69,3 +70,32 @@ def served_versions(env, timeout: float = 3.0) -> FleetVersions:
             out.reasons[h.name] = why
     return out
 
+
+
+def rotation(env) -> dict[str, dict[str, str]]:
+    """app host -> {load balancer: the status haproxy gives it (UP, DOWN, MAINT, DRAIN, ...)}, read
+    from every lb host's admin socket over SSH (`show stat`, its CSV read by column name). A load
+    balancer that does not answer, or does not list the host, gives "unknown"."""
+    from opsbook.engines import ansible
+
+    backend, socket = env.var("lb_backend_name"), env.var("lb_admin_socket")
+    apps = [h.name for h in env.hosts("app")]
+    out: dict[str, dict[str, str]] = {h: {} for h in apps}
+    for lb, answer in ansible.raw(env, "lb", f"echo 'show stat' | socat stdio {socket}").items():
+        rows = _stat_rows(answer[1]) if answer and answer[0] == 0 else []
+        for h in apps:
+            status = next((r.get("status", "") for r in rows if r.get("pxname") == backend and r.get("svname") == h),
+                          "")
+            out[h][lb] = status or "unknown"
+    return out
+
+
+def _stat_rows(csv_text: str) -> list[dict[str, str]]:
+    import csv
+
+    lines = [line for line in csv_text.replace("\r", "").splitlines() if line.strip()]
+    header = next((line for line in lines if line.startswith("# ")), None)
+    if header is None:
+        return []
+    body = [line for line in lines if not line.startswith("#")]
+    return list(csv.DictReader(body, fieldnames=header[2:].split(",")))

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -432,12 +433,14 @@ class ReleaseLock:
             f"the release lock for {self.env} ({self.store.where}) kept changing under ten attempts "
             f"to take it; nothing was changed. Look at `invoke lock --env {self.env}` and retry.")
 
-    def acquire(self, reason: str, wait: float = 0) -> HeldLock:
-        """Take the lock (waiting up to ``wait`` seconds) and start renewing it; see ``hold``."""
+    def acquire(self, reason: str, wait: float = 0, on_wait: Callable[[str], None] | None = None) -> HeldLock:
+        """Take the lock (waiting up to ``wait`` seconds) and start renewing it; see ``hold``.
+        While it waits, ``on_wait`` is told who holds it, at first and every 15 s."""
         if not reason or not reason.strip():
             raise OpsbookError("a release lock needs a reason (what this release is for); "
                                "nothing was changed.")
         started = time.monotonic()
+        told = -math.inf
         while True:
             got = self._try_acquire(reason)
             if isinstance(got, tuple):
@@ -448,6 +451,10 @@ class ReleaseLock:
             waited = time.monotonic() - started
             if waited >= wait:
                 raise LockHeld(self._refusal(got, wait), got)
+            if on_wait is not None and waited - told >= 15:
+                told = waited
+                on_wait(f"waiting for the release lock for {self.env} ({waited:.0f} of {wait:.0f} s): held by "
+                        f"{got.describe()}")
             time.sleep(min(self.poll_seconds, max(0.05, wait - waited)))
 
     def _refusal(self, holder: LockInfo, wait: float) -> str:
@@ -462,13 +469,14 @@ class ReleaseLock:
                 f"`invoke lock.break --env {self.env} --reason ...`.")
 
     @contextlib.contextmanager
-    def hold(self, reason: str, wait: float = 0) -> Iterator[HeldLock]:
+    def hold(self, reason: str, wait: float = 0, on_wait: Callable[[str], None] | None = None
+             ) -> Iterator[HeldLock]:
         """``with lock.hold("release 1.4.0") as held:`` acquire, renew in the background, release on exit.
 
         Raises LockHeld (naming holder, reason and since when) if another live lease holds it
         after ``wait`` seconds. ``held.message`` says whether a dead holder's lease expired.
         """
-        held = self.acquire(reason, wait=wait)
+        held = self.acquire(reason, wait=wait, on_wait=on_wait)
         try:
             yield held
         finally:
@@ -543,4 +551,8 @@ def status_text(lock: ReleaseLock) -> str:
     if holder is None:
         return f"release lock for {lock.env}: free ({lock.store.where})"
     state = "held (lease expired: the next release will take it over)" if holder.expired() else "held"
-    return f"release lock for {lock.env}: {state} by {holder.describe()} ({lock.store.where})"
+    note = ""
+    if holder.owner == facts.operator() and not _pid_alive(holder.pid):
+        note = (f"; its process {holder.pid} no longer runs on this machine (killed?): the next release waits "
+                f"for the lease (`--wait`), or `invoke lock.break --env {lock.env} --reason ...`")
+    return f"release lock for {lock.env}: {state} by {holder.describe()} ({lock.store.where}){note}"

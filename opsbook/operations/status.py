@@ -13,10 +13,19 @@ from opsbook.engines.records.store import store_for
 def status_text(env: Env) -> str:
     lines = [f"environment {env.name} ({env.kind})"]
     versions = fleet.served_versions(env)
-    lines.append("app hosts:")
+    rotation = fleet.rotation(env)
+    lines.append("app hosts (version served; how each load balancer sees it):")
+    out_of_rotation = []
     for host, version in versions.items():
         why = "" if version else f"  ({versions.reasons.get(host, 'no answer')})"
-        lines.append(f"  {host:<10} {version or 'not serving'}{why}")
+        seen = rotation.get(host, {})
+        lb = ", ".join(f"{name} {state}" for name, state in seen.items()) or "no load balancer"
+        if any(state != "UP" for state in seen.values()):
+            out_of_rotation.append(host)
+        lines.append(f"  {host:<10} {version or 'not serving'}{why}  [{lb}]")
+    if out_of_rotation:
+        lines.append(f"  out of rotation: {', '.join(out_of_rotation)} (not UP in a load balancer: a release "
+                     f"stopped half-way, or the host is down); the next release puts answering hosts back")
     served = {v for v in versions.values() if v}
     if len(served) > 1:
         lines.append("  the fleet serves mixed versions: a release stopped half-way, or is running")

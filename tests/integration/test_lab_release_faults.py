@@ -363,3 +363,41 @@ def _wait_until_every_app_host_answers_ping(env, timeout: float) -> None:
         if waiting:
             time.sleep(1)
     assert not waiting, f"app hosts {waiting} did not answer /ping within {timeout:.0f}s of the database's return"
+
+
+def test_the_controller_killed_mid_batch_status_tells_the_truth_and_the_next_release_converges(lab_env, fleet):
+    """SIGKILL: nothing of opsbook's runs (no put-back, no record, the lock stays). What must hold is
+    that Ansible dies with it, that `invoke status` says how things really are, and that the next
+    release waits out the dead holder's lease and converges with nothing lost."""
+    _a, b = fleet
+    proc, _seen = _release_until_batch(b, 2)        # app2 is being drained
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30                # Ansible gets SIGTERM when its parent dies
+    while time.monotonic() < deadline and subprocess.run(
+            ["pgrep", "-f", "ansible-playbook.*switch.yml"], capture_output=True, check=False).returncode == 0:
+        time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", "ansible-playbook.*switch.yml"], capture_output=True,
+                          check=False).returncode != 0, "ansible-playbook outlived the killed release"
+
+    status = invoke("status", "--env", "lab", check=True).stdout
+    versions = served(lab_env)
+    for h in lab_env.hosts("app"):
+        line = next((x for x in status.splitlines() if x.strip().startswith(f"{h.name} ")), "")
+        assert (versions[h.name] or "not serving") in line, status
+        assert f"lb1 {haproxy_status(h.name)}" in line, status
+    assert f"its process {proc.pid} no longer runs on this machine" in status, status
+    holder = lock_for(lab_env).holder()
+    assert holder is not None
+    assert holder.pid == proc.pid
+
+    lease = float(lab_env.var("opsbook_lock_lease_seconds"))
+    done = invoke("release", "--env", "lab", "--version", b, "--wait", str(int(lease) + 30), check=True)
+    assert "expired" in done.stdout           # it says it took over a dead holder's lease
+    assert set(served(lab_env).values()) == {b}
+    rec = last_record(lab_env, "release")
+    assert rec["outcome"] == "succeeded"
+    assert rec["figures"]["failed_requests"] == 0
+    assert rec["figures"]["missing_acknowledged_writes"] == 0
+    assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
+    assert lock_for(lab_env).holder() is None

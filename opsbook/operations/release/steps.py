@@ -101,7 +101,7 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
     lock = locks.lock_for(env)
     with interrupts.interruptible():
         try:
-            with lock.hold(f"{plan.kind} {plan.target} (record {run.record_id})", wait=wait) as held:
+            with lock.hold(f"{plan.kind} {plan.target} (record {run.record_id})", wait=wait, on_wait=log) as held:
                 log(held.message)
                 run.lock = held.message
                 if replan is not None:
