@@ -128,6 +128,40 @@ def test_second_provision_changes_nothing(lab_env):
     assert not changed, "second provision changed something:\n" + "\n".join(changed)
 
 
+def _connects(src: str, address: str, port: int) -> bool:
+    """Whether `src` (a lab host) can open a TCP connection to address:port."""
+    return ssh(src, f"nc -z -w 3 {address} {port} && echo open || echo refused") == "open"
+
+
+def test_the_firewall_refuses_hosts_that_do_not_need_a_port(lab_env):
+    """The service port and Postgres accept connections only from the hosts that need them; SSH
+    only from the controller. Tried from hosts that must be refused and from hosts that must not."""
+    from opsbook.engines import ansible
+
+    want = ansible.fingerprint(lab_env)
+    if set(ansible.converged_stamps(lab_env).values()) != {want}:
+        invoke("provision", "--env", "lab", check=True)   # releases do not converge db hosts
+    addr = {h.name: h.address for h in lab_env.hosts()}
+    app_port, db_port = lab_env.var("bl_api_port"), lab_env.var("bl_api_db_port")
+    # Postgres: the app hosts (and the controller) only.
+    assert _connects("app1", addr["db1"], db_port)
+    assert not _connects("lb1", addr["db1"], db_port)
+    assert not _connects("db2", addr["db1"], db_port)
+    # The service: the load balancers (and the controller) only; app hosts never talk to each other.
+    assert _connects("lb1", addr["app1"], app_port)
+    assert not _connects("app2", addr["app1"], app_port)
+    assert not _connects("db1", addr["app1"], app_port)
+    # The load balancer's HTTP port is public; SSH is the controller's alone.
+    assert _connects("app1", addr["lb1"], lab_env.var("lb_http_port"))
+    assert not _connects("app1", addr["db1"], 22)
+    assert not _connects("lb1", addr["app1"], 22)
+    import socket
+
+    for host, port in (("app1", app_port), ("db1", db_port), ("lb1", 22)):
+        with socket.create_connection((addr[host], port), timeout=3):
+            pass   # the controller reaches what it manages
+
+
 def test_release_switches_every_host_from_a_to_b(lab_env, fleet):
     a, b = fleet
     assert set(served_versions(lab_env).values()) == {a}
