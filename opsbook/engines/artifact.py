@@ -125,6 +125,59 @@ def verify(artifact: Artifact) -> Artifact:
     return artifact
 
 
+def _shown(path: Path) -> str:
+    """A path as an operator reads it: relative to the checkout when it is inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _deps_cache(src: Path) -> Path:
+    """Where the dependency wheels of a service with this pyproject.toml are kept between builds
+    (dist/.deps/<hash of pyproject.toml, Python version and platform>/)."""
+    import platform
+
+    key = hashlib.sha256((src / "pyproject.toml").read_bytes()
+                         + f"{sys.version_info[:2]}{platform.machine()}".encode()).hexdigest()[:12]
+    return DIST / ".deps" / key
+
+
+def _wheels(src: Path, wheelhouse: Path) -> None:
+    """The service wheel and every dependency wheel into `wheelhouse` (pip wheel).
+
+    The dependency wheels (and the build backend the pyproject names) are kept in a cache the first
+    time (`_deps_cache`), and later builds of a service with the same pyproject.toml take them from
+    there with `--no-index`: the same wheels, no index asked, seconds instead of a resolve over the
+    network. (pip's own HTTP cache still asks the index for every dependency; a find-links
+    directory is pip's documented way to build offline.) Delete dist/.deps to refresh it."""
+    import tomllib
+
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    cache = _deps_cache(src)
+    offline = ["--no-index", "--find-links", str(cache)] if (cache / ".complete").exists() else []
+    proc = subprocess.run([*pip, "wheel", "--quiet", *offline, "--wheel-dir", str(wheelhouse), str(src)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ArtifactError(f"pip wheel failed; nothing was written to dist/:\n{proc.stderr[-3000:]}")
+    if offline:
+        return
+    backend = tomllib.loads((src / "pyproject.toml").read_text()).get("build-system", {}).get("requires", [])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{cache.name}.partial-", dir=cache.parent))   # builds may run at once
+    for whl in wheelhouse.glob("*.whl"):
+        if not whl.name.startswith(f"{NAME.replace('-', '_')}-"):
+            shutil.copy2(whl, partial / whl.name)
+    if backend:
+        got = subprocess.run([*pip, "wheel", "--quiet", "--wheel-dir", str(partial), *backend],
+                             capture_output=True, text=True, check=False)
+        if got.returncode != 0:   # the artifact is fine; the next build resolves online again
+            shutil.rmtree(partial, ignore_errors=True)
+            return
+    (partial / ".complete").touch()
+    try:
+        partial.rename(cache)          # atomic; refused when another build filled the cache first
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def build(version: str | None = None, log=print, source: Path = APP) -> Artifact:
     """Build dist/bl-api-V.tar.gz unless it exists already (artifacts are immutable).
 
@@ -136,7 +189,7 @@ def build(version: str | None = None, log=print, source: Path = APP) -> Artifact
                             f". + _ - only. Nothing was built.")
     path = artifact_path(version)
     if path.exists():
-        log(f"artifact {path.relative_to(ROOT)} exists; artifacts are immutable, not rebuilding")
+        log(f"artifact {_shown(path)} exists; artifacts are immutable, not rebuilding")
         return find(version)
     DIST.mkdir(exist_ok=True)
     t0 = time.monotonic()
@@ -156,12 +209,7 @@ def build(version: str | None = None, log=print, source: Path = APP) -> Artifact
         wheelhouse = root / "wheelhouse"
         wheelhouse.mkdir(parents=True)
         log(f"building {NAME} {version}: service wheel and dependency wheelhouse")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-             "--wheel-dir", str(wheelhouse), str(src)],
-            capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise ArtifactError(f"pip wheel failed; nothing was written to dist/:\n{proc.stderr[-3000:]}")
+        _wheels(src, wheelhouse)
         shutil.copytree(source / "migrations", root / "migrations")
         files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
         manifest = {
@@ -180,5 +228,5 @@ def build(version: str | None = None, log=print, source: Path = APP) -> Artifact
     artifact = Artifact(version, path)
     path.with_name(path.name + ".sha256").write_text(f"{artifact.sha256}  {path.name}\n")
     size = path.stat().st_size / 1e6
-    log(f"built {path.relative_to(ROOT)} ({size:.1f} MB, {len(files)} files) in {time.monotonic() - t0:.1f}s")
+    log(f"built {_shown(path)} ({size:.1f} MB, {len(files)} files) in {time.monotonic() - t0:.1f}s")
     return artifact

@@ -38,3 +38,30 @@ def test_an_artifact_that_changed_after_it_was_built_is_refused(dist):
     (dist / f"{artifact.NAME}-9.9.7.tar.gz.sha256").write_text(f"{'0' * 64}  {artifact.NAME}-9.9.7.tar.gz\n")
     with pytest.raises(artifact.ArtifactError, match="does not match its checksum file"):
         artifact.find("9.9.7")
+
+
+def _wheels_in(path) -> list[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return sorted(n.rsplit("/", 1)[-1] for n in tar.getnames() if n.endswith(".whl") and "/bl_api-" not in n)
+
+
+def test_a_second_build_takes_its_dependencies_from_the_cache_with_no_network(dist):
+    """The first build resolves the dependencies and keeps their wheels (and the build backend) in
+    dist/.deps/; the next one, run here with no network at all, takes the same wheels from there."""
+    import subprocess
+    import sys
+
+    from opsbook.core.paths import ROOT
+
+    first = artifact.build("9.9.1+cache", log=lambda _m: None)
+    assert (artifact._deps_cache(artifact.APP) / ".complete").exists()
+    code = (f"from pathlib import Path; from opsbook.engines import artifact; artifact.DIST = Path({str(dist)!r}); "
+            f"artifact.build('9.9.2+cache', log=print)")
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    second = artifact.find("9.9.2+cache")
+    assert _wheels_in(second.path) == _wheels_in(first.path)
+    assert len(_wheels_in(first.path)) >= 3   # flask, gunicorn, psycopg and what they need
