@@ -83,6 +83,10 @@ class LockInfo:
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.lease_expires
 
+    def gone_from_here(self) -> bool:
+        """The holder was a process of this machine (same user@host) that no longer runs."""
+        return self.owner == facts.operator() and not _pid_alive(self.pid)
+
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
         left = self.lease_expires - now
@@ -460,7 +464,7 @@ class ReleaseLock:
     def _refusal(self, holder: LockInfo, wait: float) -> str:
         waited = f" (waited {wait:.0f} s)" if wait > 0 else ""
         note = ""
-        if holder.owner == facts.operator() and not _pid_alive(holder.pid):
+        if holder.gone_from_here():
             note = (f" Its process {holder.pid} no longer runs on this machine; the lease will expire "
                     f"{_iso(holder.lease_expires)} and the next release will proceed then.")
         return (f"the release lock for {self.env} is held by {holder.describe()}{waited}. Nothing was "
@@ -552,7 +556,7 @@ def status_text(lock: ReleaseLock) -> str:
         return f"release lock for {lock.env}: free ({lock.store.where})"
     state = "held (lease expired: the next release will take it over)" if holder.expired() else "held"
     note = ""
-    if holder.owner == facts.operator() and not _pid_alive(holder.pid):
+    if holder.gone_from_here():
         note = (f"; its process {holder.pid} no longer runs on this machine (killed?): the next release waits "
                 f"for the lease (`--wait`), or `invoke lock.break --env {lock.env} --reason ...`")
     return f"release lock for {lock.env}: {state} by {holder.describe()} ({lock.store.where}){note}"

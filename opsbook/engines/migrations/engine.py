@@ -92,21 +92,6 @@ def _lock_failure(e: BaseException) -> bool:
     return isinstance(e, _Blocked) or guards.is_lock_failure(e)
 
 
-def _snapshot_holders(conn) -> list[guards.Session]:
-    """Sessions of this database holding a snapshot. Before it marks an index valid, CREATE INDEX
-    CONCURRENTLY waits for every one older than its build ("waiting for old snapshots"), whether or
-    not it holds a lock on the table, so a lock timeout there names these."""
-    rows = conn.execute(
-        """SELECT pid, usename, state, extract(epoch FROM now() - coalesce(xact_start, state_change))::float8,
-                  coalesce(query, ''), coalesce(application_name, '')
-           FROM pg_stat_activity
-           WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL
-             AND backend_type = 'client backend' AND coalesce(application_name, '') NOT LIKE %s""",
-        (APP_NAME + "%",),
-    ).fetchall()
-    return [guards.Session(*r) for r in rows]
-
-
 # --- plan -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlannedStep:
@@ -299,10 +284,10 @@ class _Runner:
         except Exception as e:
             if not _lock_failure(e):
                 raise
-            holders = e.sessions if isinstance(e, _Blocked) else guards.lock_holders(self.conn, step.table)
+            holders = e.sessions if isinstance(e, _Blocked) else guards.lock_holders(
+                self.conn, step.table, with_snapshots=step.kind == INDEX)
             whose = f"Sessions holding locks on {step.table or 'the object'}"
             if step.kind == INDEX and not isinstance(e, _Blocked):
-                holders += [h for h in _snapshot_holders(self.conn) if h.pid not in {x.pid for x in holders}]
                 whose += " or a snapshot (CREATE INDEX CONCURRENTLY waits for both)"
             names = "\n  ".join(str(h) for h in holders) or "(none seen now; the conflict was transient)"
             raise _LockGaveUp(

@@ -176,8 +176,11 @@ def blocking_sessions(
     return [Session(*r) for r in rows]
 
 
-def lock_holders(conn, table: str | None) -> list[Session]:
-    """Sessions holding any lock on `table` right now (to name in a lock-timeout report)."""
+def lock_holders(conn, table: str | None, *, with_snapshots: bool = False) -> list[Session]:
+    """Sessions holding any lock on `table` right now (to name in a lock-timeout report). With
+    `with_snapshots`, also every session of this database holding a snapshot: before it marks an
+    index valid, CREATE INDEX CONCURRENTLY waits for every one older than its build ("waiting for
+    old snapshots"), whether or not it holds a lock on the table."""
     if not table:
         return []
     rows = conn.execute(
@@ -189,7 +192,19 @@ def lock_holders(conn, table: str | None) -> list[Session]:
              AND coalesce(a.application_name, '') <> %s""",
         (table, APP_NAME),
     ).fetchall()
-    return [Session(*r) for r in rows]
+    holders = [Session(*r) for r in rows]
+    if with_snapshots:
+        rows = conn.execute(
+            """SELECT pid, usename, state, extract(epoch FROM now() - coalesce(xact_start, state_change))::float8,
+                      coalesce(query, ''), coalesce(application_name, '')
+               FROM pg_stat_activity
+               WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL
+                 AND backend_type = 'client backend' AND coalesce(application_name, '') NOT LIKE %s""",
+            (APP_NAME + "%",),
+        ).fetchall()
+        seen = {h.pid for h in holders}
+        holders += [Session(*r) for r in rows if r[0] not in seen]
+    return holders
 
 
 def refuse_blockers(conn, s: Settings) -> None:
