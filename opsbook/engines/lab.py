@@ -24,6 +24,7 @@ from pathlib import Path
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.core.paths import ROOT
+from opsbook.engines.ansible import STAMP
 
 LABEL = "opsbook.lab"
 CONTAINERS_CONF = ROOT / "lab" / "containers.conf"
@@ -308,7 +309,11 @@ def up(env: Env, dry_run: bool = False) -> bool:
             try:
                 _install_key(env, h, pub)
                 if ssh_answers(h.address, key, timeout=5):
-                    log(f"{h.name}: installed this checkout's SSH key")
+                    # Its converge stamp was written with the other checkout's secrets: here it counts
+                    # as never provisioned, so the next release converges it (database hosts too).
+                    podman("exec", h.container, "rm", "-f", STAMP)
+                    log(f"{h.name}: installed this checkout's SSH key; set up by another checkout, it will be "
+                        f"provisioned again by the next release")
                     changed = True
                     continue
             except LabError:
