@@ -24,7 +24,6 @@ from pathlib import Path
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.core.paths import ROOT
-from opsbook.engines.ansible import STAMP
 
 LABEL = "opsbook.lab"
 CONTAINERS_CONF = ROOT / "lab" / "containers.conf"
@@ -304,20 +303,14 @@ def up(env: Env, dry_run: bool = False) -> bool:
                     f"invoke lab.up` moves it to {image}")
             if h.name in answering:
                 continue
-            # Running, but made by another checkout with another key: give it ours. A host that
-            # still does not answer is stale in a way podman cannot see (its pid was reused).
-            try:
-                _install_key(env, h, pub)
-                if ssh_answers(h.address, key, timeout=5):
-                    # Its converge stamp was written with the other checkout's secrets: here it counts
-                    # as never provisioned, so the next release converges it (database hosts too).
-                    podman("exec", h.container, "rm", "-f", STAMP)
-                    log(f"{h.name}: installed this checkout's SSH key; set up by another checkout, it will be "
-                        f"provisioned again by the next release")
-                    changed = True
-                    continue
-            except LabError:
-                pass
+            # Running but not answering this checkout's key: made by another checkout, whose secrets
+            # (database passwords) it holds, or stale in a way podman cannot see (its pid was reused).
+            # Either way it is recreated from the image, like a replaced instance; a database host
+            # keeps its data volume, and the next release provisions it with this checkout's secrets.
+            log(f"{h.name}: running, but does not answer this checkout's SSH key (another checkout's lab, "
+                f"or stale); recreating it")
+            _remove(h.container)
+            info = None
         if info:
             log(f"{h.name}: container exists but is not running; recreating it")
             _remove(h.container)
