@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures.lab",
     "tests.fixtures.postgres",
     "tests.fixtures.moto",
+    "tests.fixtures.aws_env",
     "tests.fixtures.service",
 ]
 

@@ -1,0 +1,92 @@
+"""The account guard against a real moto server: an AWS environment is acted on only with
+credentials of the account its inventory names; a mismatch, no credentials or an unknown profile
+are refused before anything changes, naming the expected and the actual account."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+
+from opsbook.engines import aws as awsenv
+from tests.fixtures.aws_env import MOTO_ACCOUNT
+
+pytestmark = pytest.mark.moto
+
+OTHER_ACCOUNT = "210987654321"
+
+
+def _credentials_in(account: str, endpoint: str) -> tuple[str, str]:
+    """An IAM user's access key created in `account` of the moto server (moto then answers
+    GetCallerIdentity for that key with that account, as AWS would)."""
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+
+    def to_account(request, **_):
+        request.headers["x-moto-account-id"] = account
+
+    iam.meta.events.register("before-send.iam.*", to_account)
+    user = f"deployer-{account[-4:]}"
+    iam.create_user(UserName=user)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def test_the_environments_own_account_passes(aws_inventory):
+    env = aws_inventory("staging")
+    who = awsenv.check_account(env)
+    assert who.account == MOTO_ACCOUNT
+    assert "arn:aws" in who.arn
+
+
+def test_credentials_of_another_account_are_refused_naming_both(aws_inventory, aws, monkeypatch):
+    env = aws_inventory("staging")
+    key, secret = _credentials_in(OTHER_ACCOUNT, aws)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    with pytest.raises(awsenv.AccountMismatch) as e:
+        awsenv.check_account(env)
+    msg = str(e.value)
+    assert f"lives in AWS account {MOTO_ACCOUNT}" in msg
+    assert f"belong to account {OTHER_ACCOUNT}" in msg
+    assert "Nothing was changed" in msg
+
+
+def test_an_inventory_naming_another_account_is_refused(aws_inventory):
+    env = aws_inventory("prod", opsbook_aws_account_id=OTHER_ACCOUNT)
+    with pytest.raises(awsenv.AccountMismatch, match=rf"lives in AWS account {OTHER_ACCOUNT}.*account {MOTO_ACCOUNT}"):
+        awsenv.check_account(env)
+
+
+def test_no_credentials_are_refused(aws_inventory, monkeypatch, tmp_path):
+    env = aws_inventory("staging")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    # No shared files, no instance metadata: nothing left in the credential chain.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(awsenv.NoCredentials, match=rf"no AWS credentials for {env.name} \(expected account {MOTO_ACCOUNT}"):
+        awsenv.check_account(env)
+
+
+def test_an_unknown_profile_is_refused(aws_inventory, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    env = aws_inventory("staging", opsbook_aws_profile="opsbook-nowhere")
+    with pytest.raises(awsenv.NoCredentials, match=r"profile 'opsbook-nowhere'.*not configured"):
+        awsenv.check_account(env)
+
+
+def test_provisioning_with_another_accounts_credentials_changes_nothing(aws_inventory, aws, monkeypatch):
+    from opsbook.operations import provision
+
+    env = aws_inventory("staging")
+    key, secret = _credentials_in("333333333333", aws)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    with pytest.raises(awsenv.AccountMismatch):
+        provision.provision(env)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    assert awsenv.find(awsenv.target(env)) == []
