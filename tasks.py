@@ -106,7 +106,7 @@ def build(c, version=None):
 @task(help={"env": "environment (inventories/ENV)", "check": "run in --check --diff mode, change nothing"})
 @operator_errors
 def provision(c, env=None, check=False):
-    """Provision an environment's hosts with playbooks/site.yml (idempotent)."""
+    """Provision an environment: lab hosts (site.yml), or an AWS environment's resources (provision-aws.yml)."""
     from opsbook.operations import provision as prov
 
     prov.provision(load_env(c, env), check=check)
@@ -162,6 +162,37 @@ def check(c, env=None):
     from opsbook.engines import hostchecks
 
     hostchecks.run_host_checks(load_env(c, env))
+
+
+# --- AWS environments ---------------------------------------------------------------------
+@task(help={"env": "environment (inventories/ENV), an AWS one"})
+@operator_errors
+def env_resources(c, env=None):
+    """List every resource tagged for an AWS environment, and any role two of them claim (read-only)."""
+    from opsbook.operations import aws_env
+
+    print(aws_env.resources_text(load_env(c, env)))
+
+
+@task(
+    help={
+        "env": "environment (inventories/ENV), an AWS one",
+        "reason": "why it is destroyed (required where the inventory asks for confirmation: prod)",
+        "confirm": "the environment's name, typed in advance (for non-interactive use)",
+        "dry_run": "list what would be deleted, delete nothing",
+    }
+)
+@operator_errors
+def env_destroy(c, env=None, reason=None, confirm=None, dry_run=False):
+    """Delete exactly the resources tagged for an AWS environment (the list is shown first)."""
+    from opsbook.operations import aws_env
+
+    aws_env.destroy(load_env(c, env), reason=reason, confirm=confirm, dry_run=dry_run)
+
+
+env_ns = Collection("env")
+env_ns.add_task(env_resources, "resources", default=True)
+env_ns.add_task(env_destroy, "destroy")
 
 
 # --- migrations ---------------------------------------------------------------------------
@@ -344,6 +375,7 @@ ns.add_collection(lab_ns)
 ns.add_collection(records_ns)
 ns.add_collection(migrate_ns)
 ns.add_collection(lock_ns)
+ns.add_collection(env_ns)
 ns.add_task(runbooks_list, "runbooks")
 for t in (build, provision, release, rollback, status, check, test, runbook, report):
     ns.add_task(t)

@@ -23,19 +23,24 @@ class PlaybookFailed(OpsbookError):
     """ansible-playbook exited non-zero; the message names the failing tasks and hosts."""
 
 
-def ansible_env() -> dict[str, str]:
+def ansible_env(target: Env | None = None) -> dict[str, str]:
     """The process environment for ansible-playbook and testinfra: this checkout's ansible.cfg, and
-    this virtualenv's tools first on PATH."""
+    this virtualenv's tools first on PATH; for an AWS environment, its region, profile and endpoint
+    (the aws_ec2 inventory plugin and the Secrets Manager lookups read them from there)."""
     env = dict(os.environ)
     env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
     env.setdefault("ANSIBLE_FORCE_COLOR", "0")
     venv_bin = Path(sys.executable).parent
     env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+    if target is not None and target.kind == "aws":
+        from opsbook.engines import aws
+
+        env.update(aws.process_env(target))
     return env
 
 
 def playbook_command(env: Env, playbook: str, *, extra_vars: dict | None = None, check: bool = False,
-                     limit: str | None = None) -> list[str]:
+                     limit: str | None = None, tags: str | None = None) -> list[str]:
     cmd = ["ansible-playbook", "-i", str(env.path), str(PLAYBOOKS / playbook)]
     if extra_vars:
         cmd += ["-e", json.dumps(extra_vars)]
@@ -43,6 +48,8 @@ def playbook_command(env: Env, playbook: str, *, extra_vars: dict | None = None,
         cmd += ["--check", "--diff"]
     if limit:
         cmd += ["--limit", limit]
+    if tags:
+        cmd += ["--tags", tags]
     return cmd
 
 
@@ -65,13 +72,13 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
         return
 
 
-def _spawn(cmd: list[str]) -> subprocess.Popen:
+def _spawn(cmd: list[str], target: Env | None = None) -> subprocess.Popen:
     # Its own process group: a Ctrl-C at the terminal reaches opsbook alone, which then stops
     # Ansible in order (`stop`) and puts hosts back; and Ansible dies with opsbook if opsbook is killed.
     # (`setpriv --pdeathsig`, from util-linux: a preexec_fn calling prctl is unsafe with our threads.)
     if shutil.which("setpriv"):
         cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=ROOT, env=ansible_env(target), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, start_new_session=True)
 
 
@@ -100,15 +107,18 @@ class _Failures:
 
 
 def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, check: bool = False,
-                 limit: str | None = None, what: str = "") -> None:
-    """Run a playbook against an environment, streaming Ansible's progress to the terminal."""
-    proc = _spawn(playbook_command(env, playbook, extra_vars=extra_vars, check=check, limit=limit))
+                 limit: str | None = None, what: str = "", tags: str | None = None) -> dict[str, dict[str, int]]:
+    """Run a playbook against an environment, streaming Ansible's progress to the terminal.
+    Returns its recap: host -> {"ok": n, "changed": n, "failed": n, ...}."""
+    proc = _spawn(playbook_command(env, playbook, extra_vars=extra_vars, check=check, limit=limit, tags=tags), env)
     failures = _Failures()
+    recap: dict[str, dict[str, int]] = {}
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
             sys.stdout.write(line)
             failures.feed(line)
+            _read_recap(line, recap)
     except BaseException:
         # Interrupted while Ansible runs: never leave it switching hosts behind our back.
         stop(proc)
@@ -116,6 +126,16 @@ def run_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, che
     sys.stdout.flush()
     if proc.wait() != 0:
         raise failures.error(env, what or playbook, proc.returncode)
+    return recap
+
+
+def _read_recap(line: str, recap: dict[str, dict[str, int]]) -> None:
+    """One PLAY RECAP line (`host : ok=3 changed=1 unreachable=0 failed=0 ...`) into `recap`."""
+    import re
+
+    m = re.match(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$", line.strip())
+    if m:
+        recap[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
 
 
 class Background:
@@ -168,7 +188,7 @@ class Background:
 def start_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, limit: str | None = None,
                    what: str = "") -> Background:
     """Start a playbook in the background (see Background); `wait()` for it."""
-    return Background(env, _spawn(playbook_command(env, playbook, extra_vars=extra_vars, limit=limit)),
+    return Background(env, _spawn(playbook_command(env, playbook, extra_vars=extra_vars, limit=limit), env),
                       what or playbook)
 
 
@@ -202,7 +222,7 @@ def raw(env: Env, pattern: str, command: str) -> dict[str, tuple[int, str] | Non
     cmd = ["ansible", "-i", str(env.path), pattern, "-m", "ansible.builtin.raw", "-a", command]
     json_output = {"ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "json"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={**ansible_env(), **json_output})
+                          env={**ansible_env(env), **json_output})
     out: dict[str, tuple[int, str] | None] = {h.name: None for h in env.hosts(pattern)}
     try:
         doc = json.loads(proc.stdout[proc.stdout.index("{"):])

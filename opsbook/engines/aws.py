@@ -209,7 +209,9 @@ def _find_ec2(t: Target, env_name: str) -> Iterator[Resource]:
             tags = _tags(i.get("Tags"))
             yield _resource("instance", i["InstanceId"], tags.get("Name", ""), tags)
     for lt in ec2.describe_launch_templates(Filters=f)["LaunchTemplates"]:
-        yield _resource("launch-template", lt["LaunchTemplateId"], lt["LaunchTemplateName"], _tags(lt.get("Tags")))
+        # DescribeTags: moto 5.2.5 leaves tags added by CreateTags out of DescribeLaunchTemplates.
+        tags = _tags(ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [lt["LaunchTemplateId"]]}])["Tags"])
+        yield _resource("launch-template", lt["LaunchTemplateId"], lt["LaunchTemplateName"], tags)
     for sg in ec2.describe_security_groups(Filters=f)["SecurityGroups"]:
         yield _resource("security-group", sg["GroupId"], sg["GroupName"], _tags(sg.get("Tags")))
     for rt in ec2.describe_route_tables(Filters=f)["RouteTables"]:
@@ -319,7 +321,9 @@ def _find_iam(t: Target, env_name: str) -> Iterator[Resource]:
                 yield _resource("iam-role", r["RoleName"], r["RoleName"], tags)
     for page in iam.get_paginator("list_instance_profiles").paginate(PathPrefix=IAM_PATH):
         for p in page["InstanceProfiles"]:
-            tags = _tags(iam.list_instance_profile_tags(InstanceProfileName=p["InstanceProfileName"]).get("Tags"))
+            # GetInstanceProfile carries the tags (moto 5.2.5 has no ListInstanceProfileTags).
+            tags = _tags(iam.get_instance_profile(InstanceProfileName=p["InstanceProfileName"])["InstanceProfile"]
+                         .get("Tags"))
             if _ours(tags, env_name):
                 yield _resource("instance-profile", p["InstanceProfileName"], p["InstanceProfileName"], tags,
                                 roles=[r["RoleName"] for r in p.get("Roles", [])])
@@ -368,6 +372,9 @@ def _wait(what: str, done: Callable[[], bool], timeout: float = 900, every: floa
         time.sleep(every)
 
 
+WAIT = {"Delay": 5, "MaxAttempts": 180}   # deletions are polled every 5 s, for up to 15 minutes
+
+
 def _delete_asg(t: Target, r: Resource, **_) -> None:
     asg = client(t, "autoscaling")
     asg.delete_auto_scaling_group(AutoScalingGroupName=r.id, ForceDelete=True)
@@ -382,7 +389,7 @@ def _delete_db_instance(t: Target, r: Resource, *, final_snapshot: str | None, *
         args.update({"FinalDBSnapshotIdentifier": f"{final_snapshot}-{r.id}"} if final_snapshot
                     else {"SkipFinalSnapshot": True})
     rds.delete_db_instance(**args)
-    rds.get_waiter("db_instance_deleted").wait(DBInstanceIdentifier=r.id)
+    rds.get_waiter("db_instance_deleted").wait(DBInstanceIdentifier=r.id, WaiterConfig=WAIT)
 
 
 def _delete_db_cluster(t: Target, r: Resource, *, final_snapshot: str | None, **_) -> None:
@@ -407,7 +414,7 @@ def _delete_db_cluster(t: Target, r: Resource, *, final_snapshot: str | None, **
 def _delete_instance(t: Target, r: Resource, **_) -> None:
     ec2 = client(t, "ec2")
     ec2.terminate_instances(InstanceIds=[r.id])
-    ec2.get_waiter("instance_terminated").wait(InstanceIds=[r.id])
+    ec2.get_waiter("instance_terminated").wait(InstanceIds=[r.id], WaiterConfig=WAIT)
 
 
 def _revoke_security_group_rules(t: Target, r: Resource, **_) -> None:

@@ -27,7 +27,7 @@ def host_check_command(env: Env, extra: list[str] | None = None) -> list[str]:
 
 
 def run_host_checks(env: Env, extra: list[str] | None = None) -> None:
-    proc = subprocess.run(host_check_command(env, extra), cwd=ROOT, env=ansible_env(), check=False)
+    proc = subprocess.run(host_check_command(env, extra), cwd=ROOT, env=ansible_env(env), check=False)
     if proc.returncode != 0:
         raise HostChecksFailed(
             f"host checks failed on {env.name} (pytest exit {proc.returncode}); the failing checks and "

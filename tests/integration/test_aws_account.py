@@ -65,7 +65,8 @@ def test_no_credentials_are_refused(aws_inventory, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with pytest.raises(awsenv.NoCredentials, match=rf"no AWS credentials for {env.name} \(expected account {MOTO_ACCOUNT}"):
+    expected = rf"no AWS credentials for {env.name} \(expected account {MOTO_ACCOUNT}"
+    with pytest.raises(awsenv.NoCredentials, match=expected):
         awsenv.check_account(env)
 
 

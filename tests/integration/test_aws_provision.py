@@ -1,0 +1,146 @@
+"""`invoke provision` and `invoke env.destroy` of an AWS environment against a real moto server:
+from nothing, again with changed=0, a record in the environment's bucket, no secret on disk or in a
+record, and a destroy that deletes exactly what is tagged for the environment. Refusals (two
+resources for one role, prod without a reason or its name typed back) change nothing."""
+
+from __future__ import annotations
+
+import subprocess
+
+import boto3
+import pytest
+
+from opsbook.core.paths import ROOT
+from opsbook.engines import aws as awsenv
+from opsbook.engines.records.store import store_for
+from opsbook.operations import aws_env, provision
+
+pytestmark = pytest.mark.moto
+
+
+def _tag_spec(kind: str, env: str, role: str) -> list[dict]:
+    return [{"ResourceType": kind, "Tags": [{"Key": "opsbook:env", "Value": env},
+                                            {"Key": "opsbook:managed-by", "Value": "opsbook"},
+                                            {"Key": "opsbook:role", "Value": role}]}]
+
+
+def _ingress(ec2, group_id: str) -> list[tuple]:
+    sg = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"][0]
+    return sorted((p["IpProtocol"], p.get("FromPort"), p.get("ToPort"),
+                   tuple(sorted(g["GroupId"] for g in p.get("UserIdGroupPairs", []))),
+                   tuple(sorted(r["CidrIp"] for r in p.get("IpRanges", []))))
+                  for p in sg["IpPermissions"])
+
+
+def _working_tree_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    return [line for line in out.splitlines() if line]
+
+
+@pytest.mark.slow   # two full Ansible runs (31 tasks each) and a destroy: 2-4 minutes on a busy 2-core machine
+def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_alone(aws_inventory, aws):
+    env = aws_inventory("staging")
+    ec2 = boto3.client("ec2", endpoint_url=aws)
+    # Another environment's VPC, tagged like ours but for another env: provisioning and destroy ignore it.
+    other = f"other-{env.name[-6:]}"
+    other_vpc = ec2.create_vpc(CidrBlock="10.99.0.0/16",
+                               TagSpecifications=_tag_spec("vpc", other, "vpc"))["Vpc"]["VpcId"]
+
+    first = provision.provision(env)
+    assert first["outcome"] == "succeeded"
+    assert first["changed"] > 10, first["recap"]
+    t = awsenv.target(env)
+    found = {r.role: r for r in awsenv.find(t)}
+    expected_roles = {"vpc", "subnet-public-0", "subnet-public-1", "subnet-private-0", "subnet-private-1", "igw",
+                      "route-public", "sg-lb", "sg-app", "sg-db", "iam-app", "profile-app", "records", "lock",
+                      "secret-bl_api_db_password", "secret-opsbook_db_admin_password", "tg-app", "alb", "lt-app",
+                      "app", "db-subnets", "db"}
+    assert expected_roles <= set(found), expected_roles - set(found)
+    assert all(r.env == env.name for r in awsenv.find(t))
+
+    # Security groups: clients -> lb on 80; lb -> app on the service port only; app -> db on 5432 only.
+    sg = {role: found[role].id for role in ("sg-lb", "sg-app", "sg-db")}
+    assert _ingress(ec2, sg["sg-lb"]) == [("tcp", 80, 80, (), ("0.0.0.0/0",))]
+    assert _ingress(ec2, sg["sg-app"]) == [("tcp", 8000, 8000, (sg["sg-lb"],), ())]
+    assert _ingress(ec2, sg["sg-db"]) == [("tcp", 5432, 5432, (sg["sg-app"],), ())]
+    # Subnets in two zones; the ALB's target group checks /ping.
+    zones = {found[f"subnet-{kind}-{i}"].extra["az"] for kind in ("public", "private") for i in (0, 1)}
+    assert len(zones) == 2
+    tg = boto3.client("elbv2", endpoint_url=aws).describe_target_groups(
+        TargetGroupArns=[found["tg-app"].id])["TargetGroups"][0]
+    assert (tg["HealthCheckPath"], tg["Port"]) == ("/ping", 8000)
+    # The records bucket: versioned, encrypted, no public access.
+    s3 = boto3.client("s3", endpoint_url=aws)
+    bucket = found["records"].id
+    assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
+    assert s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert all(s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"].values())
+    # The database (staging: one RDS PostgreSQL instance) in the private subnets, behind sg-db.
+    db = boto3.client("rds", endpoint_url=aws).describe_db_instances(
+        DBInstanceIdentifier=found["db"].id)["DBInstances"][0]
+    assert db["Engine"] == "postgres"
+    assert [g["VpcSecurityGroupId"] for g in db["VpcSecurityGroups"]] == [sg["sg-db"]]
+
+    second = provision.provision(env)
+    assert second["changed"] == 0, second["recap"]
+    assert second["after"] == first["after"]
+
+    # Both runs left a record in the environment's bucket; no secret value is in a record or a file.
+    ledger = [e for e in store_for(env).ledger() if e["runbook"] == "provision"]
+    assert [e["figures"]["changed"] for e in ledger] == [first["changed"], 0]
+    assert all(e["outcome"] == "succeeded" and e["figures"]["account"] == t.account_id for e in ledger)
+    sm = boto3.client("secretsmanager", endpoint_url=aws)
+    values = [sm.get_secret_value(SecretId=found[f"secret-{n}"].id)["SecretString"]
+              for n in ("bl_api_db_password", "opsbook_db_admin_password")]
+    assert all(len(v) == 32 for v in values)
+    store = store_for(env)
+    for key in store.keys(""):
+        blob = store.get(key).decode(errors="replace")
+        assert not any(v in blob for v in values), f"a secret value is in record {key}"
+    for rel in _working_tree_files() + [str(p) for p in env.path.rglob("*") if p.is_file()]:
+        path = ROOT / rel
+        if path.is_file():
+            text = path.read_bytes().decode(errors="replace")
+            assert not any(v in text for v in values), f"a secret value is in {path}"
+
+    deleted = aws_env.destroy(env)
+    assert {r.role for r in deleted} >= expected_roles
+    assert awsenv.find(t) == []
+    assert ec2.describe_vpcs(VpcIds=[other_vpc])["Vpcs"], "another environment's VPC was deleted"
+
+
+def test_two_resources_for_one_role_are_refused_naming_both_and_nothing_changes(aws_inventory, aws):
+    env = aws_inventory("staging")
+    ec2 = boto3.client("ec2", endpoint_url=aws)
+    vpcs = [ec2.create_vpc(CidrBlock=cidr, TagSpecifications=_tag_spec("vpc", env.name, "vpc"))["Vpc"]["VpcId"]
+            for cidr in ("10.40.0.0/16", "10.41.0.0/16")]
+    with pytest.raises(awsenv.AmbiguousResources) as e:
+        provision.provision(env)
+    assert all(v in str(e.value) for v in vpcs)
+    assert "role vpc" in str(e.value)
+    assert "Nothing was changed" in str(e.value)
+    assert sorted(r.id for r in awsenv.find(awsenv.target(env))) == sorted(vpcs)
+
+
+def test_destroying_prod_needs_a_reason_and_its_name_typed_back(aws_inventory, aws):
+    env = aws_inventory("prod")
+    assert env.var("opsbook_confirm") is True
+    t = awsenv.target(env)
+    ec2 = boto3.client("ec2", endpoint_url=aws)
+    vpc = ec2.create_vpc(CidrBlock="10.50.0.0/16", TagSpecifications=_tag_spec("vpc", env.name, "vpc"))["Vpc"]["VpcId"]
+    boto3.client("s3", endpoint_url=aws).create_bucket(Bucket=env.var("opsbook_lock_bucket"))   # the lock's home
+
+    with pytest.raises(aws_env.DestroyRefused, match=r"needs --reason.*Nothing was deleted"):
+        aws_env.destroy(env, confirm=env.name)
+    with pytest.raises(aws_env.DestroyRefused, match=r"'staging'\) is not .*Nothing was deleted"):
+        aws_env.destroy(env, reason="test", ask=lambda _prompt: "staging")
+    with pytest.raises(aws_env.DestroyRefused, match=rf"no terminal to ask: pass --confirm {env.name}"):
+        aws_env.destroy(env, reason="test")     # pytest's stdin is not a terminal
+    assert [r.id for r in awsenv.find(t)] == [vpc]
+    assert aws_env.destroy(env, dry_run=True) == []
+    assert [r.id for r in awsenv.find(t)] == [vpc]
+
+    deleted = aws_env.destroy(env, reason="decommissioned in a test", ask=lambda _prompt: env.name)
+    assert [r.id for r in deleted] == [vpc]
+    assert awsenv.find(t) == []
