@@ -10,6 +10,7 @@ import subprocess
 import boto3
 import pytest
 
+from opsbook.core.inventory import Env
 from opsbook.core.paths import ROOT
 from opsbook.engines import aws as awsenv
 from opsbook.engines.records.store import store_for
@@ -94,6 +95,9 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
     values = [sm.get_secret_value(SecretId=found[f"secret-{n}"].id)["SecretString"]
               for n in ("bl_api_db_password", "opsbook_db_admin_password")]
     assert all(len(v) == 32 for v in values)
+    # The inventory's vault_ variables read them through Secrets Manager lookups (what redaction hides).
+    assert Env(env.name, path=env.path).secret_values() == dict(
+        zip(("vault_bl_api_db_password", "vault_opsbook_db_admin_password"), values, strict=True))
     store = store_for(env)
     for key in store.keys(""):
         blob = store.get(key).decode(errors="replace")

@@ -1,0 +1,65 @@
+"""The AWS inventories: hosts come from the amazon.aws.aws_ec2 inventory plugin by tags (against a
+real moto server), grouped app / lb / db by their opsbook:role tag, only the environment's own; the
+plugin's configuration agrees with the environment's group_vars."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+import yaml
+
+from opsbook.core.inventory import Env
+from opsbook.core.paths import INVENTORIES
+
+pytestmark = pytest.mark.moto
+
+
+def _run(ec2, subnet: str, env: str, role: str, address: str) -> str:
+    return ec2.run_instances(
+        ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.small", SubnetId=subnet,
+        PrivateIpAddress=address,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "opsbook:env", "Value": env}, {"Key": "opsbook:managed-by", "Value": "opsbook"},
+            {"Key": "opsbook:role", "Value": role}, {"Key": "Name", "Value": f"{env}-{role}"}]}],
+    )["Instances"][0]["InstanceId"]
+
+
+def test_aws_ec2_plugin_groups_the_environments_instances_by_role(aws_inventory, aws):
+    env = aws_inventory("staging")
+    ec2 = boto3.client("ec2", endpoint_url=aws)
+    vpc = ec2.create_vpc(CidrBlock="10.60.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.60.1.0/24")["Subnet"]["SubnetId"]
+    apps = {_run(ec2, subnet, env.name, "app", f"10.60.1.{i}") for i in (21, 22)}
+    db = _run(ec2, subnet, env.name, "db", "10.60.1.11")
+    lb = _run(ec2, subnet, env.name, "lb", "10.60.1.10")
+    stranger = _run(ec2, subnet, f"other-{env.name}", "app", "10.60.1.31")   # another environment's host
+    stopped = _run(ec2, subnet, env.name, "app", "10.60.1.32")
+    ec2.stop_instances(InstanceIds=[stopped])
+
+    fresh = Env(env.name, path=env.path)   # parses the inventory now that the instances exist
+    assert {h.name for h in fresh.hosts("app")} == apps
+    assert [h.name for h in fresh.hosts("db")] == [db]
+    assert [h.name for h in fresh.hosts("lb")] == [lb]
+    assert {h.address for h in fresh.hosts("app")} == {"10.60.1.21", "10.60.1.22"}   # ansible_host: private IP
+    names = {h.name for h in fresh.hosts()}
+    assert stranger not in names
+    assert stopped not in names
+    # The environment's variables still come from group_vars (the plugin adds hosts, not settings).
+    assert fresh.var("opsbook_lb_kind") == "alb"
+
+
+@pytest.mark.parametrize("name", ["staging", "prod"])
+def test_the_plugin_configuration_agrees_with_group_vars(name):
+    plugin = yaml.safe_load((INVENTORIES / name / "aws_ec2.yml").read_text())
+    group_vars = yaml.safe_load((INVENTORIES / name / "group_vars" / "all" / "aws.yml").read_text())
+    assert plugin["plugin"] == "amazon.aws.aws_ec2"
+    assert plugin["regions"] == [group_vars["opsbook_aws_region"]]
+    assert plugin["filters"]["tag:opsbook:env"] == name
+    assert set(plugin["groups"]) == {"app", "lb", "db"}
+
+
+def test_each_environment_names_its_own_account():
+    accounts = {name: yaml.safe_load((INVENTORIES / name / "group_vars" / "all" / "aws.yml").read_text())
+                ["opsbook_aws_account_id"] for name in ("staging", "prod")}
+    assert all(len(a) == 12 and a.isdigit() for a in accounts.values())
+    assert accounts["staging"] != accounts["prod"]
