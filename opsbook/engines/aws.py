@@ -248,7 +248,8 @@ def _elbv2_tagged(elb, arns: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _find_elbv2(t: Target, env_name: str) -> Iterator[Resource]:
+def find_load_balancing(t: Target, env_name: str) -> Iterator[Resource]:
+    """The environment's load balancers and target groups (read-only)."""
     elb = client(t, "elbv2")
     lbs = elb.describe_load_balancers()["LoadBalancers"]
     tags = _elbv2_tagged(elb, [lb["LoadBalancerArn"] for lb in lbs])
@@ -330,7 +331,7 @@ def _find_iam(t: Target, env_name: str) -> Iterator[Resource]:
 
 
 FINDERS: tuple[Callable[[Target, str], Iterator[Resource]], ...] = (
-    _find_autoscaling, _find_elbv2, _find_rds, _find_ec2, _find_s3, _find_dynamodb, _find_secrets, _find_iam)
+    _find_autoscaling, find_load_balancing, _find_rds, _find_ec2, _find_s3, _find_dynamodb, _find_secrets, _find_iam)
 
 
 def find(t: Target, env_name: str | None = None) -> list[Resource]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from opsbook.core.inventory import Env
 from opsbook.core.paths import APP_MIGRATIONS
-from opsbook.engines import database, fleet
+from opsbook.engines import database, fleet, rotation
 from opsbook.engines import lock as locks
 from opsbook.engines.records import ledger
 from opsbook.engines.records.store import store_for
@@ -13,12 +13,12 @@ from opsbook.engines.records.store import store_for
 def status_text(env: Env) -> str:
     lines = [f"environment {env.name} ({env.kind})"]
     versions = fleet.served_versions(env)
-    rotation = fleet.rotation(env)
+    seen_by = rotation.rotation_for(env).status()   # haproxy's lb hosts or an ALB's target group
     lines.append("app hosts (version served; how each load balancer sees it):")
     out_of_rotation = []
     for host, version in versions.items():
         why = "" if version else f"  ({versions.reasons.get(host, 'no answer')})"
-        seen = rotation.get(host, {})
+        seen = seen_by.get(host, {})
         lb = ", ".join(f"{name} {state}" for name, state in seen.items()) or "no load balancer"
         if any(state != "UP" for state in seen.values()):
             out_of_rotation.append(host)

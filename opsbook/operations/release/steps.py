@@ -23,6 +23,7 @@ from opsbook.engines import probe as probes
 from opsbook.engines.ansible import PlaybookFailed
 from opsbook.engines.records import runner
 from opsbook.engines.records.store import new_record_id
+from opsbook.engines.rotation import rotation_for
 from opsbook.operations.release.plan import PHASES, Plan
 from opsbook.operations.release.record import ReleaseFailed
 
@@ -199,6 +200,7 @@ def _put_back(env: Env, plan: Plan, run: Run) -> None:
     with interrupts.shielded() as arrived:
         try:
             ansible.run_playbook(env, "rotation.yml", what="putting answering hosts back in the load balancer")
+            rotation_for(env).put_back()   # an ALB's answering hosts (haproxy's: rotation.yml above)
             run.put_back = "every app host that answers /ping is enabled in the load balancer"
         except Exception as e:  # noqa: BLE001 - the record says what could not be done
             run.put_back = f"could not put every host back in the load balancer: {e}"
@@ -307,12 +309,15 @@ def _expand(env: Env, art: artifact.Artifact, run: Run) -> None:
 
 def _switch(env: Env, hosts: list[str], version: str, what: str) -> None:
     """Switch hosts to a release already staged on them (switch.yml never needs the artifact)."""
+    lb = rotation_for(env)   # haproxy drains and re-enables inside switch.yml; an ALB around it
+    lb.drain(hosts)
     ansible.run_playbook(env, "switch.yml", limit=",".join(hosts), what=what, extra_vars={
         "opsbook_release_version": version,
         # `serial` is read before inventory variables exist; a batch is switched one host after
         # another inside it, so a failing host stops its batch early.
         "opsbook_switch_batch_hosts": len(hosts),
     })
+    lb.enable(hosts)
 
 
 def _return_batch(env: Env, plan: Plan, batch: list[str]) -> str:
