@@ -572,10 +572,15 @@ def _response(response_uuid: str, course: str) -> dict[str, Any]:
 
 
 def probe_url(env: Env) -> str:
-    """Where a release's probe sends traffic: ``opsbook_probe_url``, else the first `lb` host."""
+    """Where a release's probe sends traffic: ``opsbook_probe_url``, else the environment's ALB, else
+    the first `lb` host."""
     url = env.var("opsbook_probe_url", None)
     if url:
         return str(url)
+    if env.var("opsbook_lb_kind", "haproxy") == "alb":   # an AWS environment: its ALB's DNS name
+        from opsbook.engines.rotation import rotation_for
+
+        return rotation_for(env).entry_url()
     lbs = env.hosts("lb")
     if not lbs:
         raise ProbeError(f"environment {env.name!r} has no `lb` host and no opsbook_probe_url; the probe "

@@ -197,6 +197,18 @@ class AlbRotation:
             hosts = [h for h, version in fleet.served_versions(self.env).items() if version]
         self.enable(hosts)
 
+    def entry_url(self) -> str:
+        """Where clients reach the service: the environment's ALB (tagged opsbook:role=alb) on lb_http_port."""
+        from opsbook.engines import aws
+
+        albs = [r for r in aws.find_load_balancing(self.target, self.env.name)
+                if r.kind == "load-balancer" and r.role == "alb"]
+        if len(albs) != 1:
+            found = "; ".join(r.describe() for r in albs) or "none"
+            raise RotationError(f"{self.env.name} needs exactly one load balancer tagged opsbook:role=alb; found "
+                                f"{found}. Nothing was changed. `invoke provision --env {self.env.name}` creates it.")
+        return f"http://{albs[0].extra['dns']}:{int(self.env.var('lb_http_port', 80))}"
+
     def status(self) -> dict[str, dict[str, str]]:
         _, name, _ = self.target_group()
         apps = [h.name for h in self.env.hosts("app")]

@@ -121,3 +121,12 @@ def test_the_release_switch_drains_through_the_alb_around_the_playbook(alb_env, 
     with pytest.raises(PlaybookFailed):
         steps._switch(env, ids[2:], "bad", "batch 2")
     assert set(_registered(aws, arn)) == set(ids[:2])                 # the failed batch stays out
+
+
+def test_the_release_probe_goes_through_the_alb(alb_env, aws):
+    from opsbook.engines import probe
+
+    env, _, _ = alb_env
+    dns = boto3.client("elbv2", endpoint_url=aws).describe_load_balancers(
+        Names=[f"opsbook-{env.name}"])["LoadBalancers"][0]["DNSName"]
+    assert probe.probe_url(env) == f"http://{dns}:80"   # the URL only: nothing is sent to it here

@@ -39,9 +39,10 @@ def _working_tree_files() -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
-@pytest.mark.slow   # two full Ansible runs (31 tasks each) and a destroy: 2-4 minutes on a busy 2-core machine
-def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_alone(aws_inventory, aws):
-    env = aws_inventory("staging")
+@pytest.mark.slow   # two full Ansible runs (33 tasks each) and a destroy: 2-4 minutes on a busy 2-core machine
+@pytest.mark.parametrize("base", ["staging", "prod"], ids=["staging-rds", "prod-aurora"])
+def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_alone(aws_inventory, aws, base):
+    env = aws_inventory(base)
     ec2 = boto3.client("ec2", endpoint_url=aws)
     # Another environment's VPC, tagged like ours but for another env: provisioning and destroy ignore it.
     other = f"other-{env.name[-6:]}"
@@ -77,11 +78,19 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
     assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
     assert s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
     assert all(s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"].values())
-    # The database (staging: one RDS PostgreSQL instance) in the private subnets, behind sg-db.
-    db = boto3.client("rds", endpoint_url=aws).describe_db_instances(
-        DBInstanceIdentifier=found["db"].id)["DBInstances"][0]
-    assert db["Engine"] == "postgres"
+    # The database in the private subnets, behind sg-db: staging one RDS PostgreSQL instance, prod an
+    # Aurora PostgreSQL cluster with two instances.
+    rds = boto3.client("rds", endpoint_url=aws)
+    if env.var("aws_env_db_kind") == "rds":
+        db = rds.describe_db_instances(DBInstanceIdentifier=found["db"].id)["DBInstances"][0]
+        assert db["Engine"] == "postgres"
+    else:
+        db = rds.describe_db_clusters(DBClusterIdentifier=found["db"].id)["DBClusters"][0]
+        assert db["Engine"] == "aurora-postgresql"
+        assert len(db["DBClusterMembers"]) == 2
+        assert {"db-instance-1", "db-instance-2"} <= set(found)
     assert [g["VpcSecurityGroupId"] for g in db["VpcSecurityGroups"]] == [sg["sg-db"]]
+    assert db["StorageEncrypted"]
 
     second = provision.provision(env)
     assert second["changed"] == 0, second["recap"]
@@ -108,7 +117,7 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
             text = path.read_bytes().decode(errors="replace")
             assert not any(v in text for v in values), f"a secret value is in {path}"
 
-    deleted = aws_env.destroy(env)
+    deleted = aws_env.destroy(env, reason="test teardown", confirm=env.name)   # prod asks for both
     assert {r.role for r in deleted} >= expected_roles
     assert awsenv.find(t) == []
     assert ec2.describe_vpcs(VpcIds=[other_vpc])["Vpcs"], "another environment's VPC was deleted"
