@@ -31,14 +31,21 @@ def operator_errors(fn: Callable) -> Callable:
 
 
 def load_env(c, env: str | None):
-    """The environment a task acts on: --env, else invoke.yaml's `opsbook.env`. Loaded once, here."""
+    """The environment a task acts on: --env, else invoke.yaml's `opsbook.env`. Loaded once, here.
+    An AWS environment's account is checked here, before the task touches anything (STS
+    GetCallerIdentity against the inventory's opsbook_aws_account_id)."""
     from opsbook.core.inventory import load
 
     name = env or c.config.get("opsbook", {}).get("env")
     if not name:
         raise Exit("error: no environment given: pass --env ENV (invoke.yaml names the default as opsbook.env). "
                    "Nothing was changed.", code=1)
-    return load(name)
+    loaded = load(name)
+    if loaded.kind == "aws":
+        from opsbook.engines import aws
+
+        aws.check_account(loaded)
+    return loaded
 
 
 def lab_env(c):

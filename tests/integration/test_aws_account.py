@@ -91,3 +91,30 @@ def test_provisioning_with_another_accounts_credentials_changes_nothing(aws_inve
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     assert awsenv.find(awsenv.target(env)) == []
+
+
+@pytest.mark.parametrize("task", [["env.destroy", "--env", "prod", "--confirm", "prod", "--reason", "test"],
+                                  ["lock", "--env", "prod"]], ids=["env.destroy", "lock"])
+def test_every_task_on_the_real_prod_inventory_checks_the_account_first(aws, tmp_path, task):
+    """`invoke TASK --env prod` with the repository's own prod inventory, its profile configured with
+    credentials moto places in account 123456789012: refused before anything, naming both accounts.
+    Every endpoint is the moto server's (AWS_ENDPOINT_URL for boto3, AWS_URL for the aws_ec2 plugin)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from opsbook.core.paths import ROOT
+
+    config = tmp_path / "config"
+    config.write_text("[profile opsbook-prod]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
+                      "region = us-east-1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_ENDPOINT_URL=aws, AWS_URL=aws, AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run([str(Path(sys.executable).parent / "invoke"), *task], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "refusing to act on prod: it lives in AWS account 123098765432, but the credentials in use belong to " \
+           f"account {MOTO_ACCOUNT}" in proc.stderr, proc.stderr
+    assert "would be deleted" not in proc.stdout
