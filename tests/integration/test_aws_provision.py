@@ -157,3 +157,28 @@ def test_destroying_prod_needs_a_reason_and_its_name_typed_back(aws_inventory, a
     deleted = aws_env.destroy(env, reason="decommissioned in a test", ask=lambda _prompt: env.name)
     assert [r.id for r in deleted] == [vpc]
     assert awsenv.find(t) == []
+
+
+def test_generated_secrets_never_reach_a_file_not_even_ansibles_temporary_ones(aws_inventory, aws, tmp_path,
+                                                                               monkeypatch):
+    """The secrets layer alone, with Ansible's temporary directory for module files placed where no
+    directory can be made (under a regular file: even root gets ENOTDIR): the run only succeeds if
+    every module gets its arguments (the generated values) on stdin. The controller's own temporary
+    directory is kept to the test and searched for the values afterwards."""
+    from opsbook.engines import ansible
+
+    env = aws_inventory("staging")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    local = tmp_path / "ansible-local"
+    monkeypatch.setenv("ANSIBLE_REMOTE_TEMP", str(blocker / "tmp"))
+    monkeypatch.setenv("ANSIBLE_LOCAL_TEMP", str(local))
+    recap = ansible.run_playbook(env, "provision-aws.yml", extra_vars={"opsbook_env_name": env.name},
+                                 tags="aws_env_secrets")
+    assert recap["localhost"]["changed"] == 1   # one loop task, two secrets
+    sm = boto3.client("secretsmanager", endpoint_url=aws)
+    values = [sm.get_secret_value(SecretId=f"opsbook/{env.name}/{n}")["SecretString"]
+              for n in ("bl_api_db_password", "opsbook_db_admin_password")]
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        data = path.read_bytes().decode(errors="replace")
+        assert not any(v in data for v in values), f"a generated secret is in {path}"
