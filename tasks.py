@@ -44,6 +44,7 @@ def load_env(c, env: str | None):
     if loaded.kind == "aws":
         from opsbook.engines import aws
 
+        loaded = aws.activate(loaded)   # its profile, region, endpoint for this process and its children
         aws.check_account(loaded)
     return loaded
 

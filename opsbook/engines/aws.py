@@ -123,6 +123,23 @@ def process_env(env) -> dict[str, str]:
     return out
 
 
+def activate(env):
+    """Make this process act as the environment says: its profile, region and endpoint in the process
+    environment (read by the aws_ec2 inventory plugin, which knows no inventory variable, by the
+    Secrets Manager lookups and by runbook kernels). Returns the environment, read again when that
+    changed anything, so that its hosts are the ones the plugin finds with those credentials. For a
+    command-line process acting on one environment (`tasks.load_env`)."""
+    import os
+
+    from opsbook.core.inventory import Env
+
+    wanted = process_env(env)
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return env
+    os.environ.update(wanted)
+    return Env(env.name, path=env.path)
+
+
 # --- the account guard --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Identity:

@@ -19,8 +19,8 @@ Where the lock lives is the inventory's choice (``opsbook_lock_backend``):
   ``lock_id``). Same compare-and-swap through condition expressions on a per-write
   ``version`` attribute (``attribute_not_exists(lock_id)`` to create).
 
-The AWS backends read ``opsbook_aws_region`` and ``opsbook_aws_endpoint_url`` (default
-None; a moto server in tests).
+The AWS backends read ``opsbook_aws_region``, ``opsbook_aws_profile`` (the credentials the
+account guard checked) and ``opsbook_aws_endpoint_url`` (default None; a moto server in tests).
 """
 
 from __future__ import annotations
@@ -195,10 +195,11 @@ class FileLockStore:
             return True
 
 
-def _aws_client(service: str, region: str | None, endpoint_url: str | None):
+def _aws_client(service: str, region: str | None, endpoint_url: str | None, profile: str | None = None):
     import boto3
 
-    return boto3.client(service, region_name=region, endpoint_url=endpoint_url)
+    # The environment's credentials profile (opsbook_aws_profile), the one its account was checked with.
+    return boto3.Session(profile_name=profile or None).client(service, region_name=region, endpoint_url=endpoint_url)
 
 
 def _error_code(e: Exception) -> str:
@@ -209,9 +210,9 @@ class S3LockStore:
     """A lock object in S3, written only with IfNoneMatch="*" (create) or IfMatch=<etag>."""
 
     def __init__(self, bucket: str, key: str, *, region: str | None = None,
-                 endpoint_url: str | None = None, client=None):
+                 endpoint_url: str | None = None, client=None, profile: str | None = None):
         self.bucket, self.key = bucket, key
-        self.client = client or _aws_client("s3", region, endpoint_url)
+        self.client = client or _aws_client("s3", region, endpoint_url, profile)
         self.where = f"s3://{bucket}/{key}"
 
     def read(self) -> tuple[LockInfo | None, Any]:
@@ -258,9 +259,9 @@ class DynamoDBLockStore:
     """A lock item ``{lock_id: <env>, version, lock: <json>}`` written with condition expressions."""
 
     def __init__(self, table: str, lock_id: str, *, region: str | None = None,
-                 endpoint_url: str | None = None, client=None):
+                 endpoint_url: str | None = None, client=None, profile: str | None = None):
         self.table, self.lock_id = table, lock_id
-        self.client = client or _aws_client("dynamodb", region, endpoint_url)
+        self.client = client or _aws_client("dynamodb", region, endpoint_url, profile)
         self.where = f"dynamodb table {table}, item {lock_id}"
 
     def create_table(self) -> None:
@@ -535,13 +536,14 @@ def lock_for(env: Env, *, lease_seconds: float | None = None) -> ReleaseLock:
     elif backend in {"s3", "dynamodb"}:
         region = e.var("opsbook_aws_region", None)
         endpoint = e.var("opsbook_aws_endpoint_url", None) or None
+        profile = e.var("opsbook_aws_profile", None) or None
         if backend == "s3":
             store = S3LockStore(e.var("opsbook_lock_bucket"),
                                 e.var("opsbook_lock_key", f"opsbook/locks/release-{e.name}.json"),
-                                region=region, endpoint_url=endpoint)
+                                region=region, endpoint_url=endpoint, profile=profile)
         else:
             store = DynamoDBLockStore(e.var("opsbook_lock_table"), f"release-{e.name}",
-                                      region=region, endpoint_url=endpoint)
+                                      region=region, endpoint_url=endpoint, profile=profile)
     else:
         raise OpsbookError(
             f"opsbook_lock_backend for {e.name!r} is {backend!r}; it must be file, s3 or dynamodb. "

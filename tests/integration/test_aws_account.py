@@ -118,3 +118,34 @@ def test_every_task_on_the_real_prod_inventory_checks_the_account_first(aws, tmp
     assert "refusing to act on prod: it lives in AWS account 123098765432, but the credentials in use belong to " \
            f"account {MOTO_ACCOUNT}" in proc.stderr, proc.stderr
     assert "would be deleted" not in proc.stdout
+
+
+def test_the_lock_and_the_record_store_use_the_profile_the_account_was_checked_with(aws_inventory, aws,
+                                                                                     monkeypatch, tmp_path):
+    """The inventory's profile holds credentials of the environment's account while the default chain
+    (the process environment) holds another account's: the account guard, the lock and the record
+    store all act with the profile, never with the default chain."""
+    from opsbook.engines import lock
+    from opsbook.engines.lock import DynamoDBLockStore
+    from opsbook.engines.records.store import store_for
+
+    # The DynamoDB lock: moto keeps tables per account (its S3 buckets are one namespace for all
+    # accounts, so the record store's bucket cannot tell which credentials reached it).
+    table = f"opsbook-locks-{tmp_path.name[-12:]}"
+    env = aws_inventory("staging", opsbook_aws_profile="opsbook-test", opsbook_lock_backend="dynamodb",
+                        opsbook_lock_table=table)
+    DynamoDBLockStore(table, "unused", region="us-east-1", endpoint_url=aws).create_table()   # moto's account
+    boto3.client("s3", endpoint_url=aws).create_bucket(Bucket=env.var("opsbook_record_store").split("/")[2])
+    key, secret = _credentials_in("444444444444", aws)
+    config = tmp_path / "config"
+    config.write_text("[profile opsbook-test]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)          # the default chain: another account
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)   # no credentials cached from before
+    assert awsenv.check_account(env).account == MOTO_ACCOUNT
+    with lock.lock_for(env).hold("profile test") as held:
+        assert held.info.reason == "profile test"
+    store_for(env).check()

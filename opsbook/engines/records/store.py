@@ -195,7 +195,8 @@ class LocalStore(Store):
 
 
 class S3Store(Store):
-    def __init__(self, url: str, *, endpoint_url: str | None = None, region: str | None = None):
+    def __init__(self, url: str, *, endpoint_url: str | None = None, region: str | None = None,
+                 profile: str | None = None):
         if not url.startswith("s3://"):
             raise OpsbookError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
         bucket, _, prefix = url[len("s3://") :].partition("/")
@@ -210,7 +211,9 @@ class S3Store(Store):
         # Short timeouts and few retries: an unreachable store should say so in seconds, before
         # anything runs, not after botocore's default backoff.
         config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"})
-        self._s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # The environment's credentials profile (opsbook_aws_profile), the one its account was checked with.
+        session = boto3.Session(profile_name=profile or None)
+        self._s3 = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r})"
@@ -276,10 +279,11 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self._key(key)}"
 
 
-def open_store(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Store:
+def open_store(url: str, *, endpoint_url: str | None = None, region: str | None = None,
+               profile: str | None = None) -> Store:
     """The store at a URL: ``s3://bucket/prefix`` or a directory path."""
     if url.startswith("s3://"):
-        return S3Store(url, endpoint_url=endpoint_url, region=region)
+        return S3Store(url, endpoint_url=endpoint_url, region=region, profile=profile)
     if "://" in url:
         raise OpsbookError(f"record store {url!r}: only a directory or s3://bucket/prefix is supported")
     return LocalStore(url)
@@ -289,6 +293,7 @@ def store_for(env) -> Store:
     """The record store an environment names (``opsbook_record_store``)."""
     return open_store(
         str(env.var("opsbook_record_store")),
-        endpoint_url=env.var("opsbook_aws_endpoint_url", None),
+        endpoint_url=env.var("opsbook_aws_endpoint_url", None) or None,   # empty: AWS itself
         region=env.var("opsbook_aws_region", None),
+        profile=env.var("opsbook_aws_profile", None) or None,
     )
