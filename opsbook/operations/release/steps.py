@@ -311,6 +311,7 @@ def _switch(env: Env, hosts: list[str], version: str, what: str) -> None:
     one batch with no gate: what returning a failed batch runs."""
     ansible.run_playbook(env, "switch.yml", limit=",".join(hosts), what=what, extra_vars={
         "opsbook_release_version": version,
+        "opsbook_switch_hosts": hosts,
         # `serial` is read before inventory variables exist; a batch is switched one host after
         # another inside it, so a failing host stops its batch early.
         "opsbook_switch_batches": [len(hosts)],
@@ -371,10 +372,12 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo)
 
 
 def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo) -> None:
-    """Every batch in one ansible-playbook run (switch.yml with opsbook_gate_dir): after each batch
-    the playbook writes which hosts it switched and waits; opsbook judges the batch's gate and
-    writes the verdict, and only `passed` lets the next batch start. One run instead of one per
-    batch: no Ansible start-up or new SSH connections between batches."""
+    """Every batch in one ansible-playbook run (switch.yml with opsbook_gate_dir): when a batch is
+    switched the playbook writes which hosts it switched; opsbook judges the batch's gate and
+    writes the verdict, and the next batch only reads its hosts until the verdict is `passed`
+    (anything else stops the playbook before it drains one). One run instead of one per batch: no
+    Ansible start-up or new SSH connections between batches, and the next batch's reads overlap
+    the gate."""
     with tempfile.TemporaryDirectory(prefix="opsbook-gate-") as tmp:
         gates = Path(tmp)
         held.renew()   # the lease is verified before any host of the first batch is touched
@@ -382,8 +385,11 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo) -> None
         with ansible.start_playbook(env, "switch.yml", limit=",".join(h for b in plan.batches for h in b),
                                     what=f"{plan.kind} rolling switch", echo=True, extra_vars={
                                         "opsbook_release_version": plan.target,
+                                        # The plan's order (hosts serving nothing first), not the inventory's.
+                                        "opsbook_switch_hosts": [h for b in plan.batches for h in b],
                                         "opsbook_switch_batches": [len(b) for b in plan.batches],
-                                        "opsbook_gate_dir": str(gates)}) as switching:
+                                        "opsbook_gate_dir": str(gates),
+                                        "opsbook_gate_names": [b[0] for b in plan.batches]}) as switching:
             for i, batch in enumerate(plan.batches, 1):
                 entry = run.batches[-1]
                 switched = _switched(switching, gates / f"{batch[0]}.switched")
@@ -394,7 +400,7 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo) -> None
                         entry.update(result="failed health", seconds=round(time.monotonic() - run.batch_t0, 1))
                         raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) failed: {e}") from e
                     raise ReleaseFailed(f"batch {i} ({', '.join(batch)}): switch.yml ended without switching it")
-                if switched != batch:   # Ansible's batches follow the inventory, as the plan does
+                if switched != batch:   # cannot happen: the playbook takes the plan's order and sizes
                     run.in_flight = sorted(set(batch) | set(switched))   # put back whatever it touched
                     (gates / f"{batch[0]}.verdict").write_text("stopped: the hosts switched are not the plan's")
                     raise ReleaseFailed(f"batch {i}: Ansible switched {', '.join(switched)}, the plan said "
