@@ -103,13 +103,14 @@ def build(c, version=None):
     artifact.build(version=version)
 
 
-@task(help={"env": "environment (inventories/ENV)", "check": "run in --check --diff mode, change nothing"})
+@task(help={"env": "environment (inventories/ENV)", "check": "run in --check --diff mode, change nothing",
+            "hosts": "only these hosts or groups of the inventory, comma-separated (e.g. db1 or db); default: all"})
 @operator_errors
-def provision(c, env=None, check=False):
+def provision(c, env=None, check=False, hosts=None):
     """Provision an environment's hosts with playbooks/site.yml (idempotent)."""
     from opsbook.operations import provision as prov
 
-    prov.provision(load_env(c, env), check=check)
+    prov.provision(load_env(c, env), check=check, hosts=hosts)
 
 
 @task(
