@@ -65,7 +65,7 @@ def _seconds_back_after_outage(cluster: Cluster, **db_kwargs) -> float:
         while time.monotonic() < end:
             try:
                 db.ping(timeout=0.5)
-            except Exception:  # noqa: BLE001, S112 - the outage: every ping fails, as it should
+            except Exception:  # noqa: BLE001 - the outage: every ping fails, as it should
                 pass
             time.sleep(0.5)
         cluster.pg_ctl("start")
@@ -74,7 +74,7 @@ def _seconds_back_after_outage(cluster: Cluster, **db_kwargs) -> float:
             try:
                 db.ping(timeout=0.5)
                 return time.monotonic() - back
-            except Exception:  # noqa: BLE001, S112 - not back yet
+            except Exception:  # noqa: BLE001 - not back yet
                 time.sleep(0.2)
         return float("inf")
     finally:
