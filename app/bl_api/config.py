@@ -6,7 +6,8 @@
 | BL_API_POOL_MAX        | most database connections one worker process holds      | 10      |
 | BL_API_POOL_TIMEOUT    | seconds a request waits for a connection before 503     | 5       |
 | BL_API_PING_TIMEOUT    | seconds /ping waits for the database before 503         | 2       |
-| BL_API_POOL_RECONNECT_TIMEOUT | seconds the pool retries a failed connection (backing off) before it gives up and starts again on the next request | 10 |
+| BL_API_POOL_RECONNECT_TIMEOUT | seconds the pool retries a lost connection (backing off) | 10 |
+|                        | before it gives up; the next request starts new tries   |         |
 | BL_API_TEST_SLOW_HEADER| `1` makes /ping honour `X-Test-Delay: <s>` (tests only)  | unset   |
 
 Gunicorn's own settings (bind, workers, threads, graceful timeout) are read by
