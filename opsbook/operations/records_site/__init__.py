@@ -10,7 +10,7 @@ from typing import Any
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.operations.records_site.builder import Built, build
-from opsbook.operations.records_site.serve import serve
+from opsbook.operations.records_site.server import serve
 
 
 def running(env: Env, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
