@@ -178,7 +178,8 @@ def test_adding_one_record_renders_only_the_pages_it_changes(store):
     new_runbook = builder.build(store, today="2025-03-06", log=_quiet)
     assert "runbooks/snapshot.html" in new_runbook.rendered, "a new runbook gets its page when its first record arrives"
     assert "runbooks/migrate.html" in new_runbook.rendered, "every page's menu names the new runbook"
-    assert builder.build(store, today="2025-03-07", log=_quiet).rendered == ["releases.html"], "a new day moves the windows"
+    next_day = builder.build(store, today="2025-03-07", log=_quiet)
+    assert next_day.rendered == ["releases.html"], "a new day moves the windows"
 
     (store.root / "site" / "runbooks" / "env_report.html").unlink()
     assert builder.build(store, today="2025-03-07", log=_quiet).rendered == ["runbooks/env_report.html"]
