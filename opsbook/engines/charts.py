@@ -85,7 +85,7 @@ def chart(points: Sequence[Point], *, title: str, unit: str = "", style: str = "
             if p.value is None or math.isnan(p.value):
                 continue
             tip = p.note or f"{p.label}: {number(p.value)} {unit}".rstrip()
-            h = max(TOP + plot_h - y(p.value), 1.0 if p.value else 0.0)
+            h = max(TOP + plot_h - y(p.value), 1.0)  # a zero is a tick on the axis; no value, no mark
             parts.append(
                 f'<rect class="mark {_css_class(p.kind)}" x="{x(i) - bar / 2:.1f}" y="{TOP + plot_h - h:.1f}" '
                 f'width="{bar:.1f}" height="{h:.1f}"><title>{escape(tip)}</title></rect>'
