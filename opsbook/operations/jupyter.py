@@ -13,10 +13,12 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ class Lab:
     process: subprocess.Popen
     port: int
     token: str
+    kernel_dir: Path
 
     @property
     def url(self) -> str:
@@ -60,14 +63,21 @@ def free_port(preferred: int | None = None) -> int:
     raise OpsbookError("no free port on 127.0.0.1; nothing was started.")
 
 
-def command(port: int, token: str, root: Path = ROOT) -> list[str]:
+def command(port: int, token: str, kernel_dir: Path, root: Path = ROOT) -> list[str]:
+    # Kernels talk to the server over Unix sockets in `kernel_dir` (0700), as runbook kernels do
+    # under opsbook, not over unencrypted loopback TCP. Root is how these machines run everything
+    # (Jupyter refuses it unless told); the extension manager is read-only, so the page never asks
+    # PyPI for anything.
+    as_root = ["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []
     return [
         sys.executable, "-m", "jupyterlab", "--no-browser",
         f"--ServerApp.ip={LOOPBACK}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
         "--ServerApp.allow_remote_access=False", f"--ServerApp.root_dir={root}",
         f"--IdentityProvider.token={token}", "--JupyterApp.answer_yes=True",
         f"--MultiKernelManager.default_kernel_name={KERNEL}",
+        "--KernelManager.transport=ipc", f"--KernelManager.ip={kernel_dir / 'kernel'}",
         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly", *as_root,
     ]
 
 
@@ -77,12 +87,13 @@ def start(port: int | None = None, *, root: Path = ROOT, env: dict[str, str] | N
     Ctrl-C reaches opsbook, which stops it."""
     port = free_port(port)
     token = secrets.token_urlsafe(24)
+    kernel_dir = Path(tempfile.mkdtemp(prefix="opsbook-jupyter-"))   # 0700
     environ = {**os.environ, **(env or {})}
     bindir = str(Path(sys.executable).parent)   # the kernel's `python` is .venv's
     environ["PATH"] = f"{bindir}{os.pathsep}{environ.get('PATH', '')}"
-    proc = subprocess.Popen(command(port, token, root), env=environ, stdout=output, stderr=output,
+    proc = subprocess.Popen(command(port, token, kernel_dir, root), env=environ, stdout=output, stderr=output,
                             stdin=subprocess.DEVNULL, start_new_session=True)
-    return Lab(proc, port, token)
+    return Lab(proc, port, token, kernel_dir)
 
 
 def wait_ready(lab: Lab, timeout: float = 60.0) -> dict:
@@ -113,6 +124,7 @@ def stop(lab: Lab, timeout: float = 15.0) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(lab.process.pid, signal.SIGKILL)
             lab.process.wait()
+    shutil.rmtree(lab.kernel_dir, ignore_errors=True)
     return lab.process.returncode
 
 
