@@ -308,3 +308,47 @@ def test_a_runbook_outside_opsbook_refuses_to_change_anything():
     with pytest.raises(NotARecord, match=r"release_data not set"):
         require_record("release", None, "lab", changes=False, required={"release_data": None})
     require_record("env_report", None, "lab", changes=False)  # a look that changes nothing
+
+
+# -- every environment, and what runs now ------------------------------------------------------
+def _inventory(root, name, store, lock):
+    d = root / name
+    (d / "group_vars" / "all").mkdir(parents=True)
+    (d / "hosts.yml").write_text("all:\n  hosts: {}\n")
+    (d / "group_vars" / "all" / "main.yml").write_text(
+        f"opsbook_env_kind: lab\nopsbook_record_store: {store}\n"
+        f"opsbook_lock_backend: file\nopsbook_lock_path: {lock}\n")
+    from opsbook.core.inventory import Env
+
+    return Env(name, d)
+
+
+def test_site_of_several_environments_shows_what_runs_now_and_names_a_store_it_cannot_build(tmp_path):
+    from opsbook.engines import lock
+    from opsbook.operations import records_site
+
+    shared = tmp_path / "shared-records"
+    (tmp_path / "not-a-dir").write_text("x")
+    alpha = _inventory(tmp_path / "inv", "alpha", shared, tmp_path / "alpha.lock")
+    beta = _inventory(tmp_path / "inv", "beta", shared, tmp_path / "beta.lock")
+    broken = _inventory(tmp_path / "inv", "gamma", tmp_path / "not-a-dir" / "records", tmp_path / "gamma.lock")
+    store = LocalStore(shared)
+    _write(store, _entry(env="alpha"))
+    _write(store, _entry(env="beta", outcome="failed", at_h=1))
+    held = lock.lock_for(beta).acquire("migrate contract")
+    try:
+        with pytest.raises(OpsbookError) as info:
+            records_site.site([alpha, beta, broken], log=_quiet)
+    finally:
+        held.release()
+    message = str(info.value)
+    assert "gamma:" in message
+    assert "cannot be created" in message
+    assert f"Sites built: {store.url}." in message, "the stores that could be built were built"
+    index = (shared / "site" / "index.html").read_text()
+    rows = [a for t, a in _tags(index) if t == "tr" and "data-outcome" in a]
+    assert [(r["data-env"], r["data-outcome"], r["data-runbook"]) for r in rows] == [
+        ("beta", "running", "migrate"), ("beta", "failed", "migrate"), ("alpha", "succeeded", "migrate")]
+    assert "contract" in index
+    # Once the lock is free, nothing runs.
+    assert [b.running for b in records_site.site([alpha, beta], log=_quiet)] == [0]
