@@ -84,14 +84,18 @@ def command(port: int, token: str, kernel_dir: Path, root: Path = ROOT) -> list[
 def start(port: int | None = None, *, root: Path = ROOT, env: dict[str, str] | None = None,
           output=None) -> Lab:
     """Start JupyterLab (not waited for; see :func:`wait_ready`) in its own session, so a terminal's
-    Ctrl-C reaches opsbook, which stops it."""
+    Ctrl-C reaches opsbook, which stops it; and it dies with opsbook if opsbook is killed (the
+    parent-death signal, through util-linux's `setpriv`, as Ansible is started)."""
     port = free_port(port)
     token = secrets.token_urlsafe(24)
     kernel_dir = Path(tempfile.mkdtemp(prefix="opsbook-jupyter-"))   # 0700
     environ = {**os.environ, **(env or {})}
     bindir = str(Path(sys.executable).parent)   # the kernel's `python` is .venv's
     environ["PATH"] = f"{bindir}{os.pathsep}{environ.get('PATH', '')}"
-    proc = subprocess.Popen(command(port, token, kernel_dir, root), env=environ, stdout=output, stderr=output,
+    cmd = command(port, token, kernel_dir, root)
+    if shutil.which("setpriv"):
+        cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
+    proc = subprocess.Popen(cmd, env=environ, stdout=output, stderr=output,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     return Lab(proc, port, token, kernel_dir)
 
@@ -139,8 +143,10 @@ def running(port: int | None = None, **kw) -> Iterator[Lab]:
 
 
 def notebook(port: int | None = None, log: Callable[[str], None] = print) -> None:
-    """`invoke notebook`: start JupyterLab, print its URL, run until Ctrl-C."""
-    with running(port or DEFAULT_PORT) as lab:
+    """`invoke notebook`: start JupyterLab, print its URL, run until Ctrl-C (or SIGTERM, SIGHUP)."""
+    from opsbook.engines.interrupts import interruptible
+
+    with interruptible(), running(port or DEFAULT_PORT) as lab:
         log(f"JupyterLab on {LOOPBACK} only, over {ROOT}, kernel {KERNEL}:\n  open {lab.url}\n"
             "Runbooks run there are not records: with their defaults they change nothing, and each says which "
             "`invoke` command runs it as one. Ctrl-C stops the server.")
