@@ -110,6 +110,9 @@ def test_hostile_text_is_shown_escaped_never_as_markup(store):
 def test_index_has_one_row_per_run_with_its_columns_and_outcome_colour(store):
     ok = _write(store, _entry(figures={"version": "1.4.0"}, parameters={"phase": "contract", "dry_run": False,
                                                                          "settings": {}}))
+    _write(store, _entry(runbook="release", at_h=0.5, parameters={"release_data": "/tmp/opsbook-x/release.json"},
+                         figures={"kind": "rollback", "version": "1.3.0", "previous_versions": ["1.4.0"],
+                                  "hosts": 3, "batches": 3}))
     for i, outcome in enumerate(("failed", "refused", "interrupted")):
         _write(store, _entry(outcome=outcome, at_h=i + 1))
     running = {"env": "lab", "owner": "ann@ctl", "pid": 1, "reason": "release 1.5.0 (record x)",
@@ -118,7 +121,11 @@ def test_index_has_one_row_per_run_with_its_columns_and_outcome_colour(store):
     index = (store.root / "site" / "index.html").read_text()
     tags = _tags(index)
     rows = [a for t, a in tags if t == "tr" and "data-outcome" in a]
-    assert [r["data-outcome"] for r in rows] == ["running", "interrupted", "refused", "failed", "succeeded"]
+    assert [r["data-outcome"] for r in rows] == ["running", "interrupted", "refused", "failed", "succeeded",
+                                                 "succeeded"]
+    assert [r["data-runbook"] for r in rows][-2:] == ["rollback", "migrate"], "a rollback is named so"
+    assert "batches=3 from=1.4.0 hosts=3" in index, "a release's plan stands for its parameters"
+    assert "release_data" not in index
     outcomes = [a["class"] for t, a in tags if t == "span" and "outcome" in a.get("class", "")]
     assert {"outcome succeeded", "outcome failed", "outcome refused", "outcome interrupted",
             "outcome running"} <= set(outcomes)

@@ -22,14 +22,27 @@ MAX_FIGURE_CHARTS = 12  # per runbook page: the numeric key figures most runs re
 MAX_TEXT = 60           # a parameter's value is cut to this many characters in a table
 
 
+# Parameters no operator chose: where opsbook put a run's inputs (a release's data file, a copy of
+# the migrations). The index leaves them out; the record has them.
+PLUMBING = frozenset({"release_data", "migrations_dir"})
+
+
 def _short(value: Any) -> str:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
 
 
 def key_parameters(entry: dict[str, Any]) -> str:
-    """The parameters an operator gave, without the empty ones: ``phase=contract dry_run=true``."""
-    params = entry.get("parameters") or {}
+    """The parameters that matter, without the empty ones: ``phase=contract dry_run=true``. A release's
+    (or rollback's) parameters are its plan, which its key figures hold: from which versions, how many
+    hosts in how many batches."""
+    params = {k: v for k, v in (entry.get("parameters") or {}).items() if k not in PLUMBING}
+    if ledger.kind(entry) in (ledger.RELEASE, ledger.ROLLBACK):
+        figures = entry.get("figures") or {}
+        params |= {"from": figures.get("previous_versions"), "hosts": figures.get("hosts"),
+                   "batches": figures.get("batches")}
     shown = [f"{k}={_short(v)}" for k, v in sorted(params.items()) if v not in (None, "", [], {})]
     return " ".join(shown)
 
