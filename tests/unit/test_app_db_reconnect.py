@@ -8,7 +8,6 @@ test stops and starts (the session's shared one stays up for the other tests).""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
