@@ -111,13 +111,14 @@ def build(c, version=None):
     artifact.build(version=version)
 
 
-@task(help={"env": "environment (inventories/ENV)", "check": "run in --check --diff mode, change nothing"})
+@task(help={"env": "environment (inventories/ENV)", "check": "run in --check --diff mode, change nothing",
+            "hosts": "only these hosts or groups of the inventory, comma-separated (e.g. db1 or db); default: all"})
 @operator_errors
-def provision(c, env=None, check=False):
+def provision(c, env=None, check=False, hosts=None):
     """Provision an environment: lab hosts (site.yml), or an AWS environment's resources (provision-aws.yml)."""
     from opsbook.operations import provision as prov
 
-    prov.provision(load_env(c, env), check=check)
+    prov.provision(load_env(c, env), check=check, hosts=hosts)
 
 
 @task(
@@ -333,10 +334,46 @@ def records_index(c, env=None):
     print(views.index_cli(load_env(c, env)))
 
 
+@task(help={"env": "environment whose record store to build the site of (default: every environment)"})
+@operator_errors
+def records_site(c, env=None):
+    """Build the records site into the record store: every run, per-runbook trends, delivery figures."""
+    from opsbook.core.inventory import environments
+    from opsbook.operations import records_site as site
+
+    site.site([load_env(c, env)] if env else [load_env(c, name) for name in environments()])
+
+
+@task(
+    help={
+        "env": "environment whose local site to serve (inventories/ENV)",
+        "port": "port on 127.0.0.1 (default 8765)",
+        "bind": "address to listen on: 127.0.0.1, the only one accepted",
+    }
+)
+@operator_errors
+def records_serve(c, env=None, port=None, bind=None):
+    """Serve a local records site on 127.0.0.1 (read-only; Ctrl-C stops it)."""
+    from opsbook.operations import records_site as site
+
+    site.serve(load_env(c, env), port=port, bind=bind or "127.0.0.1")
+
+
 records_ns = Collection("records")
 records_ns.add_task(records_list, "list", default=True)
 records_ns.add_task(records_show, "show")
 records_ns.add_task(records_index, "index")
+records_ns.add_task(records_site, "site")
+records_ns.add_task(records_serve, "serve")
+
+
+@task(help={"port": "port on 127.0.0.1 (default 8888, or a free one when it is taken)"})
+@operator_errors
+def notebook(c, port=None):
+    """Start JupyterLab on 127.0.0.1 with the project's kernel and print its URL (runbooks there change nothing)."""
+    from opsbook.operations import jupyter
+
+    jupyter.notebook(int(port) if port else None)
 
 
 # --- release lock -----------------------------------------------------------------------
@@ -385,5 +422,5 @@ ns.add_collection(migrate_ns)
 ns.add_collection(lock_ns)
 ns.add_collection(env_ns)
 ns.add_task(runbooks_list, "runbooks")
-for t in (build, provision, release, rollback, status, check, test, runbook, report):
+for t in (build, provision, release, rollback, status, check, test, runbook, report, notebook):
     ns.add_task(t)

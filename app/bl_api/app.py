@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.json.sort_keys = False
     app.extensions["bl_api_db"] = Database(
-        settings.database_url, max_size=settings.pool_max, timeout=settings.pool_timeout
+        settings.database_url, max_size=settings.pool_max, timeout=settings.pool_timeout,
+        reconnect_timeout=settings.pool_reconnect_timeout,
     )
     app.register_blueprint(api)
     _register_errors(app)

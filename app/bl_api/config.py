@@ -6,6 +6,8 @@
 | BL_API_POOL_MAX        | most database connections one worker process holds      | 10      |
 | BL_API_POOL_TIMEOUT    | seconds a request waits for a connection before 503     | 5       |
 | BL_API_PING_TIMEOUT    | seconds /ping waits for the database before 503         | 2       |
+| BL_API_POOL_RECONNECT_TIMEOUT | seconds the pool retries a lost connection (backing off) | 10 |
+|                        | before it gives up; the next request starts new tries   |         |
 | BL_API_TEST_SLOW_HEADER| `1` makes /ping honour `X-Test-Delay: <s>` (tests only)  | unset   |
 
 Gunicorn's own settings (bind, workers, threads, graceful timeout) are read by
@@ -31,6 +33,7 @@ class Settings:
     pool_max: int = 10
     pool_timeout: float = 5.0
     ping_timeout: float = 2.0
+    pool_reconnect_timeout: float = 10.0
     test_slow_header: bool = False
 
     @classmethod
@@ -52,6 +55,7 @@ class Settings:
             pool_max=_number(env, "BL_API_POOL_MAX", 10, int, minimum=1),
             pool_timeout=_number(env, "BL_API_POOL_TIMEOUT", 5.0, float, minimum=0.1),
             ping_timeout=_number(env, "BL_API_PING_TIMEOUT", 2.0, float, minimum=0.1),
+            pool_reconnect_timeout=_number(env, "BL_API_POOL_RECONNECT_TIMEOUT", 10.0, float, minimum=1.0),
             test_slow_header=env.get("BL_API_TEST_SLOW_HEADER", "") == "1",
         )
 

@@ -94,10 +94,11 @@ class EcosystemConflict(Exception):
 class Database:
     """One connection pool per worker process, opened on first use (so always after fork)."""
 
-    def __init__(self, conninfo: str, *, max_size: int, timeout: float):
+    def __init__(self, conninfo: str, *, max_size: int, timeout: float, reconnect_timeout: float = 10.0):
         self._conninfo = conninfo
         self._max_size = max_size
         self._timeout = timeout
+        self._reconnect_timeout = reconnect_timeout
         self._pool: ConnectionPool | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -120,6 +121,13 @@ class Database:
                         # One empty round trip per checkout: after a database restart or
                         # failover, stale connections are replaced instead of failing requests.
                         check=ConnectionPool.check_connection,
+                        # psycopg_pool retries a failed connection with a doubling delay and no
+                        # ceiling until reconnect_timeout (default 5 minutes): after a one-minute
+                        # database outage its next try could be a minute away, the service 503ing
+                        # all along. A short timeout ends that chain of tries; the next request then
+                        # starts a new one at a 1 s delay (the pool grows on demand), so the service
+                        # is back within seconds of the database.
+                        reconnect_timeout=self._reconnect_timeout,
                     )
                     pool.open(wait=False)
                     self._pool = pool

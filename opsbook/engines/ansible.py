@@ -140,13 +140,15 @@ def _read_recap(line: str, recap: dict[str, dict[str, int]]) -> None:
 
 class Background:
     """A playbook running beside other work (`start_playbook`). Its output is kept and shown when
-    it is waited for, so it does not interleave with what runs meanwhile. Use it as a context
-    manager: leaving the block without having waited for it (an error, an interrupt) stops it."""
+    it is waited for, so it does not interleave with what runs meanwhile; or, with `echo`, shown
+    as it comes (a playbook the operator watches while opsbook acts between its steps, as the
+    rolling switch does). Use it as a context manager: leaving the block without having waited
+    for it (an error, an interrupt) stops it."""
 
-    def __init__(self, env: Env, proc: subprocess.Popen, what: str):
+    def __init__(self, env: Env, proc: subprocess.Popen, what: str, *, echo: bool = False):
         import threading
 
-        self.env, self.proc, self.what = env, proc, what
+        self.env, self.proc, self.what, self.echo = env, proc, what, echo
         self.started = time.monotonic()
         self.seconds: float | None = None   # how long it ran, once waited for
         self._lines: list[str] = []
@@ -157,8 +159,15 @@ class Background:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self._lines.append(line)
+            if self.echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
         self.proc.wait()
         self.seconds = time.monotonic() - self.started
+
+    def running(self) -> bool:
+        """Whether the playbook still runs (its output not yet all read)."""
+        return self._reader.is_alive()
 
     def wait(self) -> None:
         """Wait for it to end, show its output, and raise PlaybookFailed when it failed."""
@@ -170,7 +179,8 @@ class Background:
             raise
         failures = _Failures()
         for line in self._lines:
-            sys.stdout.write(line)
+            if not self.echo:
+                sys.stdout.write(line)
             failures.feed(line)
         sys.stdout.flush()
         if self.proc.returncode != 0:
@@ -186,10 +196,10 @@ class Background:
 
 
 def start_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, limit: str | None = None,
-                   what: str = "") -> Background:
+                   what: str = "", echo: bool = False) -> Background:
     """Start a playbook in the background (see Background); `wait()` for it."""
     return Background(env, _spawn(playbook_command(env, playbook, extra_vars=extra_vars, limit=limit), env),
-                      what or playbook)
+                      what or playbook, echo=echo)
 
 
 # --- converging only what changed -----------------------------------------------------------

@@ -16,15 +16,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.engines import ansible
 from opsbook.engines import lock as locks
 
 
-def provision(env: Env, check: bool = False) -> dict[str, Any] | None:
-    """Converge every host (idempotent: a second run reports changed=0); `check` changes nothing."""
+def provision(env: Env, check: bool = False, hosts: str | None = None) -> dict[str, Any] | None:
+    """Converge every host (idempotent: a second run reports changed=0), or only `hosts` (host and
+    group names of the inventory, comma-separated); `check` changes nothing."""
     if env.kind == "aws":
+        if hosts:
+            raise OpsbookError(f"--hosts names hosts of an inventory of hosts (the lab); {env.name}'s AWS "
+                               f"resources are converged together. Nothing was changed.")
         return provision_aws(env, check=check)
+    limit = _limit(env, hosts) if hosts else None
     if env.kind == "lab":
         from opsbook.engines import lab
 
@@ -33,12 +39,25 @@ def provision(env: Env, check: bool = False) -> dict[str, Any] | None:
     # Every host is converged and stamped with the configuration's fingerprint, so that releases
     # converge a host only when its configuration changed since. Under the environment's lock:
     # provisioning restarts services a release or a migration may be relying on.
-    with locks.lock_for(env).hold("provision" + (" (check mode)" if check else ""), wait=0):
-        ansible.run_playbook(env, "site.yml", check=check, what="provisioning",
+    what = "provision" + (f" of {limit}" if limit else "") + (" (check mode)" if check else "")
+    with locks.lock_for(env).hold(what, wait=0):
+        ansible.run_playbook(env, "site.yml", check=check, limit=limit, what="provisioning",
                              extra_vars={"opsbook_converge_fingerprint": ansible.fingerprint(env)})
-    print(f"[opsbook] provisioned {env.name} in {time.monotonic() - t0:.0f}s" + (" (check mode)" if check else ""),
-          flush=True)
+    print(f"[opsbook] provisioned {limit or env.name} in {time.monotonic() - t0:.0f}s"
+          + (" (check mode)" if check else ""), flush=True)
     return None
+
+
+def _limit(env: Env, hosts: str) -> str:
+    """The inventory's hosts and groups named in `hosts`, as an Ansible limit; an unknown name is
+    refused before anything runs (Ansible would skip it and converge nothing, saying little)."""
+    names = [n.strip() for n in hosts.split(",") if n.strip()]
+    known = sorted({h.name for h in env.hosts()} | {g for h in env.hosts() for g in h.groups})
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise OpsbookError(f"--hosts {hosts!r}: {', '.join(unknown) or 'no name'} is not a host or group of the "
+                           f"{env.name} inventory (it has {', '.join(known)}). Nothing was changed.")
+    return ",".join(names)
 
 
 def _log(msg: str) -> None:

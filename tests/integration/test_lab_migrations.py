@@ -67,7 +67,7 @@ def test_expand_release_contract_under_the_probe(lab_env, lb_url, old_version, t
     assert refused.returncode != 0
     assert "cannot read the applied migrations" in refused.stdout + refused.stderr
     assert set(fleet.served_versions(lab_env).values()) == {serving_fleet}
-    invoke("provision", "--env", "lab", check=True)   # creates the service database anew, empty
+    invoke("provision", "--env", "lab", "--hosts", "db", check=True)   # creates the service database anew, empty
     invoke("release", "--env", "lab", "--version", old_version, check=True)
     assert set(fleet.served_versions(lab_env).values()) == {old_version}
     seeded = seed(lb_url)

@@ -117,7 +117,13 @@ def test_lab_down_would_remove_exactly_what_lab_up_created(lab_env, capsys):
 
 # --- provisioning, release, service ------------------------------------------------------
 def test_second_provision_changes_nothing(lab_env):
-    invoke("provision", "--env", "lab", check=True)
+    from opsbook.engines import ansible as ansible_engine
+
+    # The first run: unless every host is stamped as converged to this very configuration (by a
+    # provision, or a release's converge, of the same roles, inventory and secrets), converge now.
+    want = ansible_engine.fingerprint(lab_env)
+    if set(ansible_engine.converged_stamps(lab_env).values()) != {want}:
+        invoke("provision", "--env", "lab", check=True)
     proc = subprocess.run(
         ["ansible-playbook", "-i", str(lab_env.path), str(ROOT / "playbooks" / "site.yml")],
         cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False, timeout=600)

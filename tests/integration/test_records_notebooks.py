@@ -11,10 +11,10 @@ import pytest
 
 from opsbook.core.inventory import load
 from opsbook.core.paths import ROOT
+from opsbook.engines.records import delivery as history
 from opsbook.engines.records import runner as runbooks
 from opsbook.engines.records.store import LocalStore, new_record_id
 from opsbook.operations import env_report
-from opsbook.operations import release_history as history
 
 
 def _free_port() -> int:

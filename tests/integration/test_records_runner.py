@@ -2,6 +2,7 @@
 
 import html
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def test_succeeded_run_stores_notebook_html_and_ledger_entry(book, tmp_path):
     html = store.get(entry["html"]).decode()
     assert html.startswith("<!DOCTYPE html>")
     assert "doubled = 63" in html
+    # It opens offline: no script or stylesheet comes from anywhere else (nbconvert's CDN scripts).
+    assert not re.findall(r"""(?:src|href)=["']?(?:https?:)?//""", html), "the record loads something from elsewhere"
     assert not Path(store.location(entry["notebook"])).stat().st_mode & stat.S_IWUSR
 
 

@@ -87,3 +87,13 @@ def test_the_check_catches_outputs_and_missing_metadata(tmp_path):
 
 def test_there_are_notebooks_to_check():
     assert {"env_report.ipynb", "release_history.ipynb"} <= {p.name for p in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "runbooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_runbook_refuses_to_act_outside_opsbook_before_anything_else(path):
+    """Opened in JupyterLab, a runbook is not a record: its first cell after the parameters calls
+    require_record (opsbook.engines.records.guard) before it imports or does anything else."""
+    code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    statements = [line for line in code[1].source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert statements[0] == "from opsbook.engines.records.guard import require_record"
+    assert statements[1].startswith(f'require_record("{path.stem}", record_id, env')

@@ -179,9 +179,13 @@ def _bool(text: str) -> bool:
 
 
 def render_html(nb) -> bytes:
+    """The record's HTML, readable offline: nbconvert's lab template less its CDN scripts
+    (templates/offline: require.js, MathJax and Mermaid, which no runbook's output needs)."""
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    exporter = HTMLExporter(extra_template_basedirs=[str(Path(__file__).parent / "templates")],
+                            template_name="offline")
+    body, _ = exporter.from_notebook_node(nb)
     return body.encode()
 
 

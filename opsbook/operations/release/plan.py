@@ -25,9 +25,9 @@ PHASES: dict[str, str] = {
              "beside preflight and the expand migrations, so its time is only what was left to wait for",
     "rolling switch": "per batch: drain, switch `current`, restart, health and /version, re-enable; "
                       "the probe's figures for the batch must meet the SLO",
-    "verify": "every host check (testinfra), including those preflight leaves out: each app host serves "
-              "the release, its service runs, and it is UP in the load balancer; the probe's traffic "
-              "meanwhile is what users feel after the change",
+    "verify": "the host checks preflight leaves out, of what a release changes (testinfra): each app host "
+              "serves the release, its service runs and answers, and every backend is UP in the load "
+              "balancer; the probe's traffic meanwhile is what users feel after the change",
     "probe read-back": "every write the service acknowledged during the release is read back",
     "mark good": "mark the release good on every host (retention never deletes it)",
 }

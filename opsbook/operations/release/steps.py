@@ -61,6 +61,7 @@ class Run:
     put_back: str | None = None   # after a failure: whether every answering host is back in rotation
     notes: list[str] = field(default_factory=list)   # what the record should say besides the outcome
     staged_s: float | None = None   # how long staging ran (beside preflight; its phase is what remained)
+    batch_t0: float = 0.0   # when the batch in flight began
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -308,14 +309,16 @@ def _expand(env: Env, art: artifact.Artifact, run: Run) -> None:
 
 
 def _switch(env: Env, hosts: list[str], version: str, what: str) -> None:
-    """Switch hosts to a release already staged on them (switch.yml never needs the artifact)."""
+    """Switch hosts to a release already staged on them (switch.yml never needs the artifact), as
+    one batch with no gate: what returning a failed batch runs."""
     lb = rotation_for(env)   # haproxy drains and re-enables inside switch.yml; an ALB around it
     lb.drain(hosts)
     ansible.run_playbook(env, "switch.yml", limit=",".join(hosts), what=what, extra_vars={
         "opsbook_release_version": version,
+        "opsbook_switch_hosts": hosts,
         # `serial` is read before inventory variables exist; a batch is switched one host after
         # another inside it, so a failing host stops its batch early.
-        "opsbook_switch_batch_hosts": len(hosts),
+        "opsbook_switch_batches": [len(hosts)],
     })
     lb.enable(hosts)
 
@@ -362,51 +365,113 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo)
         with run.phase("stage"):
             staging.wait()
         run.staged_s = staging.seconds
-    probe = run.live_probe
     with run.phase("rolling switch"):
-        for i, batch in enumerate(plan.batches, 1):
-            _switch_batch(env, plan, run, i, batch, held=held, probe=probe, slo=slo)
-    # Converge, then verify: the whole fleet is checked as it is now, not only the hosts switched.
+        _rolling_switch(env, plan, run, held=held, probe=run.live_probe, slo=slo)
+    # Verify: the checks of what a release changes (`converges`: each app host serves the release,
+    # its service runs and answers, every backend is UP), on the whole fleet, not only the hosts
+    # switched. The others ran in preflight, before anything changed, and the release changes
+    # nothing they check; together the two are every host check (`invoke check` runs them all).
     # The probe's "verify" is the traffic after the change (checks change nothing on the hosts).
     with run.phase("verify"):
-        hostchecks.run_host_checks(env)
+        hostchecks.run_host_checks(env, extra=["-m", "converges"])
 
 
-def _switch_batch(env: Env, plan: Plan, run: Run, i: int, batch: list[str], *, held, probe, slo) -> None:
-    """One batch: switch its hosts, then its gate (the probe's figures while it switched)."""
-    name = f"batch {i}"
+def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo) -> None:
+    """Every batch in one ansible-playbook run (switch.yml with opsbook_gate_dir): when a batch is
+    switched the playbook writes which hosts it switched; opsbook judges the batch's gate and
+    writes the verdict, and the next batch only reads its hosts until the verdict is `passed`
+    (anything else stops the playbook before it drains one). One run instead of one per batch: no
+    Ansible start-up or new SSH connections between batches, and the next batch's reads overlap
+    the gate."""
+    with tempfile.TemporaryDirectory(prefix="opsbook-gate-") as tmp:
+        gates = Path(tmp)
+        held.renew()   # the lease is verified before any host of the first batch is touched
+        lb = rotation_for(env)   # haproxy drains and re-enables inside switch.yml; an ALB around each batch
+        _begin_batch(run, probe, 1, plan.batches[0])
+        lb.drain(plan.batches[0])
+        with ansible.start_playbook(env, "switch.yml", limit=",".join(h for b in plan.batches for h in b),
+                                    what=f"{plan.kind} rolling switch", echo=True, extra_vars={
+                                        "opsbook_release_version": plan.target,
+                                        # The plan's order (hosts serving nothing first), not the inventory's.
+                                        "opsbook_switch_hosts": [h for b in plan.batches for h in b],
+                                        "opsbook_switch_batches": [len(b) for b in plan.batches],
+                                        "opsbook_gate_dir": str(gates),
+                                        "opsbook_gate_names": [b[0] for b in plan.batches]}) as switching:
+            for i, batch in enumerate(plan.batches, 1):
+                entry = run.batches[-1]
+                switched = _switched(switching, gates / f"{batch[0]}.switched")
+                if switched is None:   # the playbook ended before the batch was switched
+                    try:
+                        switching.wait()
+                    except PlaybookFailed as e:
+                        entry.update(result="failed health", seconds=round(time.monotonic() - run.batch_t0, 1))
+                        raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) failed: {e}") from e
+                    raise ReleaseFailed(f"batch {i} ({', '.join(batch)}): switch.yml ended without switching it")
+                if switched != batch:   # cannot happen: the playbook takes the plan's order and sizes
+                    run.in_flight = sorted(set(batch) | set(switched))   # put back whatever it touched
+                    (gates / f"{batch[0]}.verdict").write_text("stopped: the hosts switched are not the plan's")
+                    raise ReleaseFailed(f"batch {i}: Ansible switched {', '.join(switched)}, the plan said "
+                                        f"{', '.join(batch)}; the release stopped before the next batch")
+                lb.enable(batch)   # the gate judges the batch's hosts taking traffic
+                verdict = _judge_batch(env, run, i, batch, held=held, probe=probe, slo=slo)
+                if verdict != "passed":
+                    (gates / f"{batch[0]}.verdict").write_text(verdict)
+                    raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) missed the SLO: {verdict}.")
+                entry.update(result="passed", seconds=round(time.monotonic() - run.batch_t0, 1))
+                # Said before the verdict is written: the next batch's output comes after it.
+                log(f"batch {i} done in {entry['seconds']}s")
+                run.in_flight = None
+                if i < len(plan.batches):
+                    held.renew()   # the lease is verified before any host of the next batch is touched
+                    _begin_batch(run, probe, i + 1, plan.batches[i])
+                    lb.drain(plan.batches[i])
+                (gates / f"{batch[0]}.verdict").write_text("passed")
+            switching.wait()
+
+
+def _begin_batch(run: Run, probe, i: int, batch: list[str]) -> None:
     if probe:
-        probe.mark(name)
-    t = time.monotonic()
-    entry: dict[str, Any] = {"batch": i, "hosts": ", ".join(batch), "result": "switching"}
-    run.batches.append(entry)
-    held.renew()   # the lease is verified before any host of the batch is touched
+        probe.mark(f"batch {i}")
+    run.batch_t0 = time.monotonic()
+    run.batches.append({"batch": i, "hosts": ", ".join(batch), "result": "switching"})
+    # A failure from here on leaves the batch in flight: _put_back returns it, whatever the failure was.
     run.in_flight = batch
-    # A failure below leaves the batch in flight: _put_back returns it, whatever the failure was.
-    try:
-        _switch(env, batch, plan.target, f"{plan.kind} {name} ({', '.join(batch)})")
-    except PlaybookFailed as e:
-        entry.update(result="failed health", seconds=round(time.monotonic() - t, 1))
-        raise ReleaseFailed(f"{name} ({', '.join(batch)}) failed: {e}") from e
+
+
+def _switched(switching: ansible.Background, path: Path) -> list[str] | None:
+    """The hosts the playbook says it switched (it writes `path` when a batch is done), or None
+    when the playbook ended first."""
+    while True:
+        running = switching.running()
+        if path.exists():
+            return path.read_text().split()
+        if not running:
+            return None
+        time.sleep(0.05)
+
+
+def _judge_batch(env: Env, run: Run, i: int, batch: list[str], *, held, probe, slo) -> str:
+    """The batch's gate: "passed", or what it missed."""
     held.check()
-    if probe:
-        # The switched hosts take traffic for a while (`opsbook_release_gate_seconds`), then every
-        # request sent during the batch has its answer, or counts with how long it has waited.
-        time.sleep(float(env.var("opsbook_release_gate_seconds", 2)))
-        gate, note = probe.results().baseline_slo(slo, BASELINE_PHASES)
-        probe.settle(name, within_s=float(gate.get("max_p99_ms") or 2000) / 1000 + 0.5)
-        results = probe.results()
-        if note and note not in run.notes:
-            run.notes.append(note)
-            log(note)
-        ok, reasons = results.phase_within(name, gate)
-        entry["gate"] = "passed" if ok else "failed: " + "; ".join(reasons)
-        if not ok:
-            entry.update(result="failed gate", seconds=round(time.monotonic() - t, 1))
-            raise ReleaseFailed(f"{name} ({', '.join(batch)}) missed the SLO: {'; '.join(reasons)}.")
-    run.in_flight = None
-    entry.update(result="passed", seconds=round(time.monotonic() - t, 1))
-    log(f"{name} done in {entry['seconds']}s")
+    if not probe:
+        return "passed"
+    name = f"batch {i}"
+    # The switched hosts take traffic for a while (`opsbook_release_gate_seconds`), then every
+    # request sent during the batch has its answer, or counts with how long it has waited.
+    time.sleep(float(env.var("opsbook_release_gate_seconds", 2)))
+    gate, note = probe.results().baseline_slo(slo, BASELINE_PHASES)
+    probe.settle(name, within_s=float(gate.get("max_p99_ms") or 2000) / 1000 + 0.5)
+    results = probe.results()
+    if note and note not in run.notes:
+        run.notes.append(note)
+        log(note)
+    ok, reasons = results.phase_within(name, gate)
+    entry = run.batches[-1]
+    entry["gate"] = "passed" if ok else "failed: " + "; ".join(reasons)
+    if not ok:
+        entry.update(result="failed gate", seconds=round(time.monotonic() - run.batch_t0, 1))
+        return "; ".join(reasons)
+    return "passed"
 
 
 def _write_record(env: Env, run: Run) -> None:
