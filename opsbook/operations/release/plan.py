@@ -32,7 +32,10 @@ PHASES: dict[str, str] = {
     "mark good": "mark the release good on every host (retention never deletes it)",
 }
 RELEASE_PHASES = tuple(PHASES)
-ROLLBACK_PHASES = tuple(p for p in PHASES if p not in ("provision", "expand migrations"))
+# A rollback is the way out of a bad release: it changes no schema and converges nothing, and no
+# host check that has nothing to do with serving the previous version (a drifted file, another
+# environment's database host) may stand in its way. Verify checks what it changed.
+ROLLBACK_PHASES = tuple(p for p in PHASES if p not in ("provision", "preflight", "expand migrations"))
 
 
 def batches_of(hosts: list[str], size: str | int) -> list[list[str]]:

@@ -28,8 +28,9 @@ from opsbook.operations.release.plan import PHASES, Plan
 from opsbook.operations.release.record import ReleaseFailed
 
 # The probe's phases that change nothing users see: what they feel then is the baseline a slow
-# service is judged against (`ProbeResults.baseline_slo`), with no wait of its own.
-BASELINE_PHASES = ("before", "preflight")
+# service is judged against (`ProbeResults.baseline_slo`), with no wait of its own. (Staging only
+# unpacks the release beside the one serving.)
+BASELINE_PHASES = ("before", "preflight", "stage")
 
 
 def log(msg: str) -> None:
@@ -354,8 +355,9 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo)
     # waited for, its output shown, before any host is switched; leaving early stops it.
     with ansible.start_playbook(env, "stage.yml", what=f"staging {plan.target}", extra_vars={
             "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)}) as staging:
-        with run.phase("preflight"):
-            _preflight(env, plan)
+        if "preflight" in plan.phases:
+            with run.phase("preflight"):
+                _preflight(env, plan)
         if "expand migrations" in plan.phases:
             held.renew()
             with run.phase("expand migrations"):
