@@ -411,13 +411,13 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo) -> None
                     raise ReleaseFailed(f"batch {i} ({', '.join(batch)}): switch.yml ended without switching it")
                 if switched != batch:   # cannot happen: the playbook takes the plan's order and sizes
                     run.in_flight = sorted(set(batch) | set(switched))   # put back whatever it touched
-                    (gates / f"{batch[0]}.verdict").write_text("stopped: the hosts switched are not the plan's")
+                    _verdict(gates, batch, "stopped: the hosts switched are not the plan's")
                     raise ReleaseFailed(f"batch {i}: Ansible switched {', '.join(switched)}, the plan said "
                                         f"{', '.join(batch)}; the release stopped before the next batch")
                 lb.enable(batch)   # the gate judges the batch's hosts taking traffic
                 verdict = _judge_batch(env, run, i, batch, held=held, probe=probe, slo=slo)
                 if verdict != "passed":
-                    (gates / f"{batch[0]}.verdict").write_text(verdict)
+                    _verdict(gates, batch, verdict)
                     raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) missed the SLO: {verdict}.")
                 entry.update(result="passed", seconds=round(time.monotonic() - run.batch_t0, 1))
                 # Said before the verdict is written: the next batch's output comes after it.
@@ -427,8 +427,16 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo) -> None
                     held.renew()   # the lease is verified before any host of the next batch is touched
                     _begin_batch(run, probe, i + 1, plan.batches[i])
                     lb.drain(plan.batches[i])
-                (gates / f"{batch[0]}.verdict").write_text("passed")
+                _verdict(gates, batch, "passed")
             switching.wait()
+
+
+def _verdict(gates: Path, batch: list[str], text: str) -> None:
+    """Write the gate's verdict on a batch for the playbook, whole or not at all (a rename): the
+    playbook polls for the file and must never read it half-written."""
+    tmp = gates / f".{batch[0]}.verdict.tmp"
+    tmp.write_text(text)
+    tmp.replace(gates / f"{batch[0]}.verdict")
 
 
 def _begin_batch(run: Run, probe, i: int, batch: list[str]) -> None:
