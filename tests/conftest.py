@@ -4,6 +4,12 @@ import tempfile
 # Records a store refuses are kept in a spool (opsbook.engines.records.spool): the suite's own,
 # never the operator's ~/.local/state/opsbook.
 os.environ.setdefault("OPSBOOK_SPOOL", tempfile.mkdtemp(prefix="opsbook-test-spool-"))
+# The suite reaches AWS only through the moto server on loopback that a test points it at. Any AWS
+# client left unpointed (staging's and prod's real inventories name real AWS) goes to a closed
+# loopback port instead, and nothing asks the instance metadata address for credentials: no test
+# can send a packet off this machine, whatever it forgets.
+os.environ.setdefault("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 pytest_plugins = [
     "tests.fixtures.lab",

@@ -55,15 +55,16 @@ def test_release_of_a_missing_artifact_touches_no_host(lab_env):
     assert fleet_state(lab_env) == before
 
 
-def test_release_to_an_environment_without_hosts_says_so_before_anything(test_versions):
-    # prod's hosts come from the AWS layer, not built yet: its inventory has no app hosts. The
-    # refusal comes before any database, lock or host is asked (unshare -n: nothing to ask).
+def test_release_to_an_aws_environment_without_its_credentials_is_refused_before_anything(test_versions):
+    # prod lives in its own AWS account, named with its credentials profile in the inventory; this
+    # machine has no such profile. The account check refuses before any database, lock, host or AWS
+    # API is asked (unshare -n: there is nothing to ask), and says what to do.
     proc = subprocess.run(["unshare", "-n", sys.executable, "-m", "invoke", "release", "--env", "prod",
                            "--version", test_versions[0]], cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=120)
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
-    assert "environment prod has no app hosts in its inventory" in err
+    assert "the AWS profile 'opsbook-prod' that prod names (opsbook_aws_profile) is not configured" in err
     assert "Nothing was changed" in err
     assert "Traceback" not in err
 
