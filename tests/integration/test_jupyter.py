@@ -152,6 +152,9 @@ def _execute(path: Path, cwd: Path):
     return None, nb
 
 
+# Runs with the lab tests, one after another: it compares the lab's lock, records and state before
+# and after, which the lab tests change while they run (a release renews its lock every few seconds).
+@pytest.mark.lab
 @pytest.mark.parametrize("path", RUNBOOKS, ids=lambda p: p.stem)
 def test_a_runbook_run_with_its_defaults_outside_opsbook_changes_nothing(path, sentinels, tmp_path):
     before = _snapshot()
