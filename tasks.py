@@ -199,8 +199,35 @@ def env_destroy(c, env=None, reason=None, confirm=None, dry_run=False):
     aws_env.destroy(load_env(c, env), reason=reason, confirm=confirm, dry_run=dry_run)
 
 
+@task(
+    help={
+        "name": "the purpose: the environment is named LIKE-NAME (e.g. loadtest makes staging-loadtest)",
+        "like": "the AWS environment whose shape, account and settings it takes (default staging)",
+        "ttl": "how long it is meant to live: 90m, 8h, 2d (default: the inventory's opsbook_purpose_env_ttl)",
+    }
+)
+@operator_errors
+def env_create(c, name, like="staging", ttl=None):
+    """Make a short-lived environment shaped like staging (or prod): its own tagged resources, owner and TTL."""
+    from opsbook.operations import provision as prov
+
+    prov.create(load_env(c, like), name, ttl)
+
+
+@task
+@operator_errors
+def env_list(c):
+    """List every environment: the inventories' own, and purpose environments with owner, age and TTL (read-only)."""
+    from opsbook.core.inventory import environments, load
+    from opsbook.operations import aws_env
+
+    print(aws_env.environments_text([load(name) for name in environments()]))
+
+
 env_ns = Collection("env")
 env_ns.add_task(env_resources, "resources", default=True)
+env_ns.add_task(env_list, "list")
+env_ns.add_task(env_create, "create")
 env_ns.add_task(env_destroy, "destroy")
 
 

@@ -8,6 +8,8 @@ playbook and to opsbook. Variables whose name starts with ``vault_`` are secrets
 from __future__ import annotations
 
 import functools
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,12 @@ from opsbook.core.paths import INVENTORIES, PLAYBOOKS
 
 class UnknownEnvironment(OpsbookError):
     pass
+
+
+# The process variable that carries the environment's name to Ansible's side: the aws_ec2 inventory
+# plugin's tag filter and the opsbook_env_name default in group_vars read it (opsbook sets it for
+# every Ansible process it starts, and while it parses an inventory itself).
+ENV_NAME_VARIABLE = "OPSBOOK_ENV_NAME"
 
 
 def default_env() -> str:
@@ -37,6 +45,27 @@ def environments() -> list[str]:
     return sorted(p.name for p in INVENTORIES.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+# A purpose environment (`invoke env.create --name N --like staging`) is named <like>-<N>: its
+# inventory is the `like` environment's, read under its own name (every name-dependent value in
+# group_vars derives from opsbook_env_name; the aws_ec2 plugin filters on it), and AWS holds the
+# rest in its resources' tags. The name says which inventory it is like, so nothing is stored here.
+# At most 21 characters in all: the longest AWS name made from it (an ALB's) has a 32-character limit.
+ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{1,20}$")
+PURPOSE_SUFFIX = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+
+def purpose_parts(name: str) -> tuple[str, str] | None:
+    """(like, purpose) when `name` is a purpose environment of an inventory (`staging-loadtest` ->
+    ("staging", "loadtest")), else None. Only the shape is checked here (not that it was created)."""
+    if name in environments() or not ENV_NAME.match(name):
+        return None
+    for like in sorted(environments(), key=len, reverse=True):
+        suffix = name[len(like) + 1:] if name.startswith(like + "-") else ""
+        if suffix and PURPOSE_SUFFIX.match(suffix):
+            return like, suffix
+    return None
+
+
 @dataclass(frozen=True)
 class Host:
     name: str
@@ -48,12 +77,18 @@ class Host:
 class Env:
     """One environment: its hosts by group and its variables, rendered like Ansible renders them."""
 
-    def __init__(self, name: str, path: Path | None = None):
+    def __init__(self, name: str, path: Path | None = None, like: str | None = None):
+        """`like`: this is a purpose environment read through that environment's inventory (`path`)."""
         if path is None and name not in environments():
-            raise UnknownEnvironment(
-                f"unknown environment {name!r}; environments that exist: {', '.join(environments())}. "
-                f"Nothing was changed. Pick one of those with --env, or add inventories/{name}/."
-            )
+            parts = purpose_parts(name)
+            if parts is None:
+                raise UnknownEnvironment(
+                    f"unknown environment {name!r}; environments that exist: {', '.join(environments())} "
+                    f"(and purpose environments named <env>-<purpose>, made by `invoke env.create`). "
+                    f"Nothing was changed. Pick one of those with --env, or add inventories/{name}/."
+                )
+            like = parts[0]
+            path = INVENTORIES / like
         from ansible.inventory.manager import InventoryManager
         from ansible.parsing.dataloader import DataLoader
         from ansible.plugins.loader import init_plugin_loader
@@ -61,10 +96,27 @@ class Env:
 
         _init_plugins(init_plugin_loader)
         self.name = name
+        self.like = like
         self.path = Path(path) if path else INVENTORIES / name
         self._loader = DataLoader()
-        self._inventory = InventoryManager(loader=self._loader, sources=[str(self.path)])
+        # The aws_ec2 plugin (which sees no inventory variable) finds this environment's hosts by the
+        # name in OPSBOOK_ENV_NAME (`aws_ec2.yml`): set while the inventory is parsed, then put back.
+        before = os.environ.get(ENV_NAME_VARIABLE)
+        os.environ[ENV_NAME_VARIABLE] = name
+        try:
+            self._inventory = InventoryManager(loader=self._loader, sources=[str(self.path)])
+        finally:
+            if before is None:
+                os.environ.pop(ENV_NAME_VARIABLE, None)
+            else:
+                os.environ[ENV_NAME_VARIABLE] = before
         self._varman = VariableManager(loader=self._loader, inventory=self._inventory)
+        if like is not None and self.kind != "aws":
+            raise UnknownEnvironment(
+                f"{name!r} would be a purpose environment like {like!r}, but {like} is a {self.kind} "
+                f"environment: purpose environments (`invoke env.create`) are made in AWS only. Nothing was "
+                f"changed."
+            )
 
     def __repr__(self) -> str:
         return f"Env({self.name!r})"
@@ -76,6 +128,7 @@ class Env:
         # the implicit localhost belongs to no other group, so it sees exactly those.
         raw = dict(self._varman.get_vars(host=self._inventory.get_host("localhost"), include_hostvars=False))
         raw["inventory_dir"] = str(self.path)
+        raw["opsbook_env_name"] = self.name   # what names, buckets and tags derive from (see purpose_parts)
         raw.setdefault("playbook_dir", str(PLAYBOOKS))
         return raw
 
@@ -143,6 +196,7 @@ class Env:
         variables = dict(self._raw_vars)
         variables.update(self._varman.get_vars(host=hostobj, include_hostvars=False))
         variables["inventory_dir"] = str(self.path)
+        variables["opsbook_env_name"] = self.name
         if name not in variables:
             if default is ...:
                 raise OpsbookError(f"{name!r} is not defined for host {host} in {self.path}/")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from opsbook.core.errors import OpsbookError
-from opsbook.core.inventory import Env
+from opsbook.core.inventory import ENV_NAME_VARIABLE, Env
 from opsbook.core.paths import PLAYBOOKS, ROOT
 
 
@@ -32,6 +32,8 @@ def ansible_env(target: Env | None = None) -> dict[str, str]:
     env.setdefault("ANSIBLE_FORCE_COLOR", "0")
     venv_bin = Path(sys.executable).parent
     env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+    if target is not None:
+        env[ENV_NAME_VARIABLE] = target.name   # the aws_ec2 plugin's filter and opsbook_env_name read it
     if target is not None and target.kind == "aws":
         from opsbook.engines import aws
 
@@ -42,8 +44,9 @@ def ansible_env(target: Env | None = None) -> dict[str, str]:
 def playbook_command(env: Env, playbook: str, *, extra_vars: dict | None = None, check: bool = False,
                      limit: str | None = None, tags: str | None = None) -> list[str]:
     cmd = ["ansible-playbook", "-i", str(env.path), str(PLAYBOOKS / playbook)]
-    if extra_vars:
-        cmd += ["-e", json.dumps(extra_vars)]
+    # The environment's name, which its names, buckets and tags derive from: a purpose environment
+    # shares its inventory directory with the environment it is like (opsbook.core.inventory).
+    cmd += ["-e", json.dumps({"opsbook_env_name": env.name, **(extra_vars or {})})]
     if check:
         cmd += ["--check", "--diff"]
     if limit:

@@ -31,6 +31,13 @@ TAG_ENV = "opsbook:env"
 TAG_MANAGED_BY = "opsbook:managed-by"
 TAG_ROLE = "opsbook:role"
 MANAGED_BY = "opsbook"
+# A purpose environment's (`invoke env.create`) own tags, on every one of its resources: which
+# inventory it is like, who made it, when, and when it expires. Read back from its VPC.
+TAG_LIKE = "opsbook:like"
+TAG_OWNER = "opsbook:owner"
+TAG_CREATED = "opsbook:created"
+TAG_EXPIRES = "opsbook:expires"
+PURPOSE_TAGS = (TAG_LIKE, TAG_OWNER, TAG_CREATED, TAG_EXPIRES)
 IAM_PATH = "/opsbook/"   # opsbook's IAM roles and instance profiles live under this path
 
 
@@ -378,6 +385,44 @@ def check_unique(resources: list[Resource], env_name: str) -> None:
             f"more than one resource is tagged {TAG_ENV}={env_name} for the same role:\n{lines}\n"
             f"Nothing was changed. Find out which one {env_name} uses, then delete or re-tag the other "
             f"(its {TAG_ENV} tag) and run again.")
+
+
+# --- purpose environments ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PurposeEnv:
+    """A purpose environment as its VPC's tags describe it."""
+
+    name: str
+    like: str
+    owner: str
+    created: str     # ISO 8601, UTC
+    expires: str     # ISO 8601, UTC
+    vpc_id: str
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_LIKE: self.like, TAG_OWNER: self.owner, TAG_CREATED: self.created, TAG_EXPIRES: self.expires}
+
+
+def _purpose(vpc: dict[str, Any]) -> PurposeEnv | None:
+    tags = _tags(vpc.get("Tags"))
+    if not all(tags.get(k) for k in PURPOSE_TAGS) or tags.get(TAG_MANAGED_BY) != MANAGED_BY:
+        return None
+    return PurposeEnv(name=tags.get(TAG_ENV, "?"), like=tags[TAG_LIKE], owner=tags[TAG_OWNER],
+                      created=tags[TAG_CREATED], expires=tags[TAG_EXPIRES], vpc_id=vpc["VpcId"])
+
+
+def purpose_env(t: Target, env_name: str) -> PurposeEnv | None:
+    """The purpose environment `env_name` as its VPC's tags say, or None when it has no VPC with them."""
+    vpcs = client(t, "ec2").describe_vpcs(Filters=_ec2_filter(env_name))["Vpcs"]
+    found = [p for p in map(_purpose, vpcs) if p is not None]
+    return found[0] if len(found) == 1 else None
+
+
+def purpose_envs(t: Target, like: str) -> list[PurposeEnv]:
+    """Every purpose environment made like `like` in the target's account and region (read-only)."""
+    vpcs = client(t, "ec2").describe_vpcs(Filters=[{"Name": f"tag:{TAG_LIKE}", "Values": [like]},
+                                                   {"Name": f"tag:{TAG_MANAGED_BY}", "Values": [MANAGED_BY]}])["Vpcs"]
+    return sorted((p for p in map(_purpose, vpcs) if p is not None), key=lambda p: p.name)
 
 
 # --- destroy ----------------------------------------------------------------------------------

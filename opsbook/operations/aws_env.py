@@ -1,4 +1,9 @@
-"""AWS environments as a whole (`invoke env.resources`, `invoke env.destroy`).
+"""AWS environments as a whole (`invoke env.list`, `invoke env.resources`, `invoke env.destroy`).
+
+`environments_text` lists every environment: the inventories' own, and the purpose environments
+(`invoke env.create`) found by their tags in each AWS environment's account, with owner, age and
+time left (expired ones flagged). An account it cannot check is named with the reason, not skipped
+silently.
 
 `resources` lists what is tagged for an environment (read-only). `destroy` deletes exactly that:
 the list is shown first; an environment that asks for confirmation (`opsbook_confirm`, prod) also
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
@@ -25,6 +30,54 @@ class DestroyRefused(OpsbookError):
 
 def _log(msg: str) -> None:
     print(f"[opsbook] {msg}", flush=True)
+
+
+def _span(delta: timedelta) -> str:
+    seconds = int(abs(delta.total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    return f"{days}d{hours}h" if days else f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
+
+
+def _when(iso: str) -> datetime | None:
+    try:
+        return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def environments_text(envs: list[Env], now: datetime | None = None) -> str:
+    """What `invoke env.list` prints: one line per environment; purpose ones with owner, age and TTL left."""
+    now = now or datetime.now(UTC)
+    rows = [("ENVIRONMENT", "KIND", "LIKE", "ACCOUNT", "OWNER", "AGE", "TIME LEFT")]
+    notes = []
+    for env in envs:
+        if env.kind != "aws":
+            rows.append((env.name, env.kind, "-", "-", "-", "-", "-"))
+            continue
+        t = aws.target(env)
+        rows.append((env.name, "aws", "-", t.account_id, "-", "-", "-"))
+        try:
+            aws.check_account(env)
+            found = aws.purpose_envs(t, env.name)
+        except OpsbookError as e:
+            notes.append(f"{env.name}'s purpose environments are not listed: {e}")
+            continue
+        for p in found:
+            created, expires = _when(p.created), _when(p.expires)
+            age = _span(now - created) if created else "?"
+            if expires is None:
+                left = "?"
+            elif expires <= now:
+                left = f"EXPIRED {_span(now - expires)} ago"
+                notes.append(f"{p.name} expired at {p.expires}: `invoke env.destroy --env {p.name}` removes it")
+            else:
+                left = _span(expires - now)
+            rows.append((p.name, "aws", p.like, t.account_id, p.owner, age, left))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines + notes)
 
 
 def resources_text(env: Env) -> str:

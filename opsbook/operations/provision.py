@@ -10,9 +10,10 @@ claiming the same role stop it before any change), under the environment's lock,
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,14 @@ def _lock_home_exists(env: Env, t) -> bool:
     return True
 
 
-def provision_aws(env: Env, check: bool = False) -> dict[str, Any]:
+def provision_aws(env: Env, check: bool = False, purpose=None) -> dict[str, Any]:
     """Create or converge an AWS environment's resources. Returns what the record holds.
 
     Refused before any change: credentials of another account (or none), or two resources tagged
     for the same role of this environment. The lock's own store (bucket or table) is created first,
     outside the lock, when it does not exist yet (a first provisioning); everything else is converged
-    under the lock.
+    under the lock. A purpose environment keeps the tags it was created with (read from its VPC);
+    `purpose` (an aws.PurposeEnv) is given by `create` only, for one that does not exist yet.
     """
     from opsbook.engines import aws
     from opsbook.engines.records import runner
@@ -107,7 +109,17 @@ def provision_aws(env: Env, check: bool = False) -> dict[str, Any]:
     before = aws.find(t)
     aws.check_unique(before, env.name)
     _log(f"{env.name}: {len(before)} resource(s) tagged opsbook:env={env.name} before provisioning")
-    extra = {"opsbook_env_name": env.name}
+    if env.like is not None and purpose is None:
+        purpose = aws.purpose_env(t, env.name)
+        if purpose is None:
+            raise OpsbookError(
+                f"{env.name} is a purpose environment like {env.like}, but nothing in account {who.account} "
+                f"({t.region}) says it was created (no VPC tagged {aws.TAG_ENV}={env.name} with its owner and "
+                f"expiry). Nothing was changed. Create it with `invoke env.create --name "
+                f"{env.name[len(env.like) + 1:]} --like {env.like}`; `invoke env.list` shows the ones that exist.")
+    extra: dict[str, Any] = {"opsbook_env_name": env.name}
+    if purpose is not None:
+        extra["aws_env_purpose_tags"] = purpose.tags()
     what = f"provisioning {env.name}" + (" (check mode)" if check else "")
     if not check and not _lock_home_exists(env, t):
         _log(f"{env.name}: the lock's store does not exist yet (first provisioning): creating it first")
@@ -115,6 +127,9 @@ def provision_aws(env: Env, check: bool = False) -> dict[str, Any]:
                              tags="aws_env_storage")
     data: dict[str, Any] = {"env": env.name, "account": who.account, "caller": who.arn, "region": t.region,
                             "check": check, "before": _counts(before), "outcome": "failed"}
+    if purpose is not None:
+        data["purpose"] = {"like": purpose.like, "owner": purpose.owner, "created": purpose.created,
+                           "expires": purpose.expires}
     try:
         with locks.lock_for(env).hold("provision" + (" (check mode)" if check else ""), wait=0) as held:
             _log(held.message)
@@ -139,6 +154,73 @@ def provision_aws(env: Env, check: bool = False) -> dict[str, Any]:
     _log(f"provisioned {env.name} in {data['duration_s']:.0f}s: changed={data['changed']}, "
          f"{len(data['resources'])} resource(s) tagged for it")
     return data
+
+
+# --- purpose environments (`invoke env.create`) ---------------------------------------------------
+TTL = re.compile(r"^([1-9][0-9]*)([mhd])$")
+TTL_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+class CreateRefused(OpsbookError):
+    """env.create was refused before anything was created."""
+
+
+def parse_ttl(ttl: str) -> timedelta:
+    """`8h`, `90m`, `2d` -> a timedelta; anything else is refused."""
+    m = TTL.match(str(ttl).strip())
+    if not m:
+        raise CreateRefused(f"--ttl {ttl!r} is not a duration: give minutes, hours or days like 90m, 8h or 2d. "
+                            f"Nothing was created.")
+    return timedelta(seconds=int(m.group(1)) * TTL_UNITS[m.group(2)])
+
+
+def create(like: Env, name: str, ttl: str | None = None, *, now: datetime | None = None) -> dict[str, Any]:
+    """Make a short-lived environment shaped like `like` (`staging-<name>`): its own resources, tagged
+    with its own name, owner, creation time and expiry, in `like`'s account, provisioned like any
+    AWS environment (same lock, same record). Refused before anything is created: a `like` that is
+    not an AWS environment, a bad name or TTL, a TTL over the inventory's limit, a name in use."""
+    from opsbook.core.inventory import ENV_NAME, PURPOSE_SUFFIX
+    from opsbook.engines import aws
+
+    if like.kind != "aws":
+        raise CreateRefused(f"--like {like.name}: {like.name} is a {like.kind} environment; purpose environments "
+                            f"are made in AWS, like staging or prod. Nothing was created.")
+    if like.like is not None:
+        raise CreateRefused(f"--like {like.name}: that is itself a purpose environment; make one like "
+                            f"{like.like} instead. Nothing was created.")
+    full = f"{like.name}-{name}"
+    if not PURPOSE_SUFFIX.match(name or "") or not ENV_NAME.match(full):
+        raise CreateRefused(
+            f"--name {name!r}: a purpose environment's name is lowercase letters, digits and inner hyphens, and "
+            f"with its prefix ({full!r}) at most 21 characters (the longest AWS name made from it has a "
+            f"32-character limit). Nothing was created.")
+    lifetime = parse_ttl(ttl or like.var("opsbook_purpose_env_ttl", "8h"))
+    limit = parse_ttl(like.var("opsbook_purpose_env_max_ttl", "7d"))
+    if lifetime > limit:
+        raise CreateRefused(f"--ttl {ttl}: longer than {like.name}'s limit for purpose environments "
+                            f"(opsbook_purpose_env_max_ttl: {like.var('opsbook_purpose_env_max_ttl', '7d')}). "
+                            f"Nothing was created. Ask for less, or change the limit in the inventory.")
+    env = Env(full, path=like.path, like=like.name)
+    who = aws.check_account(env)
+    t = aws.target(env)
+    existing = aws.find(t)
+    if existing:
+        raise CreateRefused(
+            f"{full} already exists in account {who.account} ({len(existing)} resource(s) tagged "
+            f"{aws.TAG_ENV}={full}). Nothing was created. Converge it with `invoke provision --env {full}`, or "
+            f"destroy it first (`invoke env.destroy --env {full}`).")
+    start = (now or datetime.now(UTC)).replace(microsecond=0)
+    purpose = aws.PurposeEnv(name=full, like=like.name, owner=who.arn, created=_iso(start),
+                             expires=_iso(start + lifetime), vpc_id="")
+    _log(f"creating {full}, like {like.name}, for {who.arn}, until {purpose.expires} ({ttl or 'default TTL'})")
+    data = provision_aws(env, purpose=purpose)
+    _log(f"{full} is ready: `invoke release --env {full}` to use it, `invoke env.destroy --env {full}` when done "
+         f"(it expires at {purpose.expires}; `invoke env.list` flags it then)")
+    return data
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _record(env: Env, data: dict[str, Any], started: datetime, runner) -> None:

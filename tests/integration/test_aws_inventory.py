@@ -54,8 +54,38 @@ def test_the_plugin_configuration_agrees_with_group_vars(name):
     group_vars = yaml.safe_load((INVENTORIES / name / "group_vars" / "all" / "aws.yml").read_text())
     assert plugin["plugin"] == "amazon.aws.aws_ec2"
     assert plugin["regions"] == [group_vars["opsbook_aws_region"]]
-    assert plugin["filters"]["tag:opsbook:env"] == name
+    assert _filter(plugin, None) == name
     assert set(plugin["groups"]) == {"app", "lb", "db"}
+
+
+def _filter(plugin: dict, env_name: str | None) -> str:
+    """The plugin's opsbook:env filter as the plugin renders it (its filters are templated) with
+    OPSBOOK_ENV_NAME set to `env_name` (None: unset)."""
+    import os
+
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar, trust_as_template
+
+    before = os.environ.pop("OPSBOOK_ENV_NAME", None)
+    try:
+        if env_name is not None:
+            os.environ["OPSBOOK_ENV_NAME"] = env_name
+        return Templar(loader=DataLoader()).template(trust_as_template(plugin["filters"]["tag:opsbook:env"]))
+    finally:
+        os.environ.pop("OPSBOOK_ENV_NAME", None)
+        if before is not None:
+            os.environ["OPSBOOK_ENV_NAME"] = before
+
+
+@pytest.mark.parametrize("name", ["staging", "prod"])
+def test_the_plugin_finds_the_environment_opsbook_names_and_never_another_inventorys(name):
+    plugin = yaml.safe_load((INVENTORIES / name / "aws_ec2.yml").read_text())
+    other = "prod" if name == "staging" else "staging"
+    assert _filter(plugin, name) == name
+    assert _filter(plugin, f"{name}-loadtest") == f"{name}-loadtest"       # one of its purpose environments
+    assert _filter(plugin, other) == name                                   # another inventory's name: its own
+    assert _filter(plugin, f"{other}-loadtest") == name
+    assert _filter(plugin, f"{name}x") == name
 
 
 def test_each_environment_names_its_own_account():
