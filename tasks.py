@@ -209,9 +209,11 @@ def env_destroy(c, env=None, reason=None, confirm=None, dry_run=False):
 @operator_errors
 def env_create(c, name, like="staging", ttl=None):
     """Make a short-lived environment shaped like staging (or prod): its own tagged resources, owner and TTL."""
+    from opsbook.core.inventory import load
     from opsbook.operations import provision as prov
 
-    prov.create(load_env(c, like), name, ttl)
+    # Not load_env: the name and TTL are checked before the account (create checks it next, itself).
+    prov.create(load(like), name, ttl)
 
 
 @task
