@@ -40,9 +40,28 @@ def default_env() -> str:
     return str(name)
 
 
+# Directories of inventories besides the repository's own (like ANSIBLE_ROLES_PATH: colon-separated):
+# an organization's private inventories, or a test's environment built for one run. The
+# repository's inventories/ wins a name both hold.
+INVENTORY_PATH_VARIABLE = "OPSBOOK_INVENTORY_PATH"
+
+
+def _inventory_dirs() -> dict[str, Path]:
+    """Environment name -> its inventory directory, from inventories/ and OPSBOOK_INVENTORY_PATH."""
+    found: dict[str, Path] = {}
+    extra = [Path(d) for d in os.environ.get(INVENTORY_PATH_VARIABLE, "").split(os.pathsep) if d]
+    for root in [INVENTORIES, *extra]:
+        if not root.is_dir():
+            continue
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and not p.name.startswith(".") and p.name not in found:
+                found[p.name] = p
+    return found
+
+
 def environments() -> list[str]:
-    """Names of the environments that exist (directories under inventories/)."""
-    return sorted(p.name for p in INVENTORIES.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Names of the environments that exist (directories under inventories/ and OPSBOOK_INVENTORY_PATH)."""
+    return sorted(_inventory_dirs())
 
 
 # A purpose environment (`invoke env.create --name N --like staging`) is named <like>-<N>: its
@@ -88,7 +107,8 @@ class Env:
                     f"Nothing was changed. Pick one of those with --env, or add inventories/{name}/."
                 )
             like = parts[0]
-            path = INVENTORIES / like
+        if path is None:
+            path = _inventory_dirs()[like or name]
         from ansible.inventory.manager import InventoryManager
         from ansible.parsing.dataloader import DataLoader
         from ansible.plugins.loader import init_plugin_loader
@@ -97,7 +117,7 @@ class Env:
         _init_plugins(init_plugin_loader)
         self.name = name
         self.like = like
-        self.path = Path(path) if path else INVENTORIES / name
+        self.path = Path(path)
         self._loader = DataLoader()
         # The aws_ec2 plugin (which sees no inventory variable) finds this environment's hosts by the
         # name in OPSBOOK_ENV_NAME (`aws_ec2.yml`): set while the inventory is parsed, then put back.

@@ -221,7 +221,9 @@ def fingerprint(env: Env) -> str:
     for p in paths:
         if "__pycache__" in p.parts:
             continue
-        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+        # An inventory may live outside the repository (OPSBOOK_INVENTORY_PATH): named from its parent.
+        name = p.relative_to(ROOT) if p.is_relative_to(ROOT) else p.relative_to(env.path.parent)
+        h.update(str(name).encode() + b"\0" + p.read_bytes() + b"\0")
     for name, value in sorted(env.secret_values().items()):
         h.update(f"{name}={value}\0".encode())
     return h.hexdigest()[:16]

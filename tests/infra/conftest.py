@@ -58,7 +58,17 @@ def hostvars(host):
 
 @pytest.fixture(scope="session")
 def inventory(pytestconfig):
-    """The opsbook environment whose inventory the checks run against."""
-    from opsbook.core.inventory import load
+    """The opsbook environment whose inventory the checks run against: the one opsbook names in
+    OPSBOOK_ENV_NAME when it reads that inventory (a purpose environment reads the inventory of the
+    one it is like), else the inventory directory's name."""
+    import os
 
-    return load(Path(pytestconfig.getoption("ansible_inventory")).resolve().name)
+    from opsbook.core.inventory import ENV_NAME_VARIABLE, load
+
+    given = Path(pytestconfig.getoption("ansible_inventory")).resolve()
+    named = os.environ.get(ENV_NAME_VARIABLE)
+    if named:
+        env = load(named)
+        if env.path.resolve() == given:
+            return env
+    return load(given.name)
