@@ -1,0 +1,136 @@
+"""The restore drill end to end on a local cluster that archives into a pgBackRest repository in a
+temp dir: backups are listed; an unchanged snapshot's drill passes; a row tampered in the restored
+copy, or a source changed between the manifest and the restore target, fails it; a drill that
+cannot restore says it did not verify and does not pass."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from opsbook.engines.snapshots import pgbackrest as pgbr
+from tests.fixtures.biglearn import apply_app_schema, load_course_events
+from tests.fixtures.postgres import PG_BIN, _as_postgres, _free_port
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+DB = "blapi"
+
+
+@pytest.fixture(scope="module")
+def archived_cluster():
+    """A Postgres 15 cluster on 127.0.0.1 whose WAL is archived by pgBackRest into a temp repository,
+    with the app's schema and 5,000 events in database `blapi`. Yields (repo, conninfo of blapi)."""
+    if not shutil.which("pgbackrest"):
+        pytest.fail("pgbackrest is not installed; ./run installs it (apt-get install pgbackrest)")
+    base = Path(tempfile.mkdtemp(prefix="opsbook-pgbr-"))
+    base.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    data, port = base / "data", _free_port()
+    repo = pgbr.write_config(base / "pgbackrest.conf", "main", base / "repo", data, port, base)
+    subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                                 "-E", "UTF8", "--data-checksums"]), check=True, capture_output=True)
+    with (data / "postgresql.conf").open("a") as f:
+        f.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{base}'\n"
+                f"archive_mode = on\narchive_command = '{repo.archive_command}'\nwal_level = replica\n")
+    subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w",
+                                 "start"]), check=True, capture_output=True)
+    admin = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {DB}")
+        dsn = f"host=127.0.0.1 port={port} user=postgres dbname={DB}"
+        apply_app_schema(dsn)
+        load_course_events(dsn, 5000, courses=5, students=100)
+        pgbr.stanza_create(repo)
+        yield repo, dsn
+    finally:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def full_snapshot(archived_cluster):
+    repo, dsn = archived_cluster
+    return pgbr.snapshot(repo, dsn, kind="full", chunk_rows=1000)
+
+
+def write(dsn, sql):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def test_backups_are_listed_with_id_time_and_size(archived_cluster, full_snapshot):
+    repo, dsn = archived_cluster
+    write(dsn, "UPDATE courses SET next_sequence_number = next_sequence_number + 1")
+    incr = pgbr.backup(repo, "incr")
+    listed = {b.id: b for b in pgbr.list_backups(repo)}
+    full = listed[full_snapshot.backup.id]
+    assert full.type == "full"
+    assert full.size > 1_000_000
+    assert full.started <= full.stopped
+    assert listed[incr.id].type == "incr"
+    assert listed[incr.id].prior == full.id
+    assert listed[incr.id].repo_size < full.repo_size
+
+
+def test_an_unchanged_snapshot_restores_and_passes(archived_cluster, full_snapshot):
+    repo, dsn = archived_cluster
+    write(dsn, "DELETE FROM course_events WHERE event_uuid IN (SELECT event_uuid FROM course_events LIMIT 10)")
+    result = pgbr.drill(repo, full_snapshot, DB)  # restores to the point, before this later delete
+    assert result.verdict.startswith("passed"), (result.verdict, result.differences, result.problem)
+    assert result.passed
+    assert result.differences == []
+    assert {"restore", "recovery", "usable", "manifest", "amcheck"} <= set(result.seconds)
+    assert full_snapshot.manifest["tables"]["public.course_events"]["rows"] >= 5000
+    assert full_snapshot.write_pause_ms < 2000
+
+
+def test_a_row_tampered_in_the_restored_copy_fails_the_drill(archived_cluster, full_snapshot):
+    repo, _ = archived_cluster
+
+    def tamper(scratch):
+        write(scratch.db(DB), "UPDATE course_events SET data = data || '{\"is_correct\": \"tampered\"}'::jsonb "
+                              "WHERE event_uuid = (SELECT event_uuid FROM course_events ORDER BY 1 LIMIT 1)")
+
+    result = pgbr.drill(repo, full_snapshot, DB, before_verify=tamper)
+    assert result.verified
+    assert not result.passed
+    assert result.verdict.startswith("FAILED")
+    assert len(result.differences) == 1
+    assert "table public.course_events: rows with event_uuid after the start up to" in result.differences[0]
+
+
+def test_a_source_changed_after_the_manifest_fails_the_drill(archived_cluster, full_snapshot):
+    """The manifest of one point, a restore to a later point after a row changed: they disagree."""
+    repo, dsn = archived_cluster
+    write(dsn, "UPDATE course_events SET kind = 'tampered' WHERE event_uuid = (SELECT event_uuid "
+               "FROM course_events ORDER BY event_uuid DESC LIMIT 1)")
+    later = "later-" + uuid.uuid4().hex[:8]
+    lsn, _, _ = pgbr.mark_point(dsn, later, chunk_rows=1000)
+    pgbr._run(repo, "check")
+    moved = pgbr.Snapshot(full_snapshot.backup, later, lsn, 0, full_snapshot.manifest)
+    result = pgbr.drill(repo, moved, DB)
+    assert result.verified
+    assert not result.passed
+    assert any("different contents" in d for d in result.differences), result.differences
+
+
+def test_a_drill_that_cannot_restore_does_not_pass(archived_cluster, full_snapshot):
+    repo, _ = archived_cluster
+    missing = pgbr.Snapshot(full_snapshot.backup, "no-such-point", "0/0", 0, full_snapshot.manifest)
+    bogus = pgbr.Snapshot(pgbr.Backup(**{**full_snapshot.to_dict()["backup"], "id": "20000101-000000F"}),
+                          full_snapshot.restore_point, "0/0", 0, full_snapshot.manifest)
+    for snap in (bogus, missing):
+        result = pgbr.drill(repo, snap, DB)
+        assert not result.verified
+        assert not result.passed
+        assert result.verdict.startswith("NOT VERIFIED"), result.verdict
