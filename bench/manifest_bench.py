@@ -28,7 +28,7 @@ from bench.migrations_bench import start_postgres  # noqa: E402 - after the path
 from opsbook.engines.snapshots import manifest  # noqa: E402
 from tests.fixtures.biglearn import apply_app_schema, load_course_events  # noqa: E402
 
-BYTES_PER_EVENT = 430  # measured: pg_table_size(course_events) / rows for this shape
+BYTES_PER_EVENT = 545  # measured: pg_table_size(course_events) / rows for this shape
 
 
 def main() -> None:

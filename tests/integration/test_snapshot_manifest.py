@@ -28,7 +28,7 @@ def app_db(pg_db):
 
 
 def take(conninfo, like=None, **kw):
-    return manifest.take(conninfo, chunk_rows=CHUNK, workers=2, like=like, **kw)
+    return manifest.take(conninfo, chunk_rows=CHUNK, workers=2, slice_mb=1, like=like, **kw)
 
 
 def test_a_manifest_is_json_data_that_agrees_with_itself(app_db):
@@ -38,7 +38,8 @@ def test_a_manifest_is_json_data_that_agrees_with_itself(app_db):
     events = first["tables"]["public.course_events"]
     assert events["rows"] == 3000
     assert events["key"] == ["event_uuid"]
-    assert len(events["chunks"]) == 3000 // CHUNK + 1
+    assert [c["rows"] for c in events["chunks"]] == [CHUNK] * 6
+    assert events["blocks"] > 128  # more than one slice of 1 MB: the slices' sums add up
     assert first["tables"]["public.courses"]["rows"] == 7
     assert first["sequences"]["public.audit_notes_id_seq"]["last_value"] == 40
     assert "column public.course_events.kind" in first["schema"]["objects"]
@@ -101,6 +102,31 @@ def test_a_changed_row_is_one_located_difference(app_db, what):
     else:
         n = 2999 if what == "deleted" else 3001
         assert f"table public.course_events: 3000 rows expected, {n} found" in diffs
+
+
+def test_two_rows_swapping_a_value_is_a_difference(app_db):
+    """Column hashes combine linearly inside hash_record_extended; the manifest re-mixes each row's."""
+    before = take(app_db)
+    change(app_db, """
+        WITH two AS (SELECT event_uuid, data FROM course_events ORDER BY event_uuid LIMIT 2),
+             swapped AS (SELECT a.event_uuid, b.data FROM two a JOIN two b ON a.event_uuid <> b.event_uuid)
+        UPDATE course_events c SET data = s.data FROM swapped s WHERE c.event_uuid = s.event_uuid""")
+    diffs = manifest.compare(before, take(app_db, like=before))
+    assert len(diffs) == 1
+    assert "from the start up to" in diffs[0]
+    assert "same count (500), different contents" in diffs[0]
+
+
+def test_a_composite_key_locates_its_chunk(app_db):
+    change(app_db, "CREATE TABLE pairs (course int, seq int, v text, PRIMARY KEY (course, seq))",
+           "INSERT INTO pairs SELECT g % 3, g, 'v' || g FROM generate_series(1, 1200) g")
+    before = take(app_db)
+    assert before["tables"]["public.pairs"]["boundaries"] == [["1", "301"], ["2", "602"]]
+    change(app_db, "UPDATE pairs SET v = 'changed' WHERE course = 1 AND seq = 700")
+    diffs = manifest.compare(before, take(app_db, like=before))
+    assert len(diffs) == 1
+    assert diffs == ["table public.pairs: rows with course, seq from (1, 301) up to (2, 602) excluded differ "
+                     "(same count (500), different contents)"]
 
 
 def test_a_moved_sequence_is_a_difference_but_wal_log_ahead_is_not(app_db):

@@ -106,7 +106,7 @@ def test_a_row_tampered_in_the_restored_copy_fails_the_drill(archived_cluster, f
     assert not result.passed
     assert result.verdict.startswith("FAILED")
     assert len(result.differences) == 1
-    assert "table public.course_events: rows with event_uuid after the start up to" in result.differences[0]
+    assert "table public.course_events: rows with event_uuid from the start up to" in result.differences[0]
 
 
 def test_a_source_changed_after_the_manifest_fails_the_drill(archived_cluster, full_snapshot):

@@ -21,15 +21,26 @@ the same moment, not through the snapshot, and a restored sequence may legitimat
 `SEQUENCE_LOG_AHEAD` increments ahead (Postgres WAL-logs sequence values in advance), so
 `compare` accepts that much and nothing else.
 
-**The row checksum.** Each row is rendered as text by Postgres (`t::text`, under pinned
-DateStyle/TimeZone/extra_float_digits/bytea_output so two sessions render alike) and hashed with
-`hashtextextended` (64 bits); a chunk's checksum is the sum of its rows' hashes modulo 2^64. Each
-row's text contains its primary key, so the order of rows inside a chunk carries no information
-the key range does not already fix, and the sum needs no sort (Postgres 15 sorts for an ordered
-aggregate even over an index scan). The extended hash functions are the ones hash partitioning
-uses, which Postgres keeps stable across versions and clusters (pg_upgrade depends on it).
-Chunk boundaries come from the expected manifest when one is given (`like=`), so a deleted row
-changes one chunk, not every chunk after it.
+**The row checksum.** Each row is hashed by Postgres with `hash_record_extended` (every column
+through its type's own extended hash function: no text rendering, which cost 5x more), re-mixed with
+`hashint8extended` (hash_record_extended combines columns linearly, so without the mix two rows that
+swap a value would sum to the same), and a chunk's checksum is the sum of its rows' hashes modulo
+2^64. Each row's hash covers its primary key, so the order of rows inside a chunk carries nothing
+the key range does not already fix, and a sum needs no sort. The extended hash functions are the
+ones hash partitioning uses, which Postgres keeps stable across versions and clusters (pg_upgrade
+depends on it); the price is that values equal under their type's equality hash alike (numeric
+1.0 and 1.00, jsonb key order). A table with a column type that has no hash function falls back to
+hashing its text rendering (`t::text`, under pinned DateStyle/TimeZone/extra_float_digits).
+
+**Chunks are key ranges; reads are block ranges.** Chunk i holds the rows whose primary key is in
+[boundary i-1, boundary i), the boundaries being the key of every `chunk_rows`-th row, walked once
+on the primary-key index when the expected manifest is taken (a restore drill reuses them with
+`like=`, so a deleted row changes one chunk, not every chunk after it). Reading by key range would
+make every chunk of a table with random keys (uuid v4, like course_events) touch every page: a
+sequential scan per chunk. So the table is read in slices of `slice_mb` of physical blocks (TID range
+scans: bounded, sequential, spread over the readers), each slice sorting its rows into key chunks
+with `width_bucket` (a binary search over the boundaries) and returning per-chunk counts and sums,
+which add up across slices. No query reads more than one slice.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from opsbook.core.errors import OpsbookError
 VERSION = 1
 DEFAULT_CHUNK_ROWS = 100_000
 DEFAULT_WORKERS = 2
+DEFAULT_SLICE_MB = 64      # physical slice one query reads
 SEQUENCE_LOG_AHEAD = 32  # SEQ_LOG_VALS in Postgres' sequence.c: values WAL-logged ahead of use
 MASK64 = (1 << 64) - 1
 # Session settings that change how values render as text: pinned so any two sessions agree.
@@ -155,6 +167,7 @@ def list_tables(cur: Any) -> dict[str, dict[str, Any]]:
     """Every user table holding rows: its primary key (names, types) and its size in bytes."""
     rows = cur.execute(f"""
         SELECT n.nspname || '.' || c.relname, pg_table_size(c.oid),
+               pg_relation_size(c.oid) / current_setting('block_size')::int,
                (SELECT array_agg(a.attname::text ORDER BY k.ord)
                   FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
                  WHERE i.indrelid = c.oid AND i.indisprimary AND a.attrelid = c.oid AND a.attnum = k.attnum),
@@ -165,42 +178,60 @@ def list_tables(cur: Any) -> dict[str, dict[str, Any]]:
         WHERE c.relkind = 'r' AND {SYSTEM_SCHEMAS}
           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
         ORDER BY 1""").fetchall()
-    return {name: {"bytes": size, "key": list(key or []), "key_types": list(types or [])}
-            for name, size, key, types in rows}
+    return {name: {"bytes": size, "blocks": blocks, "key": list(key or []), "key_types": list(types or [])}
+            for name, size, blocks, key, types in rows}
 
 
 def _key_expr(key: list[str]) -> str:
     return "ROW(" + ", ".join(_quote(k) for k in key) + ")"
 
 
-def _key_value(types: list[str], n_params: int = 0) -> str:
-    return "ROW(" + ", ".join(f"%s::{t}" for t in types[: n_params or len(types)]) + ")"
+def _key_value(types: list[str]) -> str:
+    return "ROW(" + ", ".join(f"%s::{t}" for t in types) + ")"
 
 
-def chunk_boundaries(cur: Any, table: str, key: list[str], types: list[str], chunk_rows: int) -> list[list[str]]:
-    """The key of every `chunk_rows`-th row (as text), walking the primary-key index."""
+def chunk_boundaries(cur: Any, table: str, key: list[str], chunk_rows: int) -> list[list[str]]:
+    """The key (as text) of rows chunk_rows, 2*chunk_rows, ... (0-based) in key order: chunk i holds
+    the keys in [boundary i-1, boundary i). One ordered pass (a window over the key, which the
+    planner serves from the primary-key index or one sort); walking with OFFSET sorted the table
+    once per boundary."""
     cols = ", ".join(f"{_quote(k)}::text" for k in key)
     order = ", ".join(_quote(k) for k in key)
-    first = f"SELECT {cols} FROM {_qualified(table)} ORDER BY {order} OFFSET %s LIMIT 1"
-    after = (f"SELECT {cols} FROM {_qualified(table)} WHERE {_key_expr(key)} > {_key_value(types)} "
-             f"ORDER BY {order} OFFSET %s LIMIT 1")
-    out: list[list[str]] = []
-    row = cur.execute(first, (chunk_rows - 1,)).fetchone()
-    while row is not None:
-        out.append(list(row))
-        row = cur.execute(after, (*row, chunk_rows - 1)).fetchone()
-    return out
+    rows = cur.execute(
+        f"SELECT {cols} FROM (SELECT {order}, row_number() OVER (ORDER BY {order}) AS opsbook_rn "
+        f"FROM {_qualified(table)}) AS s WHERE opsbook_rn %% %s = 1 AND opsbook_rn > 1 ORDER BY opsbook_rn",
+        (chunk_rows,),
+    ).fetchall()
+    return [list(r) for r in rows]
 
 
-def _chunk_query(table: str, key: list[str], types: list[str], lower: bool, upper: bool) -> str:
-    where = []
-    if lower:
-        where.append(f"{_key_expr(key)} > {_key_value(types)}")
-    if upper:
-        where.append(f"{_key_expr(key)} <= {_key_value(types)}")
-    cond = (" WHERE " + " AND ".join(where)) if where else ""
-    return (f"SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text "
-            f"FROM {_qualified(table)} AS t{cond}")
+def row_hash(cur: Any, table: str) -> str:
+    """The per-row hash expression for `table` (alias t): by column hash functions when every
+    column type has one, else by its text rendering."""
+    cur.execute("SAVEPOINT opsbook_probe")
+    try:
+        cur.execute(f"SELECT hash_record_extended(t, 0) FROM {_qualified(table)} AS t LIMIT 1").fetchall()
+    except Exception:  # noqa: BLE001 - a type without a hash function: fall back, said in the manifest
+        cur.execute("ROLLBACK TO SAVEPOINT opsbook_probe")
+        return "hashtextextended(t::text, 0)"
+    cur.execute("RELEASE SAVEPOINT opsbook_probe")
+    return "hashint8extended(hash_record_extended(t, 0), 0)"
+
+
+def _slice_query(table: str, t: dict[str, Any], *, upper: bool) -> str:
+    """Per-chunk count and hash sum of the rows in one block range of `table`."""
+    key, types, n_bounds, hash_expr = t["key"], t["key_types"], len(t["boundaries"]), t["hash"]
+    if not key or not n_bounds:
+        bucket = "0"
+    elif len(key) == 1:
+        bucket = f"width_bucket(t.{_quote(key[0])}, %s::text[]::{types[0]}[])"
+    else:
+        rows = ", ".join(_key_value(types) for _ in range(n_bounds))
+        cols = ", ".join(f"t.{_quote(k)}" for k in key)
+        bucket = f"width_bucket(ROW({cols}), ARRAY[{rows}])"
+    cond = "t.ctid >= %s::tid" + (" AND t.ctid < %s::tid" if upper else "")
+    return (f"SELECT {bucket}, count(*), sum({hash_expr})::text "
+            f"FROM {_qualified(table)} AS t WHERE {cond} GROUP BY 1")
 
 
 def _open_reader(conninfo: str, snapshot: str | None) -> Any:
@@ -221,6 +252,7 @@ def take(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     workers: int = DEFAULT_WORKERS,
+    slice_mb: int = DEFAULT_SLICE_MB,
     like: dict[str, Any] | None = None,
     snapshot: str | None = None,
     progress: Callable[[str], None] | None = None,
@@ -258,24 +290,12 @@ def take(
         }
         tables = list_tables(cur)
         expected_tables = (like or {}).get("tables", {})
-        jobs: list[tuple[str, int, str, tuple]] = []
-        for name, t in tables.items():
-            key, types = t["key"], t["key_types"]
-            prior = expected_tables.get(name)
-            if not key:
-                t["boundaries"] = []
-            elif prior and prior.get("key") == key and prior.get("key_types") == types:
-                t["boundaries"] = prior["boundaries"]
-            else:
-                t["boundaries"] = chunk_boundaries(cur, name, key, types, chunk_rows)
-            bounds = t["boundaries"]
-            t["chunks"] = [None] * (len(bounds) + 1)
-            for i in range(len(bounds) + 1):
-                lower, upper = (bounds[i - 1] if i else None), (bounds[i] if i < len(bounds) else None)
-                q = _chunk_query(name, key, types, lower is not None, upper is not None)
-                jobs.append((name, i, q, (*(lower or ()), *(upper or ()))))
+        slice_blocks = max(1, slice_mb * 1024 * 1024 // 8192)
+        jobs = [j for name, t in tables.items()
+                for j in _plan_table(cur, name, t, expected_tables.get(name), chunk_rows=chunk_rows,
+                                               slice_blocks=slice_blocks)]
         if progress:
-            progress(f"{len(tables)} table(s), {len(jobs)} chunk(s), {len(sequences)} sequence(s); "
+            progress(f"{len(tables)} table(s) in {len(jobs)} slice(s) of {slice_mb} MB, {len(sequences)} sequence(s); "
                      f"{workers} reader(s) on snapshot {snap_id}")
         readers = [_open_reader(conninfo, snap_id) for _ in range(max(0, min(workers, len(jobs)) - 1))]
         _run_chunks([coord, *readers], jobs, tables, progress)
@@ -288,6 +308,8 @@ def take(
     seconds = time.monotonic() - started
     total_bytes = sum(t["bytes"] for t in tables.values())
     for t in tables.values():
+        for c in t["chunks"]:
+            c["sum"] = format(c["sum"] & MASK64, "016x")
         t["rows"] = sum(c["rows"] for c in t["chunks"])
     return {
         "version": VERSION,
@@ -296,6 +318,7 @@ def take(
         "server_version": info[1],
         "lsn": info[3],
         "chunk_rows": chunk_rows,
+        "slice_mb": slice_mb,
         "schema": {"hash": schema_hash(objects), "objects": objects},
         "sequences": sequences,
         "tables": tables,
@@ -304,9 +327,37 @@ def take(
     }
 
 
+def _plan_table(cur: Any, name: str, t: dict[str, Any], prior: dict[str, Any] | None, *, chunk_rows: int,
+                slice_blocks: int) -> list[tuple[str, str, tuple]]:
+    """Fix `t`'s chunk boundaries (the expected manifest's when it has them) and row hash, and
+    return the slice queries that read it."""
+    key, types = t["key"], t["key_types"]
+    if not key:
+        t["boundaries"] = []
+    elif prior and prior.get("key") == key and prior.get("key_types") == types:
+        t["boundaries"] = prior["boundaries"]
+    else:
+        t["boundaries"] = chunk_boundaries(cur, name, key, chunk_rows)
+    bounds = t["boundaries"]
+    t["hash"] = row_hash(cur, name)
+    t["chunks"] = [{"rows": 0, "sum": 0} for _ in range(len(bounds) + 1)]
+    if len(key) == 1:
+        bound_params: tuple = ([b[0] for b in bounds],) if bounds else ()
+    else:
+        bound_params = tuple(v for b in bounds for v in b)
+    starts = list(range(0, max(t["blocks"], 1), slice_blocks))
+    jobs = []
+    for i, start in enumerate(starts):
+        last = i == len(starts) - 1  # open-ended: nothing visible to the snapshot lies beyond
+        tids = (f"({start},0)",) + (() if last else (f"({start + slice_blocks},0)",))
+        jobs.append((name, _slice_query(name, t, upper=not last), (*bound_params, *tids)))
+    return jobs
+
+
 def _run_chunks(conns: list[Any], jobs: list, tables: dict, progress: Callable[[str], None] | None) -> None:
-    """Each connection (all in the same snapshot) takes chunks from one queue until none is left.
-    Threads are enough: psycopg releases the GIL while Postgres works."""
+    """Each connection (all in the same snapshot) takes slices from one queue until none is left,
+    adding each slice's per-chunk counts and sums into its table's chunks. Threads are enough:
+    psycopg releases the GIL while Postgres works."""
     todo: queue.Queue = queue.Queue()
     for j in jobs:
         todo.put(j)
@@ -318,19 +369,22 @@ def _run_chunks(conns: list[Any], jobs: list, tables: dict, progress: Callable[[
         cur = conn.cursor()
         while not errors:
             try:
-                name, i, q, params = todo.get_nowait()
+                name, q, params = todo.get_nowait()
             except queue.Empty:
                 return
             try:
-                rows, total = cur.execute(q, params).fetchone()
+                found = cur.execute(q, params).fetchall()
             except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
                 errors.append(e)
                 return
-            tables[name]["chunks"][i] = {"rows": rows, "sum": format(int(total) & MASK64, "016x")}
             with lock:
+                chunks = tables[name]["chunks"]
+                for bucket, rows, total in found:
+                    chunks[bucket]["rows"] += rows
+                    chunks[bucket]["sum"] += int(total)
                 done[0] += 1
-                if progress and done[0] % 50 == 0:
-                    progress(f"{done[0]}/{len(jobs)} chunks")
+                if progress and done[0] % 20 == 0:
+                    progress(f"{done[0]}/{len(jobs)} slices")
 
     threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in conns]
     for t in threads:
@@ -344,8 +398,8 @@ def _run_chunks(conns: list[Any], jobs: list, tables: dict, progress: Callable[[
 # --- compare --------------------------------------------------------------------------------
 def _range(key: list[str], bounds: list[list[str]], i: int) -> str:
     lo = "the start" if i == 0 else "(" + ", ".join(bounds[i - 1]) + ")"
-    hi = "the end" if i == len(bounds) else "(" + ", ".join(bounds[i]) + ")"
-    return f"rows with {', '.join(key)} after {lo} up to {hi}"
+    hi = "the end" if i == len(bounds) else "(" + ", ".join(bounds[i]) + ") excluded"
+    return f"rows with {', '.join(key)} from {lo} up to {hi}"
 
 
 def compare(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
