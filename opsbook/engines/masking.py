@@ -55,7 +55,7 @@ from opsbook.engines.migrations.spec import Migration, compile_phase, load_migra
 RULES = ("keep", "hash", "fake_name", "fake_email", "null")
 KEY_RULES = ("hash", "fake_name", "fake_email", "null")
 MASKING_FILE = "masking.yml"
-DEFAULT_BATCH = 5000
+DEFAULT_BATCH = 10_000
 UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
@@ -271,7 +271,7 @@ def _key_hash_sql(value: str) -> str:
 
 
 def _jsonb_key_sql(col: str, key: str, rule: str) -> str:
-    """The expression that rewrites key `key` of jsonb column `col` (SQL-side rules only)."""
+    """The new value of key `key` of jsonb column `col` (SQL-side rules only)."""
     k = key.replace("'", "''")
     v = f"{col}->'{k}'"
     if rule == "null":
@@ -283,7 +283,19 @@ def _jsonb_key_sql(col: str, key: str, rule: str) -> str:
                f"WHEN 'array' THEN (SELECT coalesce(jsonb_agg(CASE jsonb_typeof(e) WHEN 'string' THEN "
                f"to_jsonb({_key_hash_sql(element)}) ELSE e END), '[]'::jsonb) "
                f"FROM jsonb_array_elements({v}) AS e) ELSE {v} END")
-    return f"jsonb_set({col}, '{{{k}}}', {new})"
+    return new
+
+
+def _jsonb_sql(col: str, keys: dict[str, str]) -> str:
+    """`col` with each of `keys` that it has replaced by its masked value. Every masked value is
+    computed once per row (a chain of jsonb_set under CASE computed the first key's HMAC again
+    for each later key)."""
+    whens = " ".join(f"WHEN '{k.replace(chr(39), chr(39) * 2)}' THEN {_jsonb_key_sql(col, k, r)}"
+                     for k, r in keys.items())
+    names = ", ".join("'" + k.replace("'", "''") + "'" for k in keys)
+    return (f"CASE WHEN jsonb_typeof({col}) = 'object' THEN {col} || coalesce((SELECT jsonb_object_agg("
+            f"opsbook_k, CASE opsbook_k {whens} END) FROM jsonb_object_keys({col}) AS opsbook_k "
+            f"WHERE opsbook_k IN ({names})), '{{}}'::jsonb) ELSE {col} END")
 
 
 @dataclass
@@ -369,12 +381,11 @@ def _assignments(table: str, rules: dict[str, Rule], types: dict[str, str]) -> t
         elif r.rule in ("fake_name", "fake_email"):
             fakes.append(col)
         else:  # jsonb
-            expr = c
             for k, kr in r.keys.items():
                 if kr in ("fake_name", "fake_email"):
                     raise MaskingError(f"{table}.{col}: fake values inside jsonb are not supported; use hash or "
                                        f"null for key {k!r}. Nothing of this table was changed.")
-                expr = f"CASE WHEN {expr} ? '{k}' THEN {_jsonb_key_sql(expr, k, kr)} ELSE {expr} END"
+            expr = _jsonb_sql(c, r.keys)
             sets.append(f"{c} = {expr}")
     return sets, fakes
 

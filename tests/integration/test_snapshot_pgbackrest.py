@@ -5,19 +5,15 @@ cannot restore says it did not verify and does not pass."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import tempfile
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from opsbook.engines.snapshots import pgbackrest as pgbr
+from tests.fixtures.archived_pg import start_archived_cluster
 from tests.fixtures.biglearn import apply_app_schema, load_course_events
-from tests.fixtures.postgres import PG_BIN, _as_postgres, _free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 DB = "blapi"
@@ -29,32 +25,16 @@ def archived_cluster():
     with the app's schema and 5,000 events in database `blapi`. Yields (repo, conninfo of blapi)."""
     if not shutil.which("pgbackrest"):
         pytest.fail("pgbackrest is not installed; ./run installs it (apt-get install pgbackrest)")
-    base = Path(tempfile.mkdtemp(prefix="opsbook-pgbr-"))
-    base.chmod(0o755)
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
-    data, port = base / "data", _free_port()
-    repo = pgbr.write_config(base / "pgbackrest.conf", "main", base / "repo", data, port, base)
-    subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                                 "-E", "UTF8", "--data-checksums"]), check=True, capture_output=True)
-    with (data / "postgresql.conf").open("a") as f:
-        f.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{base}'\n"
-                f"archive_mode = on\narchive_command = '{repo.archive_command}'\nwal_level = replica\n")
-    subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w",
-                                 "start"]), check=True, capture_output=True)
-    admin = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    repo, admin, stop = start_archived_cluster()
     try:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DB}")
-        dsn = f"host=127.0.0.1 port={port} user=postgres dbname={DB}"
+        dsn = admin.replace("dbname=postgres", f"dbname={DB}")
         apply_app_schema(dsn)
         load_course_events(dsn, 5000, courses=5, students=100)
-        pgbr.stanza_create(repo)
         yield repo, dsn
     finally:
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       check=False, capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        stop()
 
 
 @pytest.fixture(scope="module")
