@@ -114,3 +114,20 @@ def test_a_drill_that_cannot_restore_does_not_pass(archived_cluster, full_snapsh
         assert not result.verified
         assert not result.passed
         assert result.verdict.startswith("NOT VERIFIED"), result.verdict
+
+
+def test_a_corrupted_backup_file_is_not_verified(archived_cluster):
+    """A byte flipped in the repository: pgBackRest's restore refuses it, and the drill says it could
+    not verify (the GitLab lesson: a backup nobody restored is not a backup)."""
+    repo, dsn = archived_cluster
+    snap = pgbr.snapshot(repo, dsn, kind="full", chunk_rows=1000)
+    files = (repo.config.parent / "repo" / "backup" / repo.stanza / snap.backup.id / "pg_data" / "base").rglob("*")
+    biggest = max((p for p in files if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    result = pgbr.drill(repo, snap, DB)
+    assert not result.verified
+    assert not result.passed
+    assert "pgbackrest restore failed" in result.verdict
+    assert result.verdict.endswith("The drill did not pass.")
