@@ -6,6 +6,8 @@ cannot restore says it did not verify and does not pass."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 import uuid
 
 import psycopg
@@ -72,6 +74,45 @@ def test_an_unchanged_snapshot_restores_and_passes(archived_cluster, full_snapsh
     assert {"restore", "recovery", "usable", "manifest", "amcheck"} <= set(result.seconds)
     assert full_snapshot.manifest["tables"]["public.course_events"]["rows"] >= 5000
     assert full_snapshot.write_pause_ms < 2000
+
+
+def test_a_snapshot_taken_under_steady_writes_restores_to_exactly_its_manifest(archived_cluster):
+    """The point the manifest describes and the point the restore stops at are one instant, even
+    while a writer commits events as fast as it can (the reason writes pause while it is marked)."""
+    repo, dsn = archived_cluster
+    stop = threading.Event()
+    written = [0]
+
+    def writer():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("INSERT INTO course_events (event_uuid, course_uuid, sequence_number, kind, data, "
+                             "student_uuid) SELECT gen_random_uuid(), course_uuid, 200000 + %s, 'record_response', "
+                             "'{}', NULL FROM courses ORDER BY course_uuid LIMIT 1", (written[0],))
+                written[0] += 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.5)
+        snap = pgbr.snapshot(repo, dsn, kind="incr", chunk_rows=1000)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+    assert written[0] > 50
+    result = pgbr.drill(repo, snap, DB)
+    assert result.passed, (result.verdict, result.differences)
+
+
+def test_a_long_transaction_makes_marking_the_point_refuse_in_words(archived_cluster):
+    _, dsn = archived_cluster
+    with psycopg.connect(dsn) as holder:
+        holder.execute("LOCK TABLE courses IN ROW EXCLUSIVE MODE")
+        with pytest.raises(pgbr.BackupError) as e:
+            pgbr.mark_point(dsn, "blocked", lock_timeout_ms=300)
+    assert "could not pause writes within 300 ms" in str(e.value)
+    assert "retry when the long transaction has ended" in str(e.value)
 
 
 def test_a_row_tampered_in_the_restored_copy_fails_the_drill(archived_cluster, full_snapshot):
