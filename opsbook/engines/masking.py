@@ -256,12 +256,31 @@ def check_database(conn: Any, masking: Masking) -> dict[str, dict[str, str]]:
     return cols
 
 
+TEXT_TYPE_RE = re.compile(r"^(text|citext|character varying|character)(\((\d+)\))?$")
+
+
 def _hash_sql(value: str, out_type: str) -> str:
-    """SQL for the HMAC of `value` (text) with the secret (%(secret)s) as `out_type`."""
+    """SQL for the HMAC of `value` (text) with the secret (%(secret)s) as `out_type`: a uuid for a
+    uuid, hex (cut to the column's length, if it has one) for text."""
     hexed = f"encode(hmac(convert_to({value}, 'UTF8'), %(secret)s::bytea, 'sha256'), 'hex')"
     if out_type == "uuid":
         return f"left({hexed}, 32)::uuid"
-    return hexed
+    m = TEXT_TYPE_RE.match(out_type)
+    return f"left({hexed}, {m.group(3)})" if m and m.group(3) else hexed
+
+
+def refuse_unhashable(masking: Masking, cols: dict[str, dict[str, str]]) -> None:
+    """`hash` keeps a column's type: it works for uuid and text columns, not for others."""
+    bad = [f"{t}.{c} ({cols[t][c]})" for t, rules in masking.masked().items() for c, r in rules.items()
+           if r.rule in ("hash", "fake_name", "fake_email") and c in cols.get(t, {})
+           and not (cols[t][c] == "uuid" and r.rule == "hash") and not TEXT_TYPE_RE.match(cols[t][c])]
+    jsonb = [f"{t}.{c} ({cols[t][c]})" for t, rules in masking.masked().items() for c, r in rules.items()
+             if r.rule == "jsonb" and c in cols.get(t, {}) and cols[t][c] != "jsonb"]
+    if bad or jsonb:
+        raise MaskingError("refusing to mask: " + "; ".join(
+            ([f"hash and fake rules need a uuid or text column, these are not: {', '.join(bad)}"] if bad else [])
+            + ([f"jsonb rules need a jsonb column: {', '.join(jsonb)}"] if jsonb else []))
+            + ". Nothing was changed. Use `null` for such a column, or change its rule.")
 
 
 def _key_hash_sql(value: str) -> str:
@@ -351,6 +370,7 @@ def apply(
     started = time.monotonic()
     with psycopg.connect(conninfo, autocommit=True, application_name="opsbook-masking") as conn:
         cols = check_database(conn, masking)
+        refuse_unhashable(masking, cols)
         created = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgcrypto')"
                                ).fetchone()[0]
         conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")

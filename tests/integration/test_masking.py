@@ -25,6 +25,7 @@ LEARNERS_RULES = """  learners:
     email: fake_email
     phone: "null"
     student_uuid: hash
+    badge: hash
 """
 
 
@@ -46,10 +47,10 @@ def source(pg_db):
                      "SELECT gen_random_uuid(), course_uuid, 100000, 'update_roster', %s FROM courses LIMIT 1",
                      (json.dumps({"students": students}),))
         conn.execute("CREATE TABLE learners (id bigserial PRIMARY KEY, full_name text, email text UNIQUE, "
-                     "phone text, student_uuid uuid)")
-        conn.execute("INSERT INTO learners (full_name, email, phone, student_uuid) "
+                     "phone text, student_uuid uuid, badge varchar(10))")
+        conn.execute("INSERT INTO learners (full_name, email, phone, student_uuid, badge) "
                      "SELECT 'Learner ' || (g % 20), 'learner' || g || '@school.example', '555-' || g, "
-                     "md5('student' || (g::bigint * 7919 % 60))::uuid FROM generate_series(1, 300) g")
+                     "md5('student' || (g::bigint * 7919 % 60))::uuid, 'B-' || g FROM generate_series(1, 300) g")
         conn.execute("UPDATE learners SET full_name = NULL, email = NULL WHERE id = 7")
     return pg_db
 
@@ -113,6 +114,8 @@ def test_a_masked_clone_keeps_no_source_value_and_joins_still_match(source, clon
     roster = rows(clone, "SELECT data->'students' FROM course_events WHERE kind = 'update_roster'")[0][0]
     src_roster = rows(source, "SELECT data->'students' FROM course_events WHERE kind = 'update_roster'")[0][0]
     assert roster == [expected_hash(s) for s in src_roster]
+    # a hashed varchar(10) keeps its length limit
+    assert rows(clone, "SELECT max(length(badge)), count(DISTINCT badge) FROM learners")[0] == (10, 300)
     # what is kept is kept; the extension masking needed is gone again
     assert rows(clone, "SELECT count(*) FROM course_events WHERE data->>'exercise_uuid' IS NULL")[0][0] == 1
     assert rows(clone, "SELECT count(*) FROM pg_extension WHERE extname = 'pgcrypto'")[0][0] == 0
@@ -172,6 +175,19 @@ def test_an_undecided_column_is_refused_before_anything_changes(source, clones, 
            "learners.address" in str(e.value)
     assert "Nothing was changed" in str(e.value)
     assert rows(clone, "SELECT student_uuid FROM course_events ORDER BY event_uuid LIMIT 5") == before
+
+
+def test_a_rule_the_column_type_cannot_take_is_refused_before_anything_changes(source, clones, tmp_path):
+    path = tmp_path / "masking.yml"
+    path.write_text((APP / "masking.yml").read_text().replace(
+        'next_sequence_number: {keep: "a counter of the course\'s events"}', "next_sequence_number: hash")
+        + LEARNERS_RULES)
+    clone = clones()
+    with pytest.raises(masking.MaskingError) as e:
+        masking.apply(clone, masking.load(path), SECRET)
+    assert "hash and fake rules need a uuid or text column, these are not: courses.next_sequence_number " \
+           "(integer)" in str(e.value)
+    assert masking.verify(source, clone, masking.load(path))  # nothing was masked
 
 
 def test_a_short_secret_is_refused(source, clones, rules):
