@@ -4,7 +4,7 @@ A manifest is plain JSON-able data (`VERSION`):
 
 - `tables`: per table, the exact row count and row checksums in chunks of `chunk_rows` rows by
   primary-key range (so a large table never needs one huge query, and a difference is located:
-  "rows with event_uuid in (a, b] differ");
+  "rows with event_uuid from (a) up to (b) excluded differ");
 - `sequences`: last value of every sequence;
 - `schema`: a hash of the catalog and the objects it was made from (columns with their types,
   defaults and order, constraints, indexes, triggers, views, functions, sequences' definitions,
@@ -29,12 +29,12 @@ swap a value would sum to the same), and a chunk's checksum is the sum of its ro
 the key range does not already fix, and a sum needs no sort. The extended hash functions are the
 ones hash partitioning uses, which Postgres keeps stable across versions and clusters (pg_upgrade
 depends on it); the price is that values equal under their type's equality hash alike (numeric
-1.0 and 1.00, jsonb key order). A table with a column type that has no hash function falls back to
+1.0 and 1.00, text under a nondeterministic collation). A table with a column type that has no hash function falls back to
 hashing its text rendering (`t::text`, under pinned DateStyle/TimeZone/extra_float_digits).
 
 **Chunks are key ranges; reads are block ranges.** Chunk i holds the rows whose primary key is in
-[boundary i-1, boundary i), the boundaries being the key of every `chunk_rows`-th row, walked once
-on the primary-key index when the expected manifest is taken (a restore drill reuses them with
+[boundary i-1, boundary i), the boundaries being the key of every `chunk_rows`-th row, found in one
+ordered pass when the expected manifest is taken (a restore drill reuses them with
 `like=`, so a deleted row changes one chunk, not every chunk after it). Reading by key range would
 make every chunk of a table with random keys (uuid v4, like course_events) touch every page: a
 sequential scan per chunk. So the table is read in slices of `slice_mb` of physical blocks (TID range
