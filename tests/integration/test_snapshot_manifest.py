@@ -129,6 +129,28 @@ def test_a_composite_key_locates_its_chunk(app_db):
                      "(same count (500), different contents)"]
 
 
+def test_a_table_whose_types_have_no_hash_function_is_hashed_as_text(app_db):
+    change(app_db, "CREATE TABLE shapes (id int PRIMARY KEY, doc json, at point)",
+           "INSERT INTO shapes SELECT g, json_build_object('g', g), point(g, g) FROM generate_series(1, 100) g")
+    before = take(app_db)
+    assert before["tables"]["public.shapes"]["hash"] == "hashtextextended(t::text, 0)"
+    assert before["tables"]["public.course_events"]["hash"].startswith("hashint8extended(hash_record_extended")
+    change(app_db, "UPDATE shapes SET at = point(0, 0) WHERE id = 42")
+    assert manifest.compare(before, take(app_db, like=before)) == [
+        "table public.shapes: rows with id from the start up to the end differ (same count (100), different "
+        "contents)"]
+
+
+def test_a_table_without_a_primary_key_is_one_chunk(app_db):
+    change(app_db, "CREATE TABLE loose (v text)", "INSERT INTO loose SELECT 'v' || g FROM generate_series(1, 900) g")
+    before = take(app_db)
+    assert before["tables"]["public.loose"]["rows"] == 900
+    change(app_db, "UPDATE loose SET v = 'w' WHERE v = 'v7'")
+    assert manifest.compare(before, take(app_db, like=before)) == [
+        "table public.loose: rows with (no primary key: the whole table) from the start up to the end differ "
+        "(same count (900), different contents)"]
+
+
 def test_a_moved_sequence_is_a_difference_but_wal_log_ahead_is_not(app_db):
     before = take(app_db)
     change(app_db, "SELECT setval('audit_notes_id_seq', 60)")  # within the 32 values a restore may skip ahead

@@ -29,8 +29,9 @@ swap a value would sum to the same), and a chunk's checksum is the sum of its ro
 the key range does not already fix, and a sum needs no sort. The extended hash functions are the
 ones hash partitioning uses, which Postgres keeps stable across versions and clusters (pg_upgrade
 depends on it); the price is that values equal under their type's equality hash alike (numeric
-1.0 and 1.00, text under a nondeterministic collation). A table with a column type that has no hash function falls back to
-hashing its text rendering (`t::text`, under pinned DateStyle/TimeZone/extra_float_digits).
+1.0 and 1.00, text under a nondeterministic collation). A table with a column type that has no
+hash function falls back to hashing its text rendering (`t::text`, under pinned DateStyle,
+TimeZone and extra_float_digits).
 
 **Chunks are key ranges; reads are block ranges.** Chunk i holds the rows whose primary key is in
 [boundary i-1, boundary i), the boundaries being the key of every `chunk_rows`-th row, found in one

@@ -149,7 +149,9 @@ def _run(repo: Repository, *args: str, timeout: float = 3600) -> str:
                           f"see its log under {repo.config.parent}. Rerun when the cause is fixed.") from e
     if proc.returncode != 0:
         said = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
-        raise BackupError(f"pgbackrest {args[0]} failed (exit {proc.returncode}): {said}")
+        raise BackupError(f"pgbackrest {args[0]} failed (exit {proc.returncode}): {said}. pgBackRest's own log is "
+                          f"under the log-path of {repo.config}; a backup that failed is never listed as one. Fix "
+                          "the cause and rerun.")
     return proc.stdout
 
 
@@ -324,7 +326,6 @@ class DrillResult:
 def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 1800) -> tuple[Scratch, dict]:
     """Restore `snap` into `base/data`, start it where only we can reach it, wait until it has
     replayed to the restore point and been promoted. Returns the cluster and its timings."""
-    import psycopg
 
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o700)
@@ -345,8 +346,23 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
     scratch = Scratch(base, data, port, repo.run_as)
     opts = (f"-c port={port} -c listen_addresses='' -c unix_socket_directories={base} "
             f"-c archive_mode=off -c archive_command='' -c hba_file={hba} -c cluster_name=opsbook-drill")
+    try:
+        _start_and_wait(scratch, opts, snap.restore_point, timeout)
+    except BaseException:
+        scratch.stop()  # never leave a half-started cluster behind (the caller removes its directory)
+        raise
+    times["usable"] = time.monotonic() - t0
+    times["recovery"] = times["usable"] - times["restore"]
+    return scratch, times
+
+
+def _start_and_wait(scratch: Scratch, opts: str, point: str, timeout: float) -> None:
+    """Start the restored cluster and wait until it has replayed to `point` and been promoted."""
+    import psycopg
+
+    base = scratch.base
     proc = subprocess.run(
-        [*repo.run_as, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"),
+        [*scratch.run_as, str(PG_BIN / "pg_ctl"), "-D", str(scratch.data), "-o", opts, "-l", str(base / "log"),
          "-t", str(int(timeout)), "-w", "start"],
         capture_output=True, text=True, check=False, timeout=timeout + 30,
     )
@@ -357,14 +373,11 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
     while True:
         with psycopg.connect(scratch.conninfo, autocommit=True) as conn:
             if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                break
+                return
         if time.monotonic() > deadline:
             raise BackupError(f"the restored cluster was still recovering after {timeout:.0f} s (did the "
-                              f"archive lose the WAL up to {snap.restore_point}?)")
+                              f"archive lose the WAL up to {point}?)")
         time.sleep(0.2)
-    times["usable"] = time.monotonic() - t0
-    times["recovery"] = times["usable"] - times["restore"]
-    return scratch, times
 
 
 def databases(conninfo: str) -> list[str]:
