@@ -172,3 +172,21 @@ def test_a_corrupted_backup_file_is_not_verified(archived_cluster):
     assert not result.passed
     assert "pgbackrest restore failed" in result.verdict
     assert result.verdict.endswith("The drill did not pass.")
+
+
+def test_an_index_that_disagrees_with_its_table_fails_pg_amcheck(archived_cluster, full_snapshot):
+    """An expression index over a function declared IMMUTABLE whose result then changes: the index no
+    longer finds the table's rows, which pg_amcheck --heapallindexed reports."""
+    repo, _ = archived_cluster
+
+    def break_an_index(scratch):
+        with psycopg.connect(scratch.db(DB), autocommit=True) as conn:
+            conn.execute("CREATE FUNCTION flip(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1'")
+            conn.execute("CREATE INDEX courses_flip ON courses (flip(next_sequence_number))")
+            conn.execute("CREATE OR REPLACE FUNCTION flip(int) RETURNS int IMMUTABLE LANGUAGE sql "
+                         "AS 'SELECT -$1 - 1'")
+
+    result = pgbr.drill(repo, full_snapshot, DB, before_verify=break_an_index)
+    assert result.verified
+    assert not result.passed
+    assert "courses_flip" in result.amcheck, result.amcheck
