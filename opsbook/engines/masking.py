@@ -40,6 +40,7 @@ and times: they are decided here (ENGINE_TABLES, keep), not in the service's fil
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ RULES = ("keep", "hash", "fake_name", "fake_email", "null")
 KEY_RULES = ("hash", "fake_name", "fake_email", "null")
 MASKING_FILE = "masking.yml"
 DEFAULT_BATCH = 10_000
+DEFAULT_WORKERS = 2
 UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
@@ -354,12 +356,13 @@ def _fake(kind: str, digest: str) -> str:
 
 def apply(
     conninfo: str, masking: Masking, secret: bytes, *, batch_size: int = DEFAULT_BATCH,
-    progress: Callable[[str], None] | None = None,
+    workers: int = DEFAULT_WORKERS, progress: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Anonymize the database at `conninfo` in place (a clone: never the source). Refuses before any
     change when the database has a column the file does not decide. Each batch commits on its own;
     a run that stops half-way leaves earlier batches masked and the rest not: rerun on a fresh clone
-    (masking a masked value again would hash the hash)."""
+    (masking a masked value again would hash the hash). `workers` connections mask parts of a
+    table's key space at once."""
     import psycopg
 
     if len(secret) < 16:
@@ -377,7 +380,8 @@ def apply(
         conn.execute("SET session_replication_role = replica")
         try:
             for table, rules in masking.masked().items():
-                result.tables[table] = _apply_table(conn, table, rules, cols[table], secret, batch_size, say, result)
+                result.tables[table] = _apply_table(conninfo, conn, table, rules, cols[table], secret, batch_size,
+                                                    workers, say, result)
         finally:
             conn.execute("RESET session_replication_role")
             if created:  # leave the schema as it was: a clone's schema hash must match its source's
@@ -410,55 +414,117 @@ def _assignments(table: str, rules: dict[str, Rule], types: dict[str, str]) -> t
     return sets, fakes
 
 
+@dataclass
+class _TableJob:
+    """What every worker masking one table shares."""
+
+    table: str
+    pk: list[tuple[str, str]]
+    sets: list[str]
+    fakes: list[str]
+    rules: dict[str, Rule]
+    secret: bytes
+    batch_size: int
+    total: int
+    say: Callable[[str], None]
+    result: ApplyResult
+    lock: Any = field(default_factory=threading.Lock)
+    done: int = 0
+
+
 def _apply_table(  # noqa: PLR0917 - one table's share of apply
-    conn: Any, table: str, rules: dict[str, Rule], types: dict[str, str], secret: bytes, batch_size: int,
-    say: Callable[[str], None], result: ApplyResult,
+    conninfo: str, conn: Any, table: str, rules: dict[str, Rule], types: dict[str, str], secret: bytes,
+    batch_size: int, workers: int, say: Callable[[str], None], result: ApplyResult,
 ) -> int:
+    """Mask one table: its primary-key space cut into `workers` ranges, each masked in keyset batches
+    on its own connection (threads: psycopg releases the GIL while Postgres works)."""
+    from opsbook.engines.snapshots.manifest import chunk_boundaries
+
     pk = _primary_key(conn, table)
     if not pk:
         raise MaskingError(f"{table} has masked columns but no primary key, so it cannot be masked in batches; "
                            "earlier tables are masked, this one is not. Give it a primary key.")
-    pk_cols = [_ident(c) for c, _ in pk]
-    key = "ROW(" + ", ".join(pk_cols) + ")"
-    after = "ROW(" + ", ".join(f"%(k{i})s::{t}" for i, (_, t) in enumerate(pk)) + ")"
     total = conn.execute(f"SELECT count(*) FROM {_ident(table)}").fetchone()[0]
     sets, fakes = _assignments(table, rules, types)
-    digests = ", ".join(f"encode(hmac(convert_to(t.{_ident(f)}::text, 'UTF8'), %(secret)s::bytea, 'sha256'), 'hex')"
-                        for f in fakes)
-    done, last = 0, None
+    job = _TableJob(table, pk, sets, fakes, rules, secret, batch_size, total, say, result)
+    bounds: list[Any] = []
+    if workers > 1 and total > 2 * batch_size:
+        bounds = chunk_boundaries(conn, f"public.{table}", [c for c, _ in pk], -(-total // workers))
+    ranges = list(zip([None, *bounds], [*bounds, None], strict=True))
+    errors: list[BaseException] = []
+
+    def work(lo: Any, hi: Any) -> None:
+        import psycopg
+
+        try:
+            with psycopg.connect(conninfo, autocommit=True, application_name="opsbook-masking") as c:
+                c.execute("SET session_replication_role = replica")
+                _mask_range(c, job, lo, hi)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=r, daemon=True) for r in ranges]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return job.done
+
+
+def _mask_range(conn: Any, job: _TableJob, lo: Any, hi: Any) -> None:
+    """Keyset batches over keys in [lo, hi) (None: unbounded), each batch its own transaction."""
+    pk = job.pk
+    n_pk = len(pk)
+    pk_cols = [_ident(c) for c, _ in pk]
+    key = "ROW(" + ", ".join(pk_cols) + ")"
+
+    def value(prefix: str) -> str:
+        return "ROW(" + ", ".join(f"%({prefix}{i})s::{t}" for i, (_, t) in enumerate(pk)) + ")"
+
+    digests = "".join(f", encode(hmac(convert_to(t.{_ident(f)}::text, 'UTF8'), %(secret)s::bytea, 'sha256'), "
+                      "'hex')" for f in job.fakes)
+    last = None
     while True:
-        where = f"WHERE {key} > {after}" if last is not None else ""
-        params: dict[str, Any] = {"secret": secret, "n": batch_size}
+        params: dict[str, Any] = {"secret": job.secret, "n": job.batch_size}
+        where = []
         if last is not None:
+            where.append(f"{key} > {value('k')}")
             params.update({f"k{i}": v for i, v in enumerate(last)})
+        elif lo is not None:
+            where.append(f"{key} >= {value('lo')}")
+            params.update({f"lo{i}": v for i, v in enumerate(lo)})
+        if hi is not None:
+            where.append(f"{key} < {value('hi')}")
+            params.update({f"hi{i}": v for i, v in enumerate(hi)})
+        cond = ("WHERE " + " AND ".join(where)) if where else ""
         with conn.transaction():
             keys = conn.execute(
-                f"SELECT {', '.join(pk_cols)}{', ' + digests if digests else ''} FROM {_ident(table)} AS t "
-                f"{where} ORDER BY {', '.join(pk_cols)} LIMIT %(n)s", params).fetchall()
+                f"SELECT {', '.join(pk_cols)}{digests} FROM {_ident(job.table)} AS t {cond} "
+                f"ORDER BY {', '.join(pk_cols)} LIMIT %(n)s", params).fetchall()
             if not keys:
-                break
-            n_pk = len(pk)
-            batch_keys = [row[:n_pk] for row in keys]
-            assign = list(sets)
-            arrays: dict[str, Any] = {"secret": secret}
-            for j, f in enumerate(fakes):
-                arrays[f"f{j}"] = [None if row[n_pk + j] is None else _fake(rules[f].rule, row[n_pk + j])
+                return
+            assign = list(job.sets)
+            arrays: dict[str, Any] = {"secret": job.secret}
+            for j, f in enumerate(job.fakes):
+                arrays[f"f{j}"] = [None if row[n_pk + j] is None else _fake(job.rules[f].rule, row[n_pk + j])
                                    for row in keys]
                 assign.append(f"{_ident(f)} = CASE WHEN t.{_ident(f)} IS NULL THEN NULL ELSE b.opsbook_f{j} END")
             for i in range(n_pk):
-                arrays[f"p{i}"] = [k[i] for k in batch_keys]
+                arrays[f"p{i}"] = [row[i] for row in keys]
             unnest = ", ".join([f"%(p{i})s::{t}[]" for i, (_, t) in enumerate(pk)]
-                               + [f"%(f{j})s::text[]" for j in range(len(fakes))])
-            names = ", ".join([f"opsbook_p{i}" for i in range(n_pk)] + [f"opsbook_f{j}" for j in range(len(fakes))])
+                               + [f"%(f{j})s::text[]" for j in range(len(job.fakes))])
+            names = ", ".join([f"opsbook_p{i}" for i in range(n_pk)]
+                              + [f"opsbook_f{j}" for j in range(len(job.fakes))])
             match = " AND ".join(f"t.{c} = b.opsbook_p{i}" for i, c in enumerate(pk_cols))
-            conn.execute(
-                f"UPDATE {_ident(table)} AS t SET {', '.join(assign)} "
-                f"FROM unnest({unnest}) AS b({names}) WHERE {match}", arrays)
-        done += len(keys)
-        last = batch_keys[-1]
-        result.batches += 1
-        say(f"{table}: {done:,}/{total:,} rows masked")
-    return done
+            conn.execute(f"UPDATE {_ident(job.table)} AS t SET {', '.join(assign)} "
+                         f"FROM unnest({unnest}) AS b({names}) WHERE {match}", arrays)
+        last = keys[-1][:n_pk]
+        with job.lock:
+            job.done += len(keys)
+            job.result.batches += 1
+            job.say(f"{job.table}: {job.done:,}/{job.total:,} rows masked")
 
 
 # --- verify ---------------------------------------------------------------------------------
