@@ -99,9 +99,11 @@ class Masking:
     path: Path
     tables: dict[str, dict[str, Rule]]     # table -> column -> rule
 
-    def masked(self) -> dict[str, dict[str, Rule]]:
-        return {t: {c: r for c, r in cols.items() if r.masks} for t, cols in self.tables.items()
-                if any(r.masks for r in cols.values())}
+    def masked(self, present: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, Rule]]:
+        """table -> column -> rule of every masked column (only those in `present`, when given)."""
+        out = {t: {c: r for c, r in cols.items() if r.masks and (present is None or c in present.get(t, {}))}
+               for t, cols in self.tables.items()}
+        return {t: cols for t, cols in out.items() if cols}
 
 
 def _bad(path: Path, where: str, msg: str) -> MaskingError:
@@ -239,19 +241,19 @@ def database_columns(conn: Any) -> dict[str, dict[str, str]]:
 
 
 def check_database(conn: Any, masking: Masking) -> dict[str, dict[str, str]]:
-    """Refuse a database with a column the file does not decide (or a masked column it lacks).
-    Returns its columns. A column the file keeps but the database lacks (dropped by a contract that
-    ran, not yet added) is fine."""
+    """Refuse a database with a column the file does not decide, or without a table the file masks
+    (the wrong database). Returns its columns. A column the file decides but the database lacks (a
+    contract dropped it, or a migration has not added it yet) is fine: there is nothing to mask."""
     cols = database_columns(conn)
     undecided = [f"{t}.{c}" for t, cs in cols.items() for c in cs
                  if c not in masking.tables.get(t, {}) and c not in ENGINE_TABLES.get(t, [])]
-    missing = [f"{t}.{c}" for t, cs in masking.masked().items() for c in cs if c not in cols.get(t, {})]
+    missing = [t for t in masking.masked() if t not in cols]
     problems = []
     if undecided:
         problems.append("columns in the database with no decision in the masking file: " + ", ".join(undecided))
     if missing:
-        problems.append("masked columns the database does not have (is it the service's database?): "
-                        + ", ".join(missing))
+        problems.append("tables with masked columns the database does not have (is it the service's "
+                        "database?): " + ", ".join(missing))
     if problems:
         raise MaskingError("refusing to mask: " + "; ".join(problems) + ". Nothing was changed. Decide every "
                            f"column in {masking.path.name}, or point at the right database.")
@@ -379,7 +381,7 @@ def apply(
         conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
         conn.execute("SET session_replication_role = replica")
         try:
-            for table, rules in masking.masked().items():
+            for table, rules in masking.masked(cols).items():
                 result.tables[table] = _apply_table(conninfo, conn, table, rules, cols[table], secret, batch_size,
                                                     workers, say, result)
         finally:
@@ -564,11 +566,9 @@ def verify(source: str, clone: str, masking: Masking, *, examples: int = 3,
     leaks = []
     with psycopg.connect(source, autocommit=True) as src, psycopg.connect(clone, autocommit=True) as dst:
         src_cols = check_database(src, masking)
+        dst_cols = check_database(dst, masking)
         dst.execute("CREATE TEMPORARY TABLE opsbook_source_values (v text)")
-        n = 0
-        for table, rules in masking.masked().items():
-            if table not in src_cols:
-                continue
+        for table, rules in masking.masked(src_cols).items():
             # only the masked keys' values of jsonb columns are personal in the source
             for col, r in rules.items():
                 c, t = _ident(col), _ident(table)
@@ -590,7 +590,7 @@ def verify(source: str, clone: str, masking: Masking, *, examples: int = 3,
         dst.execute("CREATE INDEX ON opsbook_source_values (v)")
         dst.execute("ANALYZE opsbook_source_values")
         say(f"{n:,} source value(s) of masked columns collected")
-        for table, rules in masking.masked().items():
+        for table, rules in masking.masked(dst_cols).items():
             for where, q in _masked_value_queries(table, rules):
                 found = dst.execute(
                     f"SELECT count(*), (array_agg(DISTINCT x.v))[1:%s] FROM ({q}) AS x(v) "

@@ -193,6 +193,43 @@ def test_a_rule_the_column_type_cannot_take_is_refused_before_anything_changes(s
     assert masking.verify(source, clone, masking.load(path))  # nothing was masked
 
 
+def test_a_database_before_0002_masks_the_ids_it_has(pg_db, tmp_path):
+    """Production may run an older schema than this checkout: no student_uuid column yet, event_type
+    instead of kind. What it has is masked; what it lacks needs nothing."""
+    import shutil
+
+    from opsbook.engines.migrations import run
+
+    only_0001 = tmp_path / "migrations"
+    only_0001.mkdir()
+    shutil.copy(APP / "migrations" / "0001_course_events.yml", only_0001)
+    run(pg_db, only_0001, "expand")
+    student = str(uuid.uuid4())
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO courses (course_uuid, ecosystem_uuid) VALUES (gen_random_uuid(), gen_random_uuid())")
+        conn.execute("INSERT INTO course_events (event_uuid, course_uuid, sequence_number, event_type, data) "
+                     "SELECT gen_random_uuid(), course_uuid, g, 'record_response', jsonb_build_object('student_uuid', "
+                     "%s::text) FROM courses, generate_series(1, 30) g", (student,))
+    rules = masking.load(APP / "masking.yml")
+    clone = clone_of(pg_db)
+    try:
+        result = masking.apply(clone, rules, SECRET)
+        assert result.tables == {"course_events": 30}
+        assert masking.verify(pg_db, clone, rules) == []
+        assert rows(clone, "SELECT DISTINCT data->>'student_uuid' FROM course_events") == [(expected_hash(student),)]
+    finally:
+        base = pg_db.rsplit("dbname=", 1)[0]
+        with psycopg.connect(base + "dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{clone.rsplit("dbname=", 1)[1]}" WITH (FORCE)')
+
+
+def test_the_wrong_database_is_refused(local_pg):
+    with pytest.raises(masking.MaskingError) as e:
+        masking.apply(local_pg, masking.load(APP / "masking.yml"), SECRET)
+    assert "tables with masked columns the database does not have (is it the service's database?): " \
+           "course_events" in str(e.value)
+
+
 def test_a_short_secret_is_refused(source, clones, rules):
     with pytest.raises(masking.MaskingError, match="at least 16 random bytes"):
         masking.apply(clones(), rules, b"short")
