@@ -237,7 +237,8 @@ env_ns.add_task(env_destroy, "destroy")
 @task
 @operator_errors
 def migrate_lint(c):
-    """Lint every migration without a database: the format, then squawk on raw and generated SQL."""
+    """Lint every migration without a database: the format, squawk on raw and generated SQL, and
+    app/masking.yml (every column a migration creates is masked or declared safe)."""
     from opsbook.operations import migrate as mig
 
     mig.lint_report()

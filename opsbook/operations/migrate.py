@@ -30,7 +30,7 @@ from typing import Any
 
 from opsbook.core.inventory import Env
 from opsbook.core.paths import APP_MIGRATIONS
-from opsbook.engines import database, fleet
+from opsbook.engines import database, fleet, masking
 from opsbook.engines import lock as locks
 from opsbook.engines.migrations import engine, guards, linting
 from opsbook.engines.migrations.guards import Settings
@@ -57,7 +57,8 @@ def parse_fleet(text: str | None) -> dict[str, str] | None:
 
 
 def lint_report(directory: Path = APP_MIGRATIONS, out: Callable[[str], None] = print) -> int:
-    """Lint every migration; print accepted findings with their reasons. Raises on any other."""
+    """Lint every migration; print accepted findings with their reasons. Raises on any other. Then
+    the masking file next to the migrations: every column they create must be decided there."""
     findings = linting.lint(directory)
     for f in findings:
         out(str(f))
@@ -65,6 +66,8 @@ def lint_report(directory: Path = APP_MIGRATIONS, out: Callable[[str], None] = p
         f"{len(list(directory.glob('*.y*ml')))} migration file(s) lint clean ({len(findings)} accepted "
         "finding(s))"
     )
+    for note in masking.lint(directory, directory.parent / masking.MASKING_FILE):
+        out(note)
     return len(findings)
 
 

@@ -1,0 +1,7 @@
+"""Snapshots of a database and the proof that they restore.
+
+- manifest: what a database holds, from one consistent snapshot (row counts, per-key-range row
+  checksums, sequences, a catalog hash of the schema), and `compare` in an operator's words
+- pgbackrest: backups of a cluster with pgBackRest and the restore drill (restore into a scratch
+  cluster nobody else can reach, recompute the manifest, compare, pg_amcheck, time to usable)
+"""

@@ -1,0 +1,445 @@
+"""Backups of a Postgres cluster with pgBackRest, and the restore drill that proves one restores.
+
+pgBackRest (Debian's 2.45) does the backing up, checksumming, WAL archiving and restoring; this
+module only drives its CLI (`--output=json` where it reads), writes its configuration, and runs the
+drill around it. Commands run as the cluster's OS user through `run_as` (locally `runuser -u
+postgres --`), because pgBackRest and Postgres refuse to work on a data directory as root.
+
+**A manifest that describes exactly what the backup restores to.** A backup alone restores to its
+consistency point (the end of the backup), which is some instant of a live database nobody read.
+So `snapshot` takes the backup, then marks a point the manifest and the restore share:
+
+1. one connection locks every user table IN SHARE MODE (under a short `lock_timeout`): in-flight
+   writers finish (their commits are then visible and in the WAL), new writers wait;
+2. a second connection opens a REPEATABLE READ transaction and exports its snapshot: it sees every
+   committed row and nothing can commit to a user table until step 3 ends;
+3. the first connection writes a named restore point (`pg_create_restore_point`) into the WAL,
+   commits (writers resume: the pause lasts milliseconds and is measured) and switches the WAL
+   segment so the archive receives the restore point;
+4. the manifest is read from the exported snapshot, at leisure, while the service writes again.
+
+The drill restores the backup with `--type=name --target=<that restore point>`: WAL replay stops at
+the same instant the snapshot saw, so the restored database must match the manifest row for row.
+Why not the alternatives: restoring to the backup's own end (`--type=immediate`) and taking the
+manifest "around" the backup cannot line the two up on a busy database; a REPEATABLE READ snapshot
+has no LSN of its own, and the commit order in the WAL can differ from the order in which commits
+become visible, which is why writes are paused (briefly) rather than an LSN merely recorded.
+Limits, said plainly: sequences are not transactional (`nextval` is not paused; the manifest
+tolerates a restored sequence up to 32 values ahead, as Postgres WAL-logs them ahead), and a table
+created while the point is being marked is not locked (it would show as a schema difference).
+
+**The scratch cluster cannot harm the real one.** It is restored into a new directory with
+`--archive-mode=off` (pgBackRest sets archive_mode=off in its postgresql.auto.conf) and started with
+`archive_mode=off`, an empty `archive_command`, no TCP listener at all (`listen_addresses=''`) and a
+Unix socket in its own 0700 directory, under an `hba_file` that only admits local socket
+connections: the service cannot reach it and it cannot push WAL into the repository.
+
+A drill that could not verify (restore, start, manifest or pg_amcheck failed) says so and never
+passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from opsbook.core.errors import OpsbookError
+from opsbook.engines.snapshots import manifest as manifests
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PGBACKREST = "pgbackrest"
+BACKUP_TYPES = ("full", "diff", "incr")
+
+
+class BackupError(OpsbookError):
+    """pgBackRest or the cluster refused a backup step."""
+
+
+def local_run_as(user: str = "postgres") -> list[str]:
+    """The prefix that runs a command as the cluster's OS user on this machine (nothing when we are it)."""
+    return ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Repository:
+    """A pgBackRest stanza: the cluster it backs up and where its repository lives."""
+
+    stanza: str
+    config: Path                       # the pgbackrest.conf this module wrote
+    pg_path: Path                      # the cluster's data directory
+    run_as: tuple[str, ...] = ()       # prefix that runs a command as the cluster's OS user
+
+    @property
+    def archive_command(self) -> str:
+        """What the cluster's `archive_command` must be for this stanza."""
+        return f"{PGBACKREST} --config={self.config} --stanza={self.stanza} archive-push %p"
+
+
+def write_config(  # noqa: PLR0917 - one pgbackrest.conf's settings
+    config: Path, stanza: str, repo_path: Path, pg_path: Path, pg_port: int, pg_socket: Path,
+    *, retention_full: int = 2, process_max: int = 2, run_as: list[str] | None = None,
+) -> Repository:
+    """Write a pgbackrest.conf for one local stanza (repository, logs and locks under `repo_path`)."""
+    repo_path = Path(repo_path)
+    for d in (repo_path, repo_path / "log", repo_path / "lock"):
+        d.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(d, "postgres", "postgres")
+    repo_path.chmod(0o750)
+    config.write_text(
+        "[global]\n"
+        f"repo1-path={repo_path}\n"
+        f"repo1-retention-full={retention_full}\n"
+        f"log-path={repo_path / 'log'}\n"
+        f"lock-path={repo_path / 'lock'}\n"
+        "log-level-console=warn\n"
+        "log-level-file=info\n"
+        f"process-max={process_max}\n"
+        "start-fast=y\n"
+        "compress-type=lz4\n"
+        f"\n[{stanza}]\n"
+        f"pg1-path={pg_path}\n"
+        f"pg1-port={pg_port}\n"
+        f"pg1-socket-path={pg_socket}\n"
+    )
+    config.chmod(0o644)
+    return Repository(stanza, config, Path(pg_path), tuple(local_run_as() if run_as is None else run_as))
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One backup in the repository, as `pgbackrest info` reports it."""
+
+    id: str              # pgBackRest's label, e.g. 20261130-094501F_20261130-095010I
+    type: str            # full, diff, incr
+    started: str         # ISO 8601, UTC
+    stopped: str
+    size: int            # bytes of the database it holds
+    repo_size: int       # bytes it takes in the repository (compressed, incremental)
+    lsn_start: str
+    lsn_stop: str
+    prior: str | None    # the backup an incremental builds on
+
+
+def _run(repo: Repository, *args: str, timeout: float = 3600) -> str:
+    cmd = [*repo.run_as, PGBACKREST, f"--config={repo.config}", f"--stanza={repo.stanza}", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+    except FileNotFoundError as e:
+        raise BackupError("pgbackrest is not installed (./run installs Debian's pgbackrest); nothing "
+                          "was done") from e
+    except subprocess.TimeoutExpired as e:
+        raise BackupError(f"pgbackrest {args[0]} did not finish within {timeout:.0f} s and was stopped; "
+                          f"see its log under {repo.config.parent}. Rerun when the cause is fixed.") from e
+    if proc.returncode != 0:
+        said = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
+        raise BackupError(f"pgbackrest {args[0]} failed (exit {proc.returncode}): {said}. pgBackRest's own log is "
+                          f"under the log-path of {repo.config}; a backup that failed is never listed as one. Fix "
+                          "the cause and rerun.")
+    return proc.stdout
+
+
+def stanza_create(repo: Repository) -> None:
+    """Create the stanza (idempotent) and check that WAL archiving reaches the repository."""
+    _run(repo, "stanza-create")
+    _run(repo, "check", timeout=120)
+
+
+def backup(repo: Repository, kind: str = "full") -> Backup:
+    """Take a backup (`full`, `diff` or `incr`); returns it as listed afterwards."""
+    if kind not in BACKUP_TYPES:
+        raise BackupError(f"unknown backup type {kind!r}; pgBackRest takes {', '.join(BACKUP_TYPES)}. "
+                          "Nothing was done.")
+    before = {b.id for b in list_backups(repo)}
+    _run(repo, "backup", f"--type={kind}")
+    new = [b for b in list_backups(repo) if b.id not in before]
+    if len(new) != 1:
+        raise BackupError(f"pgbackrest reported success but {len(new)} new backup(s) are listed; check "
+                          f"`pgbackrest --config={repo.config} info` before relying on this backup")
+    return new[0]
+
+
+def _iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def list_backups(repo: Repository) -> list[Backup]:
+    """Every backup of the stanza, oldest first (pgBackRest's `info --output=json`)."""
+    data = json.loads(_run(repo, "info", "--output=json") or "[]")
+    out = []
+    for stanza in data:
+        if stanza.get("name") != repo.stanza:
+            continue
+        for b in stanza.get("backup", []):
+            out.append(Backup(
+                id=b["label"], type=b["type"], started=_iso(b["timestamp"]["start"]),
+                stopped=_iso(b["timestamp"]["stop"]), size=b["info"]["size"],
+                repo_size=b["info"]["repository"]["delta"], lsn_start=b["lsn"]["start"],
+                lsn_stop=b["lsn"]["stop"], prior=b.get("prior"),
+            ))
+    return out
+
+
+# --- the point the manifest and the restore share ---------------------------------------------
+@dataclass
+class Snapshot:
+    """A backup plus the restore point and manifest that describe the same instant."""
+
+    backup: Backup
+    restore_point: str
+    restore_point_lsn: str
+    write_pause_ms: float          # how long writers to user tables waited while the point was marked
+    manifest: dict[str, Any] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Snapshot:
+        return cls(**{**d, "backup": Backup(**d["backup"])})
+
+
+def mark_point(
+    conninfo: str, name: str, *, lock_timeout_ms: int = 2000, chunk_rows: int = manifests.DEFAULT_CHUNK_ROWS,
+    workers: int = manifests.DEFAULT_WORKERS, progress: Callable[[str], None] | None = None,
+) -> tuple[str, float, dict[str, Any]]:
+    """Write restore point `name` and take the manifest of exactly that instant (see the module's
+    docstring). Returns (restore point LSN, write pause in ms, manifest)."""
+    import psycopg
+    from psycopg import sql
+
+    pauser = psycopg.connect(conninfo, autocommit=True, application_name="opsbook-restore-point")
+    reader = psycopg.connect(conninfo, autocommit=True, application_name="opsbook-manifest")
+    try:
+        tables = [r[0] for r in pauser.execute(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = "
+            "c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', "
+            "'information_schema') AND n.nspname !~ '^pg_(toast|temp)' ORDER BY 1").fetchall()]
+        pauser.execute("BEGIN")
+        pauser.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_timeout_ms}ms")))
+        t0 = time.monotonic()
+        try:
+            if tables:
+                pauser.execute(f"LOCK TABLE {', '.join(tables)} IN SHARE MODE")
+        except psycopg.errors.LockNotAvailable as e:
+            pauser.execute("ROLLBACK")
+            raise BackupError(f"could not pause writes within {lock_timeout_ms} ms to mark the snapshot's "
+                              "point (a long transaction holds a table). The backup is kept but has no "
+                              "manifest yet; retry when the long transaction has ended.") from e
+        reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snap = reader.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        lsn = pauser.execute("SELECT pg_create_restore_point(%s)::text", (name,)).fetchone()[0]
+        pauser.execute("COMMIT")
+        pause_ms = (time.monotonic() - t0) * 1000
+        pauser.execute("SELECT pg_switch_wal()")
+        m = manifests.take(conninfo, chunk_rows=chunk_rows, workers=workers, snapshot=snap, progress=progress)
+        reader.execute("COMMIT")
+    finally:
+        pauser.close()
+        reader.close()
+    return lsn, round(pause_ms, 1), m
+
+
+def snapshot(
+    repo: Repository, conninfo: str, *, kind: str = "full", name: str | None = None,
+    chunk_rows: int = manifests.DEFAULT_CHUNK_ROWS, workers: int = manifests.DEFAULT_WORKERS,
+    progress: Callable[[str], None] | None = None,
+) -> Snapshot:
+    """A backup, then its restore point and the manifest of that point. The restore point's WAL is
+    archived before this returns (pgBackRest `check` waits for the current segment)."""
+    say = progress or (lambda _m: None)
+    say(f"backup ({kind})")
+    b = backup(repo, kind)
+    name = name or f"opsbook-{b.id}"
+    say(f"restore point {name} and its manifest")
+    lsn, pause_ms, m = mark_point(conninfo, name, chunk_rows=chunk_rows, workers=workers, progress=progress)
+    _run(repo, "check", timeout=300)  # archives a WAL switch: the restore point is in the repository
+    return Snapshot(b, name, lsn, pause_ms, m)
+
+
+# --- the drill ------------------------------------------------------------------------------
+@dataclass
+class Scratch:
+    """A restored cluster only this process can reach (socket in a private directory, no TCP)."""
+
+    base: Path
+    data: Path
+    port: int
+    run_as: tuple[str, ...]
+
+    @property
+    def conninfo(self) -> str:
+        return f"host={self.base} port={self.port} user=postgres dbname=postgres"
+
+    def db(self, name: str) -> str:
+        return f"host={self.base} port={self.port} user=postgres dbname={name}"
+
+    def stop(self) -> None:
+        subprocess.run([*self.run_as, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"],
+                       capture_output=True, check=False, timeout=120)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@dataclass
+class DrillResult:
+    """What a restore drill found. `passed` only when it verified and found no difference."""
+
+    backup: str
+    restore_point: str
+    verified: bool = False                       # every check ran to the end
+    passed: bool = False
+    problem: str | None = None                   # why it could not verify
+    differences: list[str] = field(default_factory=list)
+    amcheck: str = ""                            # pg_amcheck's findings (empty: none)
+    seconds: dict[str, float] = field(default_factory=dict)   # restore, recovery, usable, manifest, amcheck
+
+    @property
+    def verdict(self) -> str:
+        if not self.verified:
+            return f"NOT VERIFIED: {self.problem} The drill did not pass."
+        if self.passed:
+            return (f"passed: backup {self.backup} restored to {self.restore_point} matches its manifest "
+                    f"and pg_amcheck found nothing; usable after {self.seconds.get('usable', 0):.1f} s")
+        found = len(self.differences) + (1 if self.amcheck else 0)
+        return f"FAILED: {found} problem(s) in the restored copy of {self.backup} (listed)"
+
+
+def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 1800) -> tuple[Scratch, dict]:
+    """Restore `snap` into `base/data`, start it where only we can reach it, wait until it has
+    replayed to the restore point and been promoted. Returns the cluster and its timings."""
+
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o700)
+    data = base / "data"
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    times: dict[str, float] = {}
+    t0 = time.monotonic()
+    _run(repo, "restore", f"--set={snap.backup.id}", f"--pg1-path={data}", "--type=name",
+         f"--target={snap.restore_point}", "--target-action=promote", "--archive-mode=off",
+         timeout=timeout)
+    times["restore"] = time.monotonic() - t0
+    hba = base / "pg_hba.conf"
+    hba.write_text("local all all trust\n")
+    if os.geteuid() == 0:
+        shutil.chown(hba, "postgres", "postgres")
+    port = free_port()
+    scratch = Scratch(base, data, port, repo.run_as)
+    opts = (f"-c port={port} -c listen_addresses='' -c unix_socket_directories={base} "
+            f"-c archive_mode=off -c archive_command='' -c hba_file={hba} -c cluster_name=opsbook-drill")
+    try:
+        _start_and_wait(scratch, opts, snap.restore_point, timeout)
+    except BaseException:
+        scratch.stop()  # never leave a half-started cluster behind (the caller removes its directory)
+        raise
+    times["usable"] = time.monotonic() - t0
+    times["recovery"] = times["usable"] - times["restore"]
+    return scratch, times
+
+
+def _start_and_wait(scratch: Scratch, opts: str, point: str, timeout: float) -> None:
+    """Start the restored cluster and wait until it has replayed to `point` and been promoted."""
+    import psycopg
+
+    base = scratch.base
+    proc = subprocess.run(
+        [*scratch.run_as, str(PG_BIN / "pg_ctl"), "-D", str(scratch.data), "-o", opts, "-l", str(base / "log"),
+         "-t", str(int(timeout)), "-w", "start"],
+        capture_output=True, text=True, check=False, timeout=timeout + 30,
+    )
+    if proc.returncode != 0:
+        log = (base / "log").read_text()[-1500:] if (base / "log").exists() else proc.stderr
+        raise BackupError(f"the restored cluster did not start: {log.strip()}")
+    deadline = time.monotonic() + timeout
+    while True:
+        with psycopg.connect(scratch.conninfo, autocommit=True) as conn:
+            if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                return
+        if time.monotonic() > deadline:
+            raise BackupError(f"the restored cluster was still recovering after {timeout:.0f} s (did the "
+                              f"archive lose the WAL up to {point}?)")
+        time.sleep(0.2)
+
+
+def databases(conninfo: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1").fetchall()]
+
+
+def amcheck(scratch: Scratch, dbname: str, *, timeout: float = 3600) -> tuple[bool, str]:
+    """pg_amcheck over every relation of `dbname` (heap and btree indexes, every heap tuple looked
+    up in its indexes). Installs the amcheck extension in the scratch copy only."""
+    cmd = [*scratch.run_as, str(PG_BIN / "pg_amcheck"), "-h", str(scratch.base), "-p", str(scratch.port),
+           "-U", "postgres", "--install-missing", "--heapallindexed", "--no-strict-names", "-d", dbname]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+    said = (proc.stdout + proc.stderr).strip()
+    if proc.returncode == 0:
+        return True, said
+    if proc.returncode == 2:  # pg_amcheck: corruption found
+        return False, said
+    raise BackupError(f"pg_amcheck could not run (exit {proc.returncode}): {said[-1000:]}")
+
+
+def drill(
+    repo: Repository, snap: Snapshot, dbname: str, *, scratch_dir: Path | None = None, keep: bool = False,
+    chunk_rows: int | None = None, workers: int = manifests.DEFAULT_WORKERS,
+    before_verify: Callable[[Scratch], None] | None = None, progress: Callable[[str], None] | None = None,
+) -> DrillResult:
+    """Restore `snap` into a scratch cluster, recompute the manifest of `dbname` there, compare it
+    with the one taken at the snapshot's point, run pg_amcheck, and time it all. Never raises for a
+    failed check: the result says what failed, and a drill that could not verify does not pass.
+    `before_verify` sees the restored cluster before it is checked (tests tamper with it there)."""
+    say = progress or (lambda _m: None)
+    result = DrillResult(snap.backup.id, snap.restore_point)
+    base = Path(scratch_dir or tempfile.mkdtemp(prefix="opsbook-drill-"))
+    scratch = None
+    try:
+        say(f"restoring {snap.backup.id} to {snap.restore_point} into {base}")
+        scratch, times = restore(repo, snap, base)
+        result.seconds.update({k: round(v, 2) for k, v in times.items()})
+        if before_verify:
+            before_verify(scratch)
+        say("recomputing the manifest")
+        t = time.monotonic()
+        actual = manifests.take(scratch.db(dbname), chunk_rows=chunk_rows or snap.manifest["chunk_rows"],
+                                workers=workers, like=snap.manifest, progress=progress)
+        result.seconds["manifest"] = round(time.monotonic() - t, 2)
+        result.differences = manifests.compare(snap.manifest, actual)
+        say("pg_amcheck")
+        t = time.monotonic()
+        clean, said = amcheck(scratch, dbname)
+        result.seconds["amcheck"] = round(time.monotonic() - t, 2)
+        result.amcheck = "" if clean else said
+        result.verified = True
+        result.passed = not result.differences and clean
+    except Exception as e:  # noqa: BLE001 - any failure means "not verified", said in the result
+        result.problem = f"{type(e).__name__}: {str(e).strip()}"
+    finally:
+        if scratch is not None and not keep:
+            scratch.remove()
+        elif scratch is None and not keep:
+            shutil.rmtree(base, ignore_errors=True)
+    say(result.verdict)
+    return result
