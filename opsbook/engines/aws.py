@@ -144,7 +144,7 @@ def activate(env):
     if all(os.environ.get(k) == v for k, v in wanted.items()):
         return env
     os.environ.update(wanted)
-    return Env(env.name, path=env.path)
+    return Env(env.name, path=env.path, like=env.like)
 
 
 # --- the account guard --------------------------------------------------------------------------

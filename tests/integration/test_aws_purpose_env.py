@@ -60,6 +60,15 @@ def test_create_refuses_bad_input_before_asking_aws_anything(like, name, ttl, sa
     assert "Nothing was created" in str(e.value)
 
 
+def test_an_activated_purpose_environment_is_still_one(monkeypatch):
+    """tasks.load_env reads an AWS environment again once its profile and endpoint are in the process
+    environment (aws.activate): it must stay the purpose environment, or a converge would lose its tags."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_URL", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, "changed-by-this-test")   # so activate re-reads, and teardown restores
+    env = awsenv.activate(load("staging-loadtest"))
+    assert (env.name, env.like) == ("staging-loadtest", "staging")
+
+
 def test_ttls():
     assert provision.parse_ttl("90m") == timedelta(minutes=90)
     assert provision.parse_ttl("8h") == timedelta(hours=8)
