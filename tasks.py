@@ -274,6 +274,43 @@ migrate_ns.add_task(migrate, "run", default=True)
 migrate_ns.add_task(migrate_lint, "lint")
 
 
+# --- snapshots --------------------------------------------------------------------------------
+@task(help={"env": "environment (inventories/ENV)",
+            "reason": "why this snapshot is taken (tagged on it and kept in its record)",
+            "dry_run": "say which database would be snapshotted and what retention would delete; change nothing"})
+@operator_errors
+def snapshot_take(c, env=None, reason=None, dry_run=False):
+    """Snapshot the environment's database, as a record (runbooks/snapshot.ipynb), then apply retention."""
+    from opsbook.operations import snapshot as snap
+
+    snap.take(load_env(c, env), reason=reason, dry_run=dry_run)
+
+
+@task(help={"env": "environment (inventories/ENV)"})
+@operator_errors
+def snapshot_list(c, env=None):
+    """Every snapshot of the environment: age, size and the record that took it. Read-only."""
+    from opsbook.operations import snapshot as snap
+
+    snap.list_snapshots(load_env(c, env))
+
+
+@task(help={"env": "environment (inventories/ENV)",
+            "snapshot": "the snapshot to drill (default: the newest available one)"})
+@operator_errors
+def snapshot_drill(c, env=None, snapshot=None):
+    """Restore drill of a snapshot, as a record (runbooks/restore_drill.ipynb); one that cannot verify never passes."""
+    from opsbook.operations import snapshot as snap
+
+    snap.drill(load_env(c, env), snapshot)
+
+
+snapshot_ns = Collection("snapshot")
+snapshot_ns.add_task(snapshot_take, "take", default=True)
+snapshot_ns.add_task(snapshot_list, "list")
+snapshot_ns.add_task(snapshot_drill, "drill")
+
+
 @task(
     help={
         "k": "only tests matching this pytest -k expression",
@@ -449,6 +486,7 @@ ns = Collection()
 ns.add_collection(lab_ns)
 ns.add_collection(records_ns)
 ns.add_collection(migrate_ns)
+ns.add_collection(snapshot_ns)
 ns.add_collection(lock_ns)
 ns.add_collection(env_ns)
 ns.add_task(runbooks_list, "runbooks")
