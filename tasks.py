@@ -128,14 +128,18 @@ def provision(c, env=None, check=False, hosts=None):
         "batch": "hosts per batch: a number or a percentage like 25% (default: the inventory's)",
         "dry_run": "print the plan and stop: no lock taken, no host touched",
         "wait": "seconds to wait for another release's lock before giving up (default 0)",
+        "skip_rehearsal": "release without the rehearsal the environment requires (opsbook_rehearsal_env); needs "
+        "--reason, written in the release record",
+        "reason": "why a guardrail is overridden (with --skip-rehearsal); kept in the release record",
     }
 )
 @operator_errors
-def release(c, env=None, version=None, batch=None, dry_run=False, wait=0):
+def release(c, env=None, version=None, batch=None, dry_run=False, wait=0, skip_rehearsal=False, reason=None):
     """Release a version: plan, lock, preflight, expand migrations, rolling switch gated by a probe."""
     from opsbook.operations import release as rel
 
-    rel.release(load_env(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait))
+    rel.release(load_env(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait),
+                skip_rehearsal=skip_rehearsal, reason=reason)
 
 
 @task(

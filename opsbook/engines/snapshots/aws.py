@@ -108,6 +108,22 @@ class AwsSnapshots:
     def kind(self) -> str:
         return "aurora" if self.database().kind == "db-cluster" else "rds"
 
+    def can_take(self) -> tuple[bool, str]:
+        """Whether a snapshot can be taken now: the database is `available` and no snapshot of it is
+        being made (RDS refuses a second one meanwhile). (False, why) otherwise."""
+        db = self.database()
+        if self.kind == "aurora":
+            status = self.rds.describe_db_clusters(DBClusterIdentifier=db.id)["DBClusters"][0].get("Status")
+        else:
+            found = self.rds.describe_db_instances(DBInstanceIdentifier=db.id)["DBInstances"]
+            status = found[0].get("DBInstanceStatus")
+        if status != "available":
+            return False, f"its database {db.id} is {status}, not available"
+        making = [s.id for s in self.list() if s.status == "creating" and s.source == db.id]
+        if making:
+            return False, f"snapshot {making[0]} of {db.id} is still being made"
+        return True, ""
+
     def _tags(self, record_id: str, reason: str) -> list[dict[str, str]]:
         tags = {aws.TAG_ENV: self.env.name, aws.TAG_MANAGED_BY: aws.MANAGED_BY, aws.TAG_ROLE: ROLE,
                 TAG_RECORD: record_id, TAG_REASON: tag_value(reason or "-")}

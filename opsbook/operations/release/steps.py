@@ -61,6 +61,7 @@ class Run:
     in_flight: list[str] | None = None   # the batch being switched, if any
     put_back: str | None = None   # after a failure: whether every answering host is back in rotation
     notes: list[str] = field(default_factory=list)   # what the record should say besides the outcome
+    guardrails: dict[str, Any] = field(default_factory=dict)   # rehearsal gate and safety point (guardrails.py)
     staged_s: float | None = None   # how long staging ran (beside preflight; its phase is what remained)
     batch_t0: float = 0.0   # when the batch in flight began
 
@@ -88,10 +89,12 @@ class Run:
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
             "interrupted_in": self.interrupted_in,
             "put_back": self.put_back, "notes": self.notes, "staged_s": self.staged_s,
+            "guardrails": self.guardrails,
         }
 
 
-def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=None) -> str:
+def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=None,
+            guardrails: dict[str, Any] | None = None) -> str:
     """Run the plan under the lock and the probe; always leave a record. Returns the version.
 
     `replan()` makes the plan again once the lock is held (the fleet may have changed while this
@@ -99,7 +102,7 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
     batch in flight goes back to the version it had, every answering host is put back in the
     load balancer, the record says `interrupted` and where, and the lock is released.
     """
-    run = Run(plan=plan, record_id=new_record_id(plan.kind))
+    run = Run(plan=plan, record_id=new_record_id(plan.kind), guardrails=guardrails or {})
     slo = probes.slo_for(env)
     lock = locks.lock_for(env)
     with interrupts.interruptible():
@@ -284,6 +287,20 @@ def _preflight(env: Env, plan: Plan) -> None:
                             + "; ".join(str(b) for b in blocking))
 
 
+def _safety_point(env: Env, run: Run) -> None:
+    """Take the snapshot the guardrails decided on (guardrails.py), tagged with this release's record
+    id; the record names it. A snapshot that cannot be taken fails the release before any migration."""
+    from opsbook.engines.snapshots import paths, safety
+
+    decided = run.guardrails.setdefault("snapshot", {"action": safety.NONE, "why": "not decided"})
+    if decided.get("action") != safety.TAKE:
+        log(f"safety point: {decided.get('action')}: {decided.get('why')}")
+        return
+    snap = paths.for_env(env).take(record_id=run.record_id, reason=f"safety point of {run.plan.kind} "
+                                   f"{run.plan.target}", log=log)
+    decided.update(snapshot=snap.to_dict(), id=snap.id)
+
+
 def _expand(env: Env, art: artifact.Artifact, run: Run) -> None:
     """The artifact's pending expand phases, run by the migrate runbook as a child record of the
     release (its lock waits and batch throughput are measured and kept there)."""
@@ -358,6 +375,10 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo)
         if "preflight" in plan.phases:
             with run.phase("preflight"):
                 _preflight(env, plan)
+        if "safety point" in plan.phases:
+            held.renew()
+            with run.phase("safety point"):
+                _safety_point(env, run)
         if "expand migrations" in plan.phases:
             held.renew()
             with run.phase("expand migrations"):
