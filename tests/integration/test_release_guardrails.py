@@ -122,6 +122,14 @@ def test_a_release_on_the_fresh_refresh_passes_and_an_old_refresh_does_not(pair,
     assert not v.ok, "a failed release to staging is no rehearsal"
     assert "no succeeded release of this artifact" in v.missing[0]
 
+    # The same version built again (other bytes) and released on the fresh refresh: not this artifact.
+    other = artifact.Artifact(art.version, art.path.with_name("other.tar.gz"))
+    other.path.write_bytes(b"other bytes, same version")
+    rebuilt = _release(stage, other)
+    v = rehearsal.check(prod, art.version, art.sha256)
+    assert not v.ok
+    assert f"record {rebuilt} released version {art.version} but does not carry this artifact's sha256" in v.missing[0]
+
     good = _release(stage, art)
     v = rehearsal.check(prod, art.version, art.sha256)
     assert v.ok, v.text()
