@@ -272,7 +272,8 @@ def test_on_aws_a_release_takes_its_safety_point_and_its_record_names_it(aws_inv
     decided = safety.decide_for(env, ["0007_add_course_id"])
     assert decided.action == safety.TAKE, decided.why
     plan = Plan(env=env.name, kind="release", target="2.0.0", artifact_file="f", artifact_sha256="0" * 64,
-                current={}, batches=[], drain_timeout=30, phases=list(RELEASE_PHASES))
+                current={}, batches=[], drain_timeout=30, migrations_pending=["0007_add_course_id"],
+                phases=list(RELEASE_PHASES))
     run = steps.Run(plan=plan, record_id=new_record_id("release"), guardrails={"snapshot": decided.to_record()})
     steps._safety_point(env, run)
     sid = run.guardrails["snapshot"]["id"]
@@ -283,6 +284,12 @@ def test_on_aws_a_release_takes_its_safety_point_and_its_record_names_it(aws_inv
     run.outcome = "succeeded"
     assert record.key_figures(run.data())["snapshot"] == sid
     assert json.dumps(run.data(), default=str)
+
+    # Decided again under the lock, on the plan made there: no expand migrations any more, no snapshot.
+    run.plan.migrations_pending = []
+    steps._safety_point(env, run)
+    assert run.guardrails["snapshot"]["action"] == safety.NONE
+    assert [s.id for s in AwsSnapshots(env).list() if s.ours] == [sid]
 
 
 @pytest.mark.moto

@@ -184,3 +184,38 @@ def test_retention_rules_on_their_own():
     assert base.retention([snap("only", 100)], keep=1, max_age=timedelta(days=1), now=now).delete == []   # the newest
     assert base.retention(snaps, keep=None, max_age=None, now=now).delete == []
     assert json.dumps(by_count.keep)   # the reasons kept go into the record
+
+
+@pytest.mark.slow   # four invoke processes (each loads Ansible's inventory): about a minute on 2 cores
+def test_the_tasks_as_an_operator_runs_them(aws_inventory, aws, monkeypatch):
+    """`invoke snapshot --dry-run`, `invoke snapshot`, `snapshot.list` and `snapshot.drill` through the
+    command line (the account guard included: moto's account is the copy's), and the lab refused."""
+    from opsbook.core.inventory import INVENTORY_PATH_VARIABLE
+    from tests.fixtures.lab import invoke
+
+    env = aws_inventory("staging")
+    _stores(aws, env)
+    _database(aws, env)
+    monkeypatch.setenv(INVENTORY_PATH_VARIABLE, str(env.path.parent))
+
+    dry = invoke("snapshot", "--env", env.name, "--dry-run", check=True)
+    assert f"dry run: would take a rds snapshot of {env.name}'s database opsbook-{env.name}" in dry.stdout
+    assert not [s for s in AwsSnapshots(env).list() if s.ours], "a dry run takes nothing"
+
+    taken = invoke("snapshot", "--env", env.name, "--reason", "before the drill", check=True)
+    ours = [s for s in AwsSnapshots(env).list() if s.ours]
+    assert len(ours) == 1
+    assert f"record {ours[0].record_id} stored" in taken.stdout
+
+    listed = invoke("snapshot.list", "--env", env.name, check=True)
+    assert ours[0].id in listed.stdout
+    assert f"record {ours[0].record_id}" in listed.stdout
+
+    drilled = invoke("snapshot.drill", "--env", env.name)
+    assert drilled.returncode == 1
+    assert "NOT VERIFIED" in drilled.stderr
+
+    lab = invoke("snapshot", "--env", "lab")
+    assert lab.returncode == 1
+    assert "the lab's snapshot path" in lab.stderr
+    assert "not built yet" in lab.stderr

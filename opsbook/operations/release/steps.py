@@ -288,17 +288,23 @@ def _preflight(env: Env, plan: Plan) -> None:
 
 
 def _safety_point(env: Env, run: Run) -> None:
-    """Take the snapshot the guardrails decided on (guardrails.py), tagged with this release's record
-    id; the record names it. A snapshot that cannot be taken fails the release before any migration."""
+    """Decide the safety point again, under the lock and on the plan made under it (the guardrails
+    decided it before the lock, to refuse early; the pending migrations may have changed since), then
+    take the snapshot when that is the decision, tagged with this release's record id; the record
+    names it. A refusal now, or a snapshot that cannot be taken, fails the release before any
+    migration runs."""
     from opsbook.engines.snapshots import paths, safety
 
-    decided = run.guardrails.setdefault("snapshot", {"action": safety.NONE, "why": "not decided"})
-    if decided.get("action") != safety.TAKE:
-        log(f"safety point: {decided.get('action')}: {decided.get('why')}")
+    decided = safety.decide_for(env, run.plan.migrations_pending)
+    run.guardrails["snapshot"] = decided.to_record()
+    if decided.refused:
+        raise ReleaseFailed(f"safety point: {decided.why}")
+    if decided.action != safety.TAKE:
+        log(decided.text())
         return
     snap = paths.for_env(env).take(record_id=run.record_id, reason=f"safety point of {run.plan.kind} "
                                    f"{run.plan.target}", log=log)
-    decided.update(snapshot=snap.to_dict(), id=snap.id)
+    run.guardrails["snapshot"].update(snapshot=snap.to_dict(), id=snap.id)
 
 
 def _expand(env: Env, art: artifact.Artifact, run: Run) -> None:
