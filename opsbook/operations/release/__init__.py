@@ -1,6 +1,7 @@
 """Release and rollback of an environment (`invoke release`, `invoke rollback`).
 
-A release: guardrails (known env, existing artifact), plan (hosts in batches, the version each
+A release: guardrails (known env, existing artifact; guardrails.py: the rehearsal gate and the
+safety point), plan (hosts in batches, the version each
 serves, migrations; plan.py), then under the environment's release lock and a probe driving
 traffic through the load balancer, the phases described in plan.PHASES (steps.py): provision,
 preflight, expand migrations (a child migrate record), stage, the rolling switch batch by batch
