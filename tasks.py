@@ -128,14 +128,18 @@ def provision(c, env=None, check=False, hosts=None):
         "batch": "hosts per batch: a number or a percentage like 25% (default: the inventory's)",
         "dry_run": "print the plan and stop: no lock taken, no host touched",
         "wait": "seconds to wait for another release's lock before giving up (default 0)",
+        "skip_rehearsal": "release without the rehearsal the environment requires (opsbook_rehearsal_env); needs "
+        "--reason, written in the release record",
+        "reason": "why a guardrail is overridden (with --skip-rehearsal); kept in the release record",
     }
 )
 @operator_errors
-def release(c, env=None, version=None, batch=None, dry_run=False, wait=0):
+def release(c, env=None, version=None, batch=None, dry_run=False, wait=0, skip_rehearsal=False, reason=None):
     """Release a version: plan, lock, preflight, expand migrations, rolling switch gated by a probe."""
     from opsbook.operations import release as rel
 
-    rel.release(load_env(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait))
+    rel.release(load_env(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait),
+                skip_rehearsal=skip_rehearsal, reason=reason)
 
 
 @task(
@@ -272,6 +276,43 @@ def migrate(c, env=None, phase=None, dry_run=False, dsn=None, fleet=None, param=
 migrate_ns = Collection("migrate")
 migrate_ns.add_task(migrate, "run", default=True)
 migrate_ns.add_task(migrate_lint, "lint")
+
+
+# --- snapshots --------------------------------------------------------------------------------
+@task(help={"env": "environment (inventories/ENV)",
+            "reason": "why this snapshot is taken (tagged on it and kept in its record)",
+            "dry_run": "say which database would be snapshotted and what retention would delete; change nothing"})
+@operator_errors
+def snapshot_take(c, env=None, reason=None, dry_run=False):
+    """Snapshot the environment's database, as a record (runbooks/snapshot.ipynb), then apply retention."""
+    from opsbook.operations import snapshot as snap
+
+    snap.take(load_env(c, env), reason=reason, dry_run=dry_run)
+
+
+@task(help={"env": "environment (inventories/ENV)"})
+@operator_errors
+def snapshot_list(c, env=None):
+    """Every snapshot of the environment: age, size and the record that took it. Read-only."""
+    from opsbook.operations import snapshot as snap
+
+    snap.list_snapshots(load_env(c, env))
+
+
+@task(help={"env": "environment (inventories/ENV)",
+            "snapshot": "the snapshot to drill (default: the newest available one)"})
+@operator_errors
+def snapshot_drill(c, env=None, snapshot=None):
+    """Restore drill of a snapshot, as a record (runbooks/restore_drill.ipynb); one that cannot verify never passes."""
+    from opsbook.operations import snapshot as snap
+
+    snap.drill(load_env(c, env), snapshot)
+
+
+snapshot_ns = Collection("snapshot")
+snapshot_ns.add_task(snapshot_take, "take", default=True)
+snapshot_ns.add_task(snapshot_list, "list")
+snapshot_ns.add_task(snapshot_drill, "drill")
 
 
 @task(
@@ -449,6 +490,7 @@ ns = Collection()
 ns.add_collection(lab_ns)
 ns.add_collection(records_ns)
 ns.add_collection(migrate_ns)
+ns.add_collection(snapshot_ns)
 ns.add_collection(lock_ns)
 ns.add_collection(env_ns)
 ns.add_task(runbooks_list, "runbooks")

@@ -4,6 +4,8 @@
   manifest.json   version, git sha, build time, sha256 of every file below
   wheelhouse/     the service wheel and a wheel of every dependency (hosts install offline)
   migrations/     the migrations this version ships
+  masking.yml     the masking rules for those migrations' columns (app/masking.yml): a staging
+                  refresh masks with the rules of the version production runs, not of the checkout
 and `dist/bl-api-<V>.tar.gz.sha256` beside it. Artifacts are never rebuilt in place.
 """
 
@@ -27,6 +29,7 @@ from opsbook.core.errors import OpsbookError
 from opsbook.core.paths import APP, DIST, ROOT
 
 NAME = "bl-api"
+MASKING_FILE = "masking.yml"   # the same name opsbook.engines.masking reads next to the migrations
 VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+_-]{0,63}$")
 
 
@@ -58,6 +61,21 @@ class Artifact:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
             tar.extractall(dest, members=members, filter="data")
         return dest / prefix
+
+    def extract_masking(self, dest: Path) -> Path:
+        """Unpack this version's masking rules into dest and return the file's path. It lands next to
+        the migrations `extract_migrations` unpacks into the same dest, where `masking.lint` looks."""
+        name = f"{NAME}-{self.version}/{MASKING_FILE}"
+        with tarfile.open(self.path) as tar:
+            try:
+                member = tar.getmember(name)
+            except KeyError:
+                raise ArtifactError(
+                    f"artifact {self.path.name} carries no {MASKING_FILE} (built before the masking rules travelled "
+                    f"with the artifact). Nothing was changed. Release a version built since (`invoke build`), or "
+                    f"give the masking file explicitly.") from None
+            tar.extractall(dest, members=[member], filter="data")
+        return dest / name
 
 
 def sha256_file(path: Path) -> str:
@@ -191,6 +209,10 @@ def build(version: str | None = None, log=print, source: Path = APP) -> Artifact
     if path.exists():
         log(f"artifact {_shown(path)} exists; artifacts are immutable, not rebuilding")
         return find(version)
+    masking_rules = source / MASKING_FILE
+    if not masking_rules.is_file():
+        raise ArtifactError(f"{_shown(masking_rules)} does not exist: every version ships the masking rules for "
+                            f"its columns, which a staging refresh applies. Nothing was built.")
     DIST.mkdir(exist_ok=True)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="opsbook-build-") as tmpdir:
@@ -211,6 +233,7 @@ def build(version: str | None = None, log=print, source: Path = APP) -> Artifact
         log(f"building {NAME} {version}: service wheel and dependency wheelhouse")
         _wheels(src, wheelhouse)
         shutil.copytree(source / "migrations", root / "migrations")
+        shutil.copy2(masking_rules, root / MASKING_FILE)
         files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
         manifest = {
             "name": NAME,

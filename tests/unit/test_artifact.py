@@ -65,3 +65,42 @@ def test_a_second_build_takes_its_dependencies_from_the_cache_with_no_network(di
     second = artifact.find("9.9.2+cache")
     assert _wheels_in(second.path) == _wheels_in(first.path)
     assert len(_wheels_in(first.path)) >= 3   # flask, gunicorn, psycopg and what they need
+
+
+def test_the_masking_rules_travel_with_the_artifact_next_to_its_migrations(dist, tmp_path_factory):
+    """A refresh masks with the rules of the version production runs: `invoke build` puts the masking
+    file of the source it builds (not the checkout's at refresh time) into the artifact, beside the
+    migrations, where masking.lint finds it once both are unpacked."""
+    import shutil
+
+    from opsbook.core.paths import APP
+    from opsbook.engines import masking
+
+    assert artifact.MASKING_FILE == masking.MASKING_FILE
+    src = tmp_path_factory.mktemp("src") / "app"
+    shutil.copytree(APP, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
+    rules = (src / "masking.yml").read_text() + "\n# rules of version 9.9.3+masking\n"
+    (src / "masking.yml").write_text(rules)
+    built = artifact.build("9.9.3+masking", log=lambda _m: None, source=src)
+    (src / "masking.yml").write_text("changed after the build\n")   # the artifact is what it was built from
+
+    out = tmp_path_factory.mktemp("unpacked")
+    migrations = built.extract_migrations(out)
+    rules_file = built.extract_masking(out)
+    assert rules_file.read_text() == rules
+    assert rules_file == migrations.parent / masking.MASKING_FILE
+    assert masking.MASKING_FILE in built.manifest()["files"]   # checksummed like every file it holds
+    assert masking.lint(migrations) is not None   # the unpacked pair lints like app/ does
+
+
+def test_a_source_without_masking_rules_is_not_built(dist, tmp_path_factory):
+    import shutil
+
+    from opsbook.core.paths import APP
+
+    src = tmp_path_factory.mktemp("src") / "app"
+    shutil.copytree(APP, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
+    (src / "masking.yml").unlink()
+    with pytest.raises(artifact.ArtifactError, match=r"masking.yml does not exist.*Nothing was built"):
+        artifact.build("9.9.4+nomask", log=lambda _m: None, source=src)
+    assert not list(dist.glob("*.tar.gz"))

@@ -1,6 +1,7 @@
 """Release and rollback of an environment (`invoke release`, `invoke rollback`).
 
-A release: guardrails (known env, existing artifact), plan (hosts in batches, the version each
+A release: guardrails (known env, existing artifact; guardrails.py: the rehearsal gate and the
+safety point), plan (hosts in batches, the version each
 serves, migrations; plan.py), then under the environment's release lock and a probe driving
 traffic through the load balancer, the phases described in plan.PHASES (steps.py): provision,
 preflight, expand migrations (a child migrate record), stage, the rolling switch batch by batch
@@ -15,6 +16,7 @@ from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.engines import artifact, fleet
 from opsbook.engines.records.store import store_for
+from opsbook.operations.release import guardrails
 from opsbook.operations.release.plan import Plan, batches_of, make_plan
 from opsbook.operations.release.record import ReleaseFailed
 from opsbook.operations.release.steps import execute, log
@@ -23,8 +25,9 @@ __all__ = ["Plan", "ReleaseFailed", "batches_of", "make_plan", "previous_good", 
 
 
 def release(env: Env, version: str | None = None, *, batch: str | None = None, dry_run: bool = False,
-            wait: int = 0) -> str:
-    """Release `version` (default: the current code, built if missing) to `env`. Returns the version."""
+            wait: int = 0, skip_rehearsal: bool = False, reason: str | None = None) -> str:
+    """Release `version` (default: the current code, built if missing) to `env`. Returns the version.
+    `skip_rehearsal` with a `reason` overrides the rehearsal gate (guardrails.py); the record says so."""
     art = artifact.find(version) if version else artifact.build()
     if env.kind == "lab" and not dry_run:
         from opsbook.engines import lab
@@ -32,10 +35,13 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
         lab.up(env)   # the lab's hosts must exist before they can be released to (no-op when up)
     plan = make_plan(env, art, kind="release", batch=batch)
     print(plan.text(), flush=True)
+    checked = guardrails.check(env, art, plan.migrations_pending, skip_rehearsal=skip_rehearsal, reason=reason,
+                               dry_run=dry_run, out=log)
     if dry_run:
         log("dry run: nothing was locked or changed")
         return art.version
-    return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="release", batch=batch))
+    return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="release", batch=batch),
+                   guardrails=checked)
 
 
 def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_run: bool = False,

@@ -20,6 +20,8 @@ PHASES: dict[str, str] = {
     "provision": "converge the app and lb hosts whose configuration changed since their last converge "
                  "(a stamp on each host); database hosts only when never provisioned",
     "preflight": "host checks (testinfra, less what the release converges) and blocking database sessions",
+    "safety point": "when the plan has expand migrations and the inventory requires it "
+                    "(opsbook_release_snapshot), a snapshot of the database taken first (or a recent one named)",
     "expand migrations": "the artifact's pending expand phases, as a child migrate record",
     "stage": "unpack the artifact into releases/<version> on every app host (offline venv); it starts "
              "beside preflight and the expand migrations, so its time is only what was left to wait for",
@@ -35,7 +37,8 @@ RELEASE_PHASES = tuple(PHASES)
 # A rollback is the way out of a bad release: it changes no schema and converges nothing, and no
 # host check that has nothing to do with serving the previous version (a drifted file, another
 # environment's database host) may stand in its way. Verify checks what it changed.
-ROLLBACK_PHASES = tuple(p for p in PHASES if p not in ("provision", "preflight", "expand migrations"))
+ROLLBACK_PHASES = tuple(p for p in PHASES if p not in ("provision", "preflight", "safety point",
+                                                       "expand migrations"))
 
 
 def batches_of(hosts: list[str], size: str | int) -> list[list[str]]:

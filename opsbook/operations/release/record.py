@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from opsbook.core.errors import OpsbookError
+from opsbook.operations.release.guardrails import notes as guardrail_notes
 from opsbook.operations.release.plan import PHASES
 
 
@@ -33,7 +34,7 @@ def summary(data: dict[str, Any]) -> str:
         lines.append("  detail:\n    " + data["detail"].replace("\n", "\n    "))
     if data.get("lock"):
         lines.append(f"  lock: {data['lock']}")
-    for note in data.get("notes") or []:
+    for note in [*(data.get("notes") or []), *guardrail_notes(data.get("guardrails") or {})]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
 
@@ -88,7 +89,14 @@ def key_figures(data: dict[str, Any]) -> dict[str, Any]:
         "missing_acknowledged_writes": probe.get("missing_acknowledged_writes"),
         "migrations_applied": data.get("migrations", {}).get("applied", []),
         "contracts_pending": data.get("migrations", {}).get("contracts_pending", []),
+        "artifact_sha256": (data.get("artifact") or {}).get("sha256"),   # the rehearsal gate matches on it
     }
+    guard = data.get("guardrails") or {}
+    if (guard.get("snapshot") or {}).get("id"):
+        figs["snapshot"] = guard["snapshot"]["id"]            # the safety point (retention keeps it)
+    if guard.get("rehearsal"):
+        r = guard["rehearsal"]
+        figs["rehearsal"] = ("skipped: " + r["skipped"]) if r.get("skipped") else (r.get("release") or "none required")
     if data.get("reason"):
         figs["reason"] = data["reason"]
     if data.get("converge"):

@@ -61,6 +61,7 @@ class Run:
     in_flight: list[str] | None = None   # the batch being switched, if any
     put_back: str | None = None   # after a failure: whether every answering host is back in rotation
     notes: list[str] = field(default_factory=list)   # what the record should say besides the outcome
+    guardrails: dict[str, Any] = field(default_factory=dict)   # rehearsal gate and safety point (guardrails.py)
     staged_s: float | None = None   # how long staging ran (beside preflight; its phase is what remained)
     batch_t0: float = 0.0   # when the batch in flight began
 
@@ -88,10 +89,12 @@ class Run:
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
             "interrupted_in": self.interrupted_in,
             "put_back": self.put_back, "notes": self.notes, "staged_s": self.staged_s,
+            "guardrails": self.guardrails,
         }
 
 
-def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=None) -> str:
+def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=None,
+            guardrails: dict[str, Any] | None = None) -> str:
     """Run the plan under the lock and the probe; always leave a record. Returns the version.
 
     `replan()` makes the plan again once the lock is held (the fleet may have changed while this
@@ -99,7 +102,7 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
     batch in flight goes back to the version it had, every answering host is put back in the
     load balancer, the record says `interrupted` and where, and the lock is released.
     """
-    run = Run(plan=plan, record_id=new_record_id(plan.kind))
+    run = Run(plan=plan, record_id=new_record_id(plan.kind), guardrails=guardrails or {})
     slo = probes.slo_for(env)
     lock = locks.lock_for(env)
     with interrupts.interruptible():
@@ -284,6 +287,26 @@ def _preflight(env: Env, plan: Plan) -> None:
                             + "; ".join(str(b) for b in blocking))
 
 
+def _safety_point(env: Env, run: Run) -> None:
+    """Decide the safety point again, under the lock and on the plan made under it (the guardrails
+    decided it before the lock, to refuse early; the pending migrations may have changed since), then
+    take the snapshot when that is the decision, tagged with this release's record id; the record
+    names it. A refusal now, or a snapshot that cannot be taken, fails the release before any
+    migration runs."""
+    from opsbook.engines.snapshots import paths, safety
+
+    decided = safety.decide_for(env, run.plan.migrations_pending)
+    run.guardrails["snapshot"] = decided.to_record()
+    if decided.refused:
+        raise ReleaseFailed(f"safety point: {decided.why}")
+    if decided.action != safety.TAKE:
+        log(decided.text())
+        return
+    snap = paths.for_env(env).take(record_id=run.record_id, reason=f"safety point of {run.plan.kind} "
+                                   f"{run.plan.target}", log=log)
+    run.guardrails["snapshot"].update(snapshot=snap.to_dict(), id=snap.id)
+
+
 def _expand(env: Env, art: artifact.Artifact, run: Run) -> None:
     """The artifact's pending expand phases, run by the migrate runbook as a child record of the
     release (its lock waits and batch throughput are measured and kept there)."""
@@ -358,6 +381,10 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo)
         if "preflight" in plan.phases:
             with run.phase("preflight"):
                 _preflight(env, plan)
+        if "safety point" in plan.phases:
+            held.renew()
+            with run.phase("safety point"):
+                _safety_point(env, run)
         if "expand migrations" in plan.phases:
             held.renew()
             with run.phase("expand migrations"):
