@@ -337,6 +337,16 @@ def _find_secrets(t: Target, env_name: str) -> Iterator[Resource]:
                 yield _resource("secret", s["ARN"], s["Name"], tags)
 
 
+def _find_ssm(t: Target, env_name: str) -> Iterator[Resource]:
+    ssm = client(t, "ssm")
+    named = [{"Key": "Name", "Option": "BeginsWith", "Values": [f"/opsbook/{env_name}/"]}]
+    for page in ssm.get_paginator("describe_parameters").paginate(ParameterFilters=named):
+        for p in page["Parameters"]:
+            tags = _tags(ssm.list_tags_for_resource(ResourceType="Parameter", ResourceId=p["Name"]).get("TagList"))
+            if _ours(tags, env_name):
+                yield _resource("parameter", p["Name"], p["Name"], tags)
+
+
 def _find_iam(t: Target, env_name: str) -> Iterator[Resource]:
     iam = client(t, "iam")
     for page in iam.get_paginator("list_roles").paginate(PathPrefix=IAM_PATH):
@@ -355,7 +365,8 @@ def _find_iam(t: Target, env_name: str) -> Iterator[Resource]:
 
 
 FINDERS: tuple[Callable[[Target, str], Iterator[Resource]], ...] = (
-    _find_autoscaling, find_load_balancing, _find_rds, _find_ec2, _find_s3, _find_dynamodb, _find_secrets, _find_iam)
+    _find_autoscaling, find_load_balancing, _find_rds, _find_ec2, _find_s3, _find_dynamodb, _find_secrets, _find_ssm,
+    _find_iam)
 
 
 def find(t: Target, env_name: str | None = None) -> list[Resource]:
@@ -560,6 +571,7 @@ DELETERS: dict[str, Callable[..., None]] = {
     "instance-profile": _delete_instance_profile,
     "iam-role": _delete_role,
     "secret": _delete_secret,
+    "parameter": _simple("ssm", "delete_parameter", "Name"),
     "dynamodb-table": _simple("dynamodb", "delete_table", "TableName"),
     "s3-bucket": _delete_bucket,
     "route-table": _delete_route_table,

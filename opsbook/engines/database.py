@@ -21,13 +21,27 @@ class DatabaseUnreachable(OpsbookError):
     """The environment's database refused or did not answer."""
 
 
+def address(env: Env, host: str | None = None) -> str:
+    """Where the environment's service database answers: `host`'s address when given; else a managed
+    database's (bl_api_db_address: RDS or Aurora, published by provisioning in SSM Parameter Store);
+    else the address of the inventory host named by bl_api_db_host."""
+    if host:
+        return env.host(host).address
+    try:
+        managed = env.var("bl_api_db_address", "")
+    except Exception as e:  # noqa: BLE001 - Ansible's lookup errors are of many kinds; all mean the same here
+        raise OpsbookError(
+            f"the address of {env.name}'s database (bl_api_db_address) could not be read: {e}. Nothing was "
+            f"changed. If the environment was never provisioned, run `invoke provision --env {env.name}`.") from None
+    return managed or env.host(env.var("bl_api_db_host")).address
+
+
 def admin_conninfo(env: Env, host: str | None = None) -> str:
     """libpq conninfo for the admin role on the environment's service database."""
     from psycopg.conninfo import make_conninfo
 
-    host = host or env.var("bl_api_db_host")
     return make_conninfo(
-        host=env.host(host).address,
+        host=address(env, host),
         port=env.var("bl_api_db_port"),
         dbname=env.var("bl_api_db_name"),
         user=env.var("opsbook_db_admin_user"),

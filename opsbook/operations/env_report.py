@@ -157,11 +157,11 @@ def database_state(conninfo: str, *, timeout: float = 5.0, largest: int = 5) -> 
 
 
 def database(env, *, probe: bool = True, timeout: float = 5.0) -> dict[str, Any]:
-    """The service database as the inventory names it (bl_api_db_host, bl_api_db_name), as the admin role."""
+    """The service database as the inventory names it (bl_api_db_address, or the host bl_api_db_host;
+    bl_api_db_name), as the admin role."""
     empty = {"size_bytes": None, "largest_tables": [], "migrations": []}
     try:
-        db_host = env.var("bl_api_db_host")
-        address = env.host(db_host).address if db_host in {h.name for h in env.hosts()} else db_host
+        address = database_engine.address(env)
         port = int(env.var("bl_api_db_port", 5432))
         dbname = env.var("bl_api_db_name")
         user = env.var("opsbook_db_admin_user")

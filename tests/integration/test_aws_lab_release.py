@@ -6,7 +6,10 @@ the S3 record store, to real hosts over SSH, under the probe, with zero failed r
 
 E is built for the run, outside the repository (OPSBOOK_INVENTORY_PATH), from the lab's inventory:
 its hosts.yml replaced by an aws_ec2.yml, its secrets read from Secrets Manager instead of .lab/,
-its lock and records in moto. Load balancing stays haproxy on lb1 (moto's ALB forwards nothing).
+its lock and records in moto. Its database is a managed one, as in AWS: no db host in the inventory,
+its address read from SSM Parameter Store (bl_api_db_address, as `invoke provision` publishes an RDS
+endpoint), where the lab's db1 answers. Load balancing stays haproxy on lb1 (moto's ALB forwards
+nothing).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import yaml
 
 from opsbook.core.inventory import INVENTORY_PATH_VARIABLE, load
 from opsbook.core.paths import INVENTORIES
+from opsbook.engines import database
 from opsbook.engines import fleet as fleets
 from opsbook.engines.records.store import store_for
 from tests.fixtures.aws_env import MOTO_ACCOUNT
@@ -56,6 +60,8 @@ def _make_environment(root, name: str, endpoint: str, lab) -> None:
         "opsbook_record_store": f"s3://opsbook-records-{name}/records",
         "opsbook_lock_backend": "dynamodb",
         "opsbook_lock_table": f"opsbook-locks-{name}",
+        "bl_api_db_address": ("{{ lookup('amazon.aws.ssm_parameter', '/opsbook/' ~ opsbook_env_name ~ '/db-address', "
+                              "region=opsbook_aws_region) }}"),
         "vault_bl_api_db_password": secret.format("bl_api_db_password"),
         "vault_opsbook_db_admin_password": secret.format("opsbook_db_admin_password"),
     }))
@@ -66,12 +72,16 @@ def _make_environment(root, name: str, endpoint: str, lab) -> None:
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=lab.var("opsbook_lab_subnet"))["Subnet"]["SubnetId"]
     for host in lab.hosts():
         role = next((g for g in ("app", "lb", "db") if g in host.groups), None)
-        if role is None or host.name == "db2":   # db2 is the lab's staging database, not this environment's
+        if role in (None, "db"):   # the database is a managed one (below); db2 is the lab's staging database
             continue
         ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.small", SubnetId=subnet,
                           PrivateIpAddress=host.address, TagSpecifications=[{"ResourceType": "instance", "Tags": [
                               {"Key": "opsbook:env", "Value": name}, {"Key": "opsbook:managed-by", "Value": "opsbook"},
                               {"Key": "opsbook:role", "Value": role}, {"Key": "Name", "Value": host.name}]}])
+    boto3.client("ssm", endpoint_url=endpoint, region_name=REGION).put_parameter(
+        Name=f"/opsbook/{name}/db-address", Value=lab.host("db1").address, Type="String",
+        Tags=[{"Key": "opsbook:env", "Value": name}, {"Key": "opsbook:managed-by", "Value": "opsbook"},
+              {"Key": "opsbook:role", "Value": "db-address"}])
     sm = boto3.client("secretsmanager", endpoint_url=endpoint, region_name=REGION)
     for var, value in lab.secret_values().items():   # the lab's databases know these passwords
         sm.create_secret(Name=f"opsbook/{name}/{var.removeprefix('vault_')}", SecretString=value)
@@ -91,6 +101,8 @@ def test_a_release_to_an_aws_environment_of_real_hosts(lab_env, fleet, aws, monk
     assert env.kind == "aws"
     assert sorted(h.name for h in env.hosts("app")) == sorted(h.name for h in lab_env.hosts("app"))
     assert {h.address for h in env.hosts()} < {h.address for h in lab_env.hosts()}
+    assert env.hosts("db") == []
+    assert database.address(env) == lab_env.host("db1").address
 
     proc = invoke("release", "--env", name, "--version", b)
     out = proc.stdout + proc.stderr

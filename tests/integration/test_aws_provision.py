@@ -13,6 +13,7 @@ import pytest
 from opsbook.core.inventory import Env
 from opsbook.core.paths import ROOT
 from opsbook.engines import aws as awsenv
+from opsbook.engines import database
 from opsbook.engines.records.store import store_for
 from opsbook.operations import aws_env, provision
 
@@ -57,7 +58,7 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
     expected_roles = {"vpc", "subnet-public-0", "subnet-public-1", "subnet-private-0", "subnet-private-1", "igw",
                       "route-public", "sg-lb", "sg-app", "sg-db", "iam-app", "profile-app", "records", "lock",
                       "secret-bl_api_db_password", "secret-opsbook_db_admin_password", "tg-app", "alb", "lt-app",
-                      "app", "db-subnets", "db"}
+                      "app", "db-subnets", "db", "db-address"}
     assert expected_roles <= set(found), expected_roles - set(found)
     assert all(r.env == env.name for r in awsenv.find(t))
 
@@ -91,6 +92,13 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
         assert {"db-instance-1", "db-instance-2"} <= set(found)
     assert [g["VpcSecurityGroupId"] for g in db["VpcSecurityGroups"]] == [sg["sg-db"]]
     assert db["StorageEncrypted"]
+    # Its address, published in SSM Parameter Store, is what the inventory (and so the app hosts'
+    # DATABASE_URL and opsbook's admin connection) uses.
+    endpoint = db["Endpoint"]["Address"] if isinstance(db["Endpoint"], dict) else db["Endpoint"]   # instance, cluster
+    published = boto3.client("ssm", endpoint_url=aws).get_parameter(Name=f"/opsbook/{env.name}/db-address")
+    assert published["Parameter"]["Value"] == endpoint
+    assert Env(env.name, path=env.path).var("bl_api_db_address") == endpoint
+    assert database.address(Env(env.name, path=env.path)) == endpoint
 
     second = provision.provision(env)
     assert second["changed"] == 0, second["recap"]
