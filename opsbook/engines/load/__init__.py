@@ -161,7 +161,7 @@ def make_steps(responses_per_s: list[float], seconds: float, mix: Mix) -> list[S
     return [Step(float(r), round(mix.requests_per_s(float(r)), 3), float(seconds)) for r in responses_per_s]
 
 
-def validate(plan: LoadPlan) -> None:
+def validate(plan: LoadPlan) -> None:  # noqa: PLR0912 - one branch per refusal, each with its message
     """Refuse a plan that makes no sense, before anything is sent; the message says what to change."""
     mix = mix_named(plan.mix)
     problems = []

@@ -361,8 +361,10 @@ def main() -> int:
     runner = env.create_local_runner()
     users = gen.users
     runner.start(users, spawn_rate=100)
-    # Setup: create the courses the writes go to (not measured), bounded by the timeout.
+    # Setup: every simulated client started, the courses the writes go to created (not measured), bounded.
     deadline = time.monotonic() + gen.timeout * 3 + 5
+    while runner.user_count < users and time.monotonic() < deadline:
+        gevent.sleep(0.05)
     while (gen.setup_queue or gen.setup_outstanding) and time.monotonic() < deadline:
         gevent.sleep(0.05)
     emit({"event": "setup", "courses_created": len(gen.courses), "errors": dict(gen.setup_errors),

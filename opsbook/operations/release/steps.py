@@ -63,6 +63,7 @@ class Run:
     notes: list[str] = field(default_factory=list)   # what the record should say besides the outcome
     staged_s: float | None = None   # how long staging ran (beside preflight; its phase is what remained)
     batch_t0: float = 0.0   # when the batch in flight began
+    scale_gate: dict[str, Any] | None = None   # the demonstrated-at-scale gate's decision (opsbook.engines.scale_gate)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -88,10 +89,12 @@ class Run:
             "lock": self.lock, "probe": self.probe, "probe_plot": self.probe_plot, "converge": self.converge,
             "interrupted_in": self.interrupted_in,
             "put_back": self.put_back, "notes": self.notes, "staged_s": self.staged_s,
+            "scale_gate": self.scale_gate,
         }
 
 
-def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=None) -> str:
+def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=None,
+            notes: list[str] | None = None, scale_gate: dict[str, Any] | None = None) -> str:
     """Run the plan under the lock and the probe; always leave a record. Returns the version.
 
     `replan()` makes the plan again once the lock is held (the fleet may have changed while this
@@ -99,7 +102,7 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
     batch in flight goes back to the version it had, every answering host is put back in the
     load balancer, the record says `interrupted` and where, and the lock is released.
     """
-    run = Run(plan=plan, record_id=new_record_id(plan.kind))
+    run = Run(plan=plan, record_id=new_record_id(plan.kind), notes=list(notes or []), scale_gate=scale_gate)
     slo = probes.slo_for(env)
     lock = locks.lock_for(env)
     with interrupts.interruptible():
