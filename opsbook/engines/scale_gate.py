@@ -52,7 +52,8 @@ class Decision:
         if self.passed and self.evidence:
             e = self.evidence
             return (f"scale gate: passed by record {e['id']} ({e['env']}, {e['start']}): "
-                    f"{e['target_responses_per_s']:g} responses/s target met, p99 at target {e.get('p99_ms_at_target')} ms")
+                    f"{e['target_responses_per_s']:g} responses/s target met, "
+                    f"p99 at target {e.get('p99_ms_at_target')} ms")
         return "scale gate: no passing scaling check of this artifact"
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,14 +87,15 @@ def requirement(env) -> Requirement | None:
                        tuple(env.var("opsbook_scale_check_from", ["staging", "lab"])))
 
 
-def _miss(entry: dict[str, Any], req: Requirement, sha256: str, now: datetime) -> str | None:
+def _miss(entry: dict[str, Any], req: Requirement, sha256: str, now: datetime) -> str | None:  # noqa: PLR0911 - a reason per rule
     """Why this ledger entry is not the evidence (None: it is)."""
     f = entry.get("figures") or {}
     where = f"record {entry.get('id')} ({entry.get('env')}, {entry.get('start')})"
     if entry.get("env") not in req.from_envs:
         return f"{where}: run on {entry.get('env')}, not on {' or '.join(req.from_envs)}"
     if f.get("artifact_sha256") != sha256:
-        return f"{where}: measured another artifact ({f.get('version')}, sha256 {str(f.get('artifact_sha256'))[:12]}…)"
+        other = str(f.get("artifact_sha256"))[:12]
+        return f"{where}: measured another artifact ({f.get('version')}, sha256 {other}…)"
     if entry.get("outcome") != "succeeded" or f.get("verdict") != "pass":
         return f"{where}: verdict {f.get('verdict') or entry.get('outcome')}: {'; '.join(f.get('verdict_reasons') or [])}"
     if float(f.get("target_responses_per_s") or 0) < req.responses_per_s:

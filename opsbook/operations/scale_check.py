@@ -18,6 +18,7 @@ production without `--allow-prod --reason R`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -156,12 +157,11 @@ def prepare(env_name: str, *, target: float | None = None, steps: list | str | N
     if target is not None and not (isinstance(target, int | float) and target > 0):
         raise ScaleCheckRefused(f"--target must be a positive rate in responses/s, got {target!r}. No load was "
                                 f"sent.")
-    if is_protected(env):
-        if not allow_prod or not str(reason or "").strip():
-            raise ScaleCheckRefused(
-                f"{env.name} is production: a scaling check there puts real load on what users use. It needs both "
-                f"--allow-prod and --reason R (the reason is written in the record). Nothing was sent. A check on "
-                f"staging or the lab is what a production release asks for.")
+    if is_protected(env) and (not allow_prod or not str(reason or "").strip()):
+        raise ScaleCheckRefused(
+            f"{env.name} is production: a scaling check there puts real load on what users use. It needs both "
+            f"--allow-prod and --reason R (the reason is written in the record). Nothing was sent. A check on "
+            f"staging or the lab is what a production release asks for.")
     tgt = target_of(env, target)
     chosen_mix = mix or tgt.mix or "biglearn"
     load.mix_named(chosen_mix)
@@ -288,7 +288,7 @@ def run(ctx: Context, env: Env | None = None, *, out=print) -> CheckRun:
         problems.append(machine.db_problem)
     rows = curve_rows(ctx, result.steps, machine, series)
     lost = count_lost(ctx, result)
-    return judge(ctx, result, rows, lost, problems, started, ended)
+    return judge(ctx, result, rows, lost, problems=problems, started=started, ended=ended)
 
 
 def curve_rows(ctx: Context, steps: list[load.StepResult], machine=None, series=None) -> list[dict[str, Any]]:
@@ -324,16 +324,14 @@ def count_lost(ctx: Context, result: load.LoadResult) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - an unverified count fails the verdict; it does not end the record
         return {"acknowledged": len(uuids), "missing": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(result.acknowledged_file)
-        except OSError:
-            pass
     if counted is None:
         return {"acknowledged": len(uuids), "missing": None, "error": "no database to count in"}
     return {**counted, "error": None}
 
 
-def judge(ctx: Context, result: load.LoadResult, rows: list[dict[str, Any]], lost: dict[str, Any],
+def judge(ctx: Context, result: load.LoadResult, rows: list[dict[str, Any]], lost: dict[str, Any], *,
           problems: list[str], started: float, ended: float) -> CheckRun:
     rule = curve.KneeRule(p99_ms=ctx.target.max_p99_ms)
     k = curve.knee(rows, rule)

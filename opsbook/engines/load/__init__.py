@@ -291,7 +291,7 @@ def read_acknowledged(path: str | Path) -> list[str]:
     return [str(uuid.UUID(bytes=data[i:i + 16])) for i in range(0, len(data) - len(data) % 16, 16)]
 
 
-def run(plan: LoadPlan, *, on_step: Callable[[StepResult], None] | None = None,
+def run(plan: LoadPlan, *, on_step: Callable[[StepResult], None] | None = None,  # noqa: PLR0915 - one child's lifecycle
         on_event: Callable[[dict[str, Any]], None] | None = None, python: str | None = None) -> LoadResult:
     """Run the plan in a child process; call `on_step` with each step as it ends. Returns every step.
 
@@ -323,7 +323,8 @@ def run(plan: LoadPlan, *, on_step: Callable[[StepResult], None] | None = None,
     done: dict[str, Any] | None = None
     setup: dict[str, Any] = {}
     try:
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         proc.stdin.write(plan.to_json())
         proc.stdin.close()
         for line in proc.stdout:
