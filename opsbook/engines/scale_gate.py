@@ -97,7 +97,8 @@ def _miss(entry: dict[str, Any], req: Requirement, sha256: str, now: datetime) -
         other = str(f.get("artifact_sha256"))[:12]
         return f"{where}: measured another artifact ({f.get('version')}, sha256 {other}…)"
     if entry.get("outcome") != "succeeded" or f.get("verdict") != "pass":
-        return f"{where}: verdict {f.get('verdict') or entry.get('outcome')}: {'; '.join(f.get('verdict_reasons') or [])}"
+        why = "; ".join(f.get("verdict_reasons") or [])
+        return f"{where}: verdict {f.get('verdict') or entry.get('outcome')}: {why}"
     if float(f.get("target_responses_per_s") or 0) < req.responses_per_s:
         return f"{where}: passed at {f.get('target_responses_per_s')}/s, below the {req.responses_per_s:g}/s required"
     if float(f.get("target_p99_ms") or 1e12) > req.max_p99_ms:
