@@ -6,7 +6,7 @@ capacity arithmetic from figures a scaling check measured (capacity per host, CP
 host at the knee): AWS (and moto, which stores policies but never scales) is not asked to scale anything.
 
 The findings an operator asks for:
-- **max covers the target with headroom**: max hosts × capacity per host ≥ target × (1 + headroom);
+- **max covers the target with headroom**: max hosts x capacity per host ≥ target x (1 + headroom);
 - **the policy scales out before the knee**: its target value is below what a host shows at the knee (CPU
   share for ASGAverageCPUUtilization, requests per minute for ALBRequestCountPerTarget);
 - **scale-out is faster than the ramp**: a target-tracking alarm needs 3 one-minute datapoints above its

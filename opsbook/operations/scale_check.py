@@ -486,6 +486,40 @@ def figures(check: CheckRun) -> dict[str, Any]:
     }
 
 
+def knee_host_figures(check: CheckRun) -> tuple[float | None, float | None]:
+    """(mean CPU share of the app hosts, requests/s per app host) at the knee step."""
+    row = next((r for r in check.rows if r["index"] == check.knee.index), None)
+    if row is None or not check.ctx.app_hosts:
+        return None, None
+    shares = [h["cpu_share"] for name, h in row["hosts"].items() if name in check.ctx.app_hosts]
+    return (round(sum(shares) / len(shares), 3) if shares else None,
+            round(row["achieved_requests_per_s"] / len(check.ctx.app_hosts), 2))
+
+
+def autoscaling(check: CheckRun, env: Env | None = None, out=print) -> dict[str, Any] | None:
+    """AWS environments: the app Auto Scaling group and its target-tracking policy against the capacity
+    just measured (opsbook.engines.autoscaling). Other environments have none: says so, returns None."""
+    if check.ctx.kind != "aws":
+        out(f"{check.ctx.env} is a {check.ctx.kind} environment: no Auto Scaling group to check")
+        return None
+    from opsbook.core.inventory import load as load_inventory
+    from opsbook.engines import autoscaling as asg
+    from opsbook.engines import aws
+
+    env = env or load_inventory(check.ctx.env)
+    doc = dict(env.var("opsbook_scale_target", {}) or {})
+    group = asg.app_group(aws.target(env), env.name)
+    cpu, rps = knee_host_figures(check)
+    a = asg.assess(group, target_rate=check.ctx.target.responses_per_s, capacity_per_host=check.capacity_per_host(),
+                   knee_cpu_share=cpu, knee_requests_per_host_per_s=rps,
+                   ramp_seconds=float(doc.get("ramp_seconds", 600)), headroom=float(doc.get("headroom", 0.25)))
+    out(f"Auto Scaling group {group.name}: min {group.min_size}, max {group.max_size}, desired {group.desired}; "
+        f"policies: {', '.join(f'{p.name} ({p.metric} {p.target_value:g})' for p in group.policies) or 'none'}")
+    for f in a.findings:
+        out(f"  {'ok  ' if f.ok else 'FAIL'} {f.name}: {f.text}")
+    return a.as_dict()
+
+
 def finish(check: CheckRun) -> None:
     """The record is a check that ran: a failing verdict is a finding, written in the figures; the run
     itself fails only when the check could not be judged (no step ran)."""

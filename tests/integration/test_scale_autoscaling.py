@@ -48,7 +48,7 @@ def test_the_group_and_its_policy_are_read_and_judged(aws_inventory, aws):
     by = {f.name: f for f in a.findings}
     assert a.hosts_needed == 5                       # ceil(3000 * 1.25 / 900)
     assert by["max covers the target"].ok
-    assert not by["desired carries the target now"].ok   # 2 × 900 < 3000: it must scale out to get there
+    assert not by["desired carries the target now"].ok   # 2 x 900 < 3000: it must scale out to get there
     assert by["app-cpu scales out before the knee"].ok   # 60 % < 85 %
     assert by["app-cpu scales out within the ramp"].ok   # 180 + 60 s ≤ 600 s
     assert not a.ok
@@ -62,7 +62,7 @@ def test_a_policy_that_triggers_after_the_knee_and_a_small_max_are_findings(aws_
     a = autoscaling.assess(group, target_rate=3000, capacity_per_host=900, knee_cpu_share=0.85,
                            knee_requests_per_host_per_s=90, ramp_seconds=240)
     by = {f.name: f for f in a.findings}
-    assert not by["max covers the target"].ok        # 3 × 900 < 3750
+    assert not by["max covers the target"].ok        # 3 x 900 < 3750
     assert not by["app-cpu scales out before the knee"].ok
     assert not by["app-cpu scales out within the ramp"].ok   # 180 + 120 s (grace period) > 240 s
     assert "120" in by["app-cpu scales out within the ramp"].text
@@ -74,7 +74,7 @@ def test_no_policy_means_no_scale_out(aws_inventory, aws):
     a = autoscaling.assess(autoscaling.app_group(_target(aws, env.name), env.name), target_rate=1000,
                            capacity_per_host=900, knee_cpu_share=0.8, knee_requests_per_host_per_s=90,
                            ramp_seconds=600)
-    assert [f.name for f in a.findings if not f.ok] == ["scales out before the knee"]   # 2 × 900 ≥ 1,000 today
+    assert [f.name for f in a.findings if not f.ok] == ["scales out before the knee"]   # 2 x 900 ≥ 1,000 today
     assert "never scales out" in a.findings[-1].text
 
 

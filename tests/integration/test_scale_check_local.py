@@ -109,8 +109,8 @@ def test_the_generator_queue_counts_when_every_client_is_busy(pg_db, tmp_path):
 
 
 def test_an_unreachable_target_gives_a_failing_verdict_not_a_crash(pg_db):
-    from opsbook.engines.migrations import apply_pending
     from opsbook.core.paths import ROOT
+    from opsbook.engines.migrations import apply_pending
 
     apply_pending(pg_db, ROOT / "app" / "migrations", log=lambda _m: None)
     ctx = _ctx("http://127.0.0.1:9", pg_db, [50, 100, 200], seconds=1, timeout_s=2,

@@ -119,8 +119,9 @@ def limiting_resource(row: dict[str, Any], *, shared_cores: int | None = None) -
     refused = sum(v for k, v in errors.items() if "Refused" in k or "Reset" in k or k == "timeout")
     if refused and row.get("error_rate", 0) >= ERROR_RATE_MAX:
         # Most requests unanswered: nothing else measured matters (the service is not there).
-        candidates.append((2.0 if row.get("error_rate", 0) >= 0.5 else 0.8, Limit("connection errors", f"{refused} requests got no answer (refused, reset or "
-                                                          "timed out): the target is unreachable or overwhelmed")))
+        score = 2.0 if row.get("error_rate", 0) >= 0.5 else 0.8
+        candidates.append((score, Limit("connection errors", f"{refused} requests got no answer (refused, reset or "
+                                                             "timed out): the target is unreachable or overwhelmed")))
     if not candidates:
         return Limit("none identified", "no CPU, lock or error figure was near its ceiling: latency rose without a "
                                         "saturated resource measured here (look at the service's workers and "
