@@ -161,15 +161,16 @@ def refusal(env_name: str, version: str, sha256: str, req: Requirement, d: Decis
     return "\n".join(lines)
 
 
-def ledgers(req: Requirement) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every ledger entry of the trusted environments' record stores; the ones that could not be read."""
+def ledgers(req: Requirement, env=None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every ledger entry of the trusted environments' record stores (`env` itself when it is one of them);
+    the stores that could not be read."""
     from opsbook.core.inventory import load
     from opsbook.engines.records.store import store_for
 
     entries, unreadable = [], []
     for name in req.from_envs:
         try:
-            entries.extend(store_for(load(name)).ledger())
+            entries.extend(store_for(env if env is not None and env.name == name else load(name)).ledger())
         except Exception as e:  # noqa: BLE001 - an unreachable store is reported in the refusal, not fatal here
             unreadable.append(f"{name}'s record store ({type(e).__name__}: {str(e)[:160]})")
     return entries, unreadable
@@ -183,7 +184,7 @@ def check_release(env, version: str, sha256: str, *, skip_reason: str | None = N
         return Decision(False, True)
     unreadable: list[str] = []
     if entries is None and not (skip_reason and str(skip_reason).strip()):
-        entries, unreadable = ledgers(req)
+        entries, unreadable = ledgers(req, env)
     d = decide(req, sha256, entries or [], now=now, skip_reason=skip_reason, unreadable=unreadable)
     if not d.passed:
         raise ScaleGateRefused(refusal(env.name, version, sha256, req, d))
