@@ -149,11 +149,27 @@ def prepare(env_name: str, *, target: float | None = None, steps: list | str | N
             reason: str = "", max_seconds: float | None = None, max_requests: int | None = None,
             timeout_s: float = 10.0, max_in_flight: int = 256, courses: int = 200,
             stop_after_failing_step: bool = True, sample_hosts: bool = True,
-            env: Env | None = None) -> Context:
-    """Resolve and check everything before any load is sent; print what the check will do."""
+            env: Env | None = None, url_override: str = "", dsn_override: str = "",
+            p99_ms: float | None = None) -> Context:
+    """Resolve and check everything before any load is sent; print what the check will do.
+
+    `url_override` and `dsn_override` (operators and tests: a service on loopback, and its database, no
+    password) stand in for the inventory's load balancer and database; with both, an environment that the
+    inventories do not hold is described by `target` and `p99_ms` alone."""
+    from opsbook.core.inventory import UnknownEnvironment
     from opsbook.core.inventory import load as load_inventory
 
-    env = env or load_inventory(env_name)
+    if url_override or dsn_override:
+        if not (url_override and dsn_override):
+            raise ScaleCheckRefused("url_override and dsn_override go together (the service and its database). "
+                                    "No load was sent.")
+        return _prepare_override(env_name, url_override, dsn_override, target=target, p99_ms=p99_ms, steps=steps,
+                                 step_seconds=step_seconds, mix=mix, timeout_s=timeout_s,
+                                 max_in_flight=max_in_flight, courses=courses, env=env)
+    try:
+        env = env or load_inventory(env_name)
+    except UnknownEnvironment as e:
+        raise ScaleCheckRefused(str(e)) from None
     if target is not None and not (isinstance(target, int | float) and target > 0):
         raise ScaleCheckRefused(f"--target must be a positive rate in responses/s, got {target!r}. No load was "
                                 f"sent.")
@@ -185,6 +201,29 @@ def prepare(env_name: str, *, target: float | None = None, steps: list | str | N
     return ctx
 
 
+def _prepare_override(env_name: str, url: str, dsn: str, *, target: float | None, p99_ms: float | None,
+                      steps, step_seconds, mix, timeout_s: float, max_in_flight: int, courses: int,
+                      env: Env | None) -> Context:
+    from psycopg.conninfo import conninfo_to_dict
+
+    if conninfo_to_dict(dsn).get("password"):
+        raise ScaleCheckRefused("dsn_override contains a password, and run parameters are stored in the record; "
+                                "give it through PGPASSWORD or ~/.pgpass. No load was sent.")
+    load.check_target(url, [])   # loopback only
+    if not target or not p99_ms:
+        raise ScaleCheckRefused("with url_override, give the target rate and its p99 objective (target, p99_ms). "
+                                "No load was sent.")
+    tgt = curve.Target(float(target), float(p99_ms), 0.0)
+    chosen = mix or "biglearn"
+    load.mix_named(chosen)
+    rates = parse_steps(steps) or [round(tgt.responses_per_s * f, 1) for f in DEFAULT_FRACTIONS]
+    ctx = Context(env_name, "local", url, dsn, tgt, rates, float(step_seconds or DEFAULT_STEP_SECONDS), chosen,
+                  DEFAULT_MAX_SECONDS, DEFAULT_MAX_REQUESTS, timeout_s, max_in_flight, courses,
+                  {"error_rate": 0.5, "p99_ms": max(5000.0, tgt.max_p99_ms * 20)}, sample_hosts=False)
+    validate(ctx)
+    return ctx
+
+
 def describe(ctx: Context) -> None:
     mix = load.mix_named(ctx.mix)
     print(f"scaling check of {ctx.env} through {ctx.url}")
@@ -209,8 +248,11 @@ def fleet(ctx: Context, env: Env | None = None) -> dict[str, Any]:
     from opsbook.engines import artifact
     from opsbook.engines import fleet as fleet_engine
 
+    if not ctx.app_hosts:
+        print("no app hosts in the inventory (a service given by url_override): version not asked")
+        return {"version": None, "artifact_sha256": None, "versions": {}}
     env = env or load_inventory(ctx.env)
-    versions = dict(fleet_engine.served_versions(env)) if ctx.app_hosts else {}
+    versions = dict(fleet_engine.served_versions(env))
     ctx.versions = versions
     served = {v for v in versions.values() if v}
     if len(served) == 1:
@@ -537,21 +579,23 @@ def as_dict(ctx: Context) -> dict[str, Any]:
 # --- what the Invoke task calls ---------------------------------------------------------------------------
 def scale_check(env: Env, *, target: float | None = None, steps: str | None = None,
                 step_seconds: float | None = None, mix: str | None = None, allow_prod: bool = False,
-                reason: str | None = None, dry_run: bool = False, out=print) -> dict[str, Any] | Context:
+                reason: str | None = None, dry_run: bool = False, sample_hosts: bool = True,
+                max_in_flight: int = 256, out=print) -> dict[str, Any] | Context:
     """Check every parameter (nothing is sent when one is wrong), then run the scaling_check runbook for
     `env` under the environment's lock. Returns its ledger entry (or, with dry_run, the context)."""
     from opsbook.engines import lock as locks
     from opsbook.engines.records import runner
 
     ctx = prepare(env.name, target=target, steps=steps, step_seconds=step_seconds, mix=mix,
-                  allow_prod=allow_prod, reason=reason or "", env=env)
+                  allow_prod=allow_prod, reason=reason or "", env=env, sample_hosts=sample_hosts,
+                  max_in_flight=max_in_flight)
     describe(ctx)
     if dry_run:
         out("dry run: no load was sent, no record written")
         return ctx
     params = {"target": float(target) if target is not None else 0.0, "steps": list(ctx.steps),
               "step_seconds": ctx.step_seconds, "mix": ctx.mix, "allow_prod": bool(allow_prod),
-              "reason": reason or ""}
+              "reason": reason or "", "sample_hosts": bool(sample_hosts), "max_in_flight": int(max_in_flight)}
     # One operation at a time per environment: a release moving hosts under the load would make the curve
     # say nothing about either.
     with locks.lock_for(env).hold("scale check", wait=0) as held:

@@ -123,3 +123,34 @@ def test_an_unreachable_target_gives_a_failing_verdict_not_a_crash(pg_db):
     assert check.result.stopped_by == "stop_when"
     assert check.limit.resource == "connection errors"
     assert sc.figures(check)["verdict"] == "fail"
+
+
+@pytest.mark.kernel
+def test_the_runbook_leaves_a_record_with_the_curve_knee_and_verdict(bl_api_service, pg_db, tmp_path):
+    """runbooks/scaling_check.ipynb run by the records runner (a real papermill kernel), pointed at the local
+    bl-api and its database by the overrides, as `invoke scale.check` would run it."""
+    import nbformat
+
+    from opsbook.engines.records import runner
+    from opsbook.engines.records.store import LocalStore
+    from tests.unit.test_migrate_runbook import scratch_env
+
+    store = LocalStore(tmp_path / "records")
+    entry = runner.run("scaling_check", scratch_env(tmp_path, "scaletest"), {
+        "url_override": bl_api_service.url, "dsn_override": pg_db, "target": 150.0, "p99_ms": 500.0,
+        "steps": [50, 100, 150], "step_seconds": 1.5, "mix": "biglearn"},
+        store=store, secrets={}, progress=False, log=lambda _m: None)
+    assert entry["outcome"] == "succeeded", entry["error"]
+    f = entry["figures"]
+    assert f["verdict"] in ("pass", "fail")
+    assert [s[0] for s in f["steps"]] == [50, 100, 150]
+    assert f["missing_acknowledged"] == 0
+    assert f["acknowledged_responses"] > 0
+    assert f["knee_rule"].startswith("the highest step")
+    assert f["limiting_resource"]
+    nb = nbformat.reads(store.get(entry["notebook"]).decode(), as_version=4)
+    pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert pngs, "the curve's plot is in the record"
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "verdict:" in text
+    assert "no Auto Scaling group" in text
