@@ -427,17 +427,18 @@ def lock_break(c, env=None, reason=None, dry_run=False):
         "allow_prod": "allow load on a production environment (needs --reason)",
         "reason": "why load goes to production (written in the record)",
         "dry_run": "check every parameter and print the plan; send nothing, write no record",
+        "app_hosts": "app hosts in rotation during the check (default: all; the others are put back after it)",
     }
 )
 @operator_errors
 def scale_check(c, env=None, target=None, steps=None, step_seconds=None, mix=None, allow_prod=False, reason=None,
-                dry_run=False):
+                dry_run=False, app_hosts=None):
     """Stepped open-model load at the environment's load balancer: curve, knee, limit, verdict, as a record."""
     from opsbook.operations import scale_check as sc
 
     sc.scale_check(load_env(c, env), target=_number(target, "--target"), steps=steps,
                    step_seconds=_number(step_seconds, "--step-seconds"), mix=mix, allow_prod=allow_prod,
-                   reason=reason, dry_run=dry_run)
+                   reason=reason, dry_run=dry_run, app_hosts=int(_number(app_hosts, "--app-hosts") or 0))
 
 
 def _number(text, flag: str):

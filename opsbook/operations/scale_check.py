@@ -120,7 +120,8 @@ class Context:
     allow_prod: bool = False
     reason: str = ""
     sample_hosts: bool = True
-    app_hosts: list[str] = field(default_factory=list)
+    app_hosts: list[str] = field(default_factory=list)      # in rotation during the check
+    held_out: list[str] = field(default_factory=list)       # app hosts taken out of rotation for the check
     version: str | None = None
     artifact_sha256: str | None = None
     versions: dict[str, str | None] = field(default_factory=dict)
@@ -150,7 +151,7 @@ def prepare(env_name: str, *, target: float | None = None, steps: list | str | N
             timeout_s: float = 10.0, max_in_flight: int = 256, courses: int = 200,
             stop_after_failing_step: bool = True, sample_hosts: bool = True,
             env: Env | None = None, url_override: str = "", dsn_override: str = "",
-            p99_ms: float | None = None) -> Context:
+            p99_ms: float | None = None, app_hosts: int = 0) -> Context:
     """Resolve and check everything before any load is sent; print what the check will do.
 
     `url_override` and `dsn_override` (operators and tests: a service on loopback, and its database, no
@@ -197,7 +198,12 @@ def prepare(env_name: str, *, target: float | None = None, steps: list | str | N
     from opsbook.engines import database
 
     ctx.conninfo = database.admin_conninfo(env)
-    ctx.app_hosts = [h.name for h in env.hosts("app")]
+    every = [h.name for h in env.hosts("app")]
+    if app_hosts and not 0 < app_hosts <= len(every):
+        raise ScaleCheckRefused(f"app_hosts {app_hosts}: {env.name} has {len(every)} app hosts; give 1 to "
+                                f"{len(every)} (0: all of them). No load was sent.")
+    ctx.app_hosts = every[:app_hosts] if app_hosts else every
+    ctx.held_out = every[len(ctx.app_hosts):]
     return ctx
 
 
@@ -238,6 +244,9 @@ def describe(ctx: Context) -> None:
               f"{ctx.stop_when['p99_ms']:g} ms")
     if ctx.allow_prod:
         print(f"  production allowed: {ctx.reason}")
+    if ctx.held_out:
+        print(f"  app hosts in rotation: {', '.join(ctx.app_hosts)}; taken out for the check and put back after it: "
+              f"{', '.join(ctx.held_out)}")
 
 
 # --- what the fleet serves ----------------------------------------------------------------------------
@@ -318,7 +327,17 @@ def run(ctx: Context, env: Env | None = None, *, out=print) -> CheckRun:
     started = time.time()
     result: load.LoadResult | None = None
     try:
-        result = load.run(plan, on_step=progress)
+        if ctx.held_out:
+            from opsbook.engines import rotation
+
+            if env is None:
+                from opsbook.core.inventory import load as load_inventory
+
+                env = load_inventory(ctx.env)
+            with rotation.held_out(env, ctx.held_out):
+                result = load.run(plan, on_step=progress)
+        else:
+            result = load.run(plan, on_step=progress)
     finally:
         machine.stop()
         series = remote.collect() if remote is not None else {}
@@ -508,6 +527,7 @@ def figures(check: CheckRun) -> dict[str, Any]:
         "artifact_sha256": ctx.artifact_sha256,
         "load_balancer": ctx.url,
         "app_hosts": len(ctx.app_hosts),
+        "app_hosts_held_out": ctx.held_out,
         "knee_responses_per_s": k.achieved,
         "knee_offered_per_s": k.offered,
         "knee_p99_ms": k.p99_ms,
@@ -580,7 +600,7 @@ def as_dict(ctx: Context) -> dict[str, Any]:
 def scale_check(env: Env, *, target: float | None = None, steps: str | None = None,
                 step_seconds: float | None = None, mix: str | None = None, allow_prod: bool = False,
                 reason: str | None = None, dry_run: bool = False, sample_hosts: bool = True,
-                max_in_flight: int = 256, out=print) -> dict[str, Any] | Context:
+                max_in_flight: int = 256, app_hosts: int = 0, out=print) -> dict[str, Any] | Context:
     """Check every parameter (nothing is sent when one is wrong), then run the scaling_check runbook for
     `env` under the environment's lock. Returns its ledger entry (or, with dry_run, the context)."""
     from opsbook.engines import lock as locks
@@ -588,14 +608,15 @@ def scale_check(env: Env, *, target: float | None = None, steps: str | None = No
 
     ctx = prepare(env.name, target=target, steps=steps, step_seconds=step_seconds, mix=mix,
                   allow_prod=allow_prod, reason=reason or "", env=env, sample_hosts=sample_hosts,
-                  max_in_flight=max_in_flight)
+                  max_in_flight=max_in_flight, app_hosts=app_hosts)
     describe(ctx)
     if dry_run:
         out("dry run: no load was sent, no record written")
         return ctx
     params = {"target": float(target) if target is not None else 0.0, "steps": list(ctx.steps),
               "step_seconds": ctx.step_seconds, "mix": ctx.mix, "allow_prod": bool(allow_prod),
-              "reason": reason or "", "sample_hosts": bool(sample_hosts), "max_in_flight": int(max_in_flight)}
+              "reason": reason or "", "sample_hosts": bool(sample_hosts), "max_in_flight": int(max_in_flight),
+              "app_hosts": int(app_hosts)}
     # One operation at a time per environment: a release moving hosts under the load would make the curve
     # say nothing about either.
     with locks.lock_for(env).hold("scale check", wait=0) as held:
