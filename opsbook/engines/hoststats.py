@@ -5,6 +5,7 @@
 
     <epoch> <cgroup cpu usec or -> <cpu ticks of every process> <rss bytes of every process>
     <machine busy ticks> <machine total ticks> <MemTotal kB> <MemAvailable kB> <cgroup memory bytes or ->
+    (nine fields; numbers printed whole, never in awk's exponent form)
 
 ``collect()`` reads the logs back and stops the loops (a second ``raw`` call, by the pid each loop
 wrote). In the lab each host is a container on this machine: ``/proc/stat`` there is the machine's,
@@ -32,11 +33,11 @@ hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
 echo "H $hz $(nproc)"
 while [ "$(date +%s)" -lt "$end" ]; do
   t=$(date +%s.%N)
-  cg=$(awk '/^usage_usec/ {{print $2}}' /sys/fs/cgroup/cpu.stat 2>/dev/null)
-  [ -n "$cg" ] || cg=$(awk '{{print int($1/1000)}}' /sys/fs/cgroup/cpuacct/cpuacct.usage 2>/dev/null)
-  ps=$(cat /proc/[0-9]*/stat 2>/dev/null | awk '{{sub(/^.*\) /, ""); u+=$12+$13; r+=$22}} END {{print u+0, r*4096}}')
-  st=$(awk '/^cpu / {{b=$2+$3+$4+$7+$8+$9; print b, b+$5+$6}}' /proc/stat)
-  mem=$(awk '/^MemTotal:/ {{t=$2}} /^MemAvailable:/ {{a=$2}} END {{print t, a}}' /proc/meminfo)
+  cg=$(awk '/^usage_usec/ {{printf "%.0f", $2}}' /sys/fs/cgroup/cpu.stat 2>/dev/null)
+  [ -n "$cg" ] || cg=$(awk '{{printf "%.0f", $1/1000}}' /sys/fs/cgroup/cpuacct/cpuacct.usage 2>/dev/null)
+  ps=$(cat /proc/[0-9]*/stat 2>/dev/null | awk '{{sub(/^.*\) /, ""); u+=$12+$13; r+=$22}} END {{printf "%.0f %.0f", u, r*4096}}')
+  st=$(awk '/^cpu / {{b=$2+$3+$4+$7+$8+$9; printf "%.0f %.0f", b, b+$5+$6}}' /proc/stat)
+  mem=$(awk '/^MemTotal:/ {{t=$2}} /^MemAvailable:/ {{a=$2}} END {{printf "%.0f %.0f", t, a}}' /proc/meminfo)
   mc=$(cat /sys/fs/cgroup/memory.current 2>/dev/null || cat /sys/fs/cgroup/memory/memory.usage_in_bytes 2>/dev/null)
   echo "$t ${{cg:--}} $ps $st $mem ${{mc:--}}"
   sleep {every}
@@ -75,13 +76,13 @@ def parse(host: str, text: str) -> HostSeries:
         if parts[0] == "H" and len(parts) >= 3:
             series.hz, series.cpus = int(parts[1]), int(parts[2])
             continue
-        if len(parts) != 10:
+        if len(parts) != 9:
             continue
         try:
             t = float(parts[0])
             series.samples.append(HostSample(
                 t, None if parts[1] == "-" else int(parts[1]), int(parts[2]), int(parts[3]), int(parts[4]),
-                int(parts[5]), int(parts[6]), int(parts[7]), None if parts[9] == "-" else int(parts[9])))
+                int(parts[5]), int(parts[6]), int(parts[7]), None if parts[8] == "-" else int(parts[8])))
         except ValueError:
             continue
     if not series.samples:
