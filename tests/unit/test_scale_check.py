@@ -331,3 +331,24 @@ def test_a_dry_run_sends_nothing_and_shows_the_plan(tmp_path, listener):
     assert c.steps == [500.0, 1000.0]
     assert c.url == url
     assert seen == []
+
+
+def test_the_cli_path_of_a_prod_release_as_far_as_it_gets_here():
+    """`invoke release --env prod` is refused by the account check first (no credentials profile on this
+    machine); `--skip-scale-check` without a reason is refused before even that."""
+    import subprocess
+    import sys
+
+    from opsbook.core.paths import ROOT
+
+    def invoke(*args):
+        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+    no_reason = invoke("release", "--env", "prod", "--skip-scale-check")
+    assert no_reason.returncode == 1
+    assert "--skip-scale-check needs --reason R" in no_reason.stderr
+    refused = invoke("release", "--env", "prod")
+    assert refused.returncode == 1
+    assert "Nothing was changed" in refused.stderr
+    assert "profile" in refused.stderr or "account" in refused.stderr
