@@ -35,7 +35,8 @@ while [ "$(date +%s)" -lt "$end" ]; do
   t=$(date +%s.%N)
   cg=$(awk '/^usage_usec/ {{printf "%.0f", $2}}' /sys/fs/cgroup/cpu.stat 2>/dev/null)
   [ -n "$cg" ] || cg=$(awk '{{printf "%.0f", $1/1000}}' /sys/fs/cgroup/cpuacct/cpuacct.usage 2>/dev/null)
-  ps=$(cat /proc/[0-9]*/stat 2>/dev/null | awk '{{sub(/^.*\) /, ""); u+=$12+$13; r+=$22}} END {{printf "%.0f %.0f", u, r*4096}}')
+  ps=$(cat /proc/[0-9]*/stat 2>/dev/null |
+     awk '{{sub(/^.*\) /, ""); u+=$12+$13; r+=$22}} END {{printf "%.0f %.0f", u, r*4096}}')
   st=$(awk '/^cpu / {{b=$2+$3+$4+$7+$8+$9; printf "%.0f %.0f", b, b+$5+$6}}' /proc/stat)
   mem=$(awk '/^MemTotal:/ {{t=$2}} /^MemAvailable:/ {{a=$2}} END {{printf "%.0f %.0f", t, a}}' /proc/meminfo)
   mc=$(cat /sys/fs/cgroup/memory.current 2>/dev/null || cat /sys/fs/cgroup/memory/memory.usage_in_bytes 2>/dev/null)
