@@ -352,3 +352,23 @@ def test_the_cli_path_of_a_prod_release_as_far_as_it_gets_here():
     assert refused.returncode == 1
     assert "Nothing was changed" in refused.stderr
     assert "profile" in refused.stderr or "account" in refused.stderr
+
+
+def test_the_records_site_gets_a_scaling_check_page_with_its_figures(tmp_path):
+    import nbformat
+
+    from opsbook.engines.records.store import LocalStore
+    from opsbook.operations.records_site import builder
+
+    store = LocalStore(tmp_path / "records")
+    empty = nbformat.writes(nbformat.v4.new_notebook()).encode()
+    for i, age in enumerate((timedelta(hours=3), timedelta(hours=1))):
+        e = ledger_entry(checked(CURVE), age=age)
+        e |= {"id": e["id"].replace("abc123", f"abc12{i}"), "parameters": {"steps": [1000, 2000]}, "operator": "t",
+              "git_sha": "abc", "end": e["start"], "duration_s": 60.0, "error": None, "parent_record_id": None}
+        store.write_record(e, empty, b"<html></html>")
+    built = builder.build(store, log=lambda _m: None)
+    assert "runbooks/scaling_check.html" in built.rendered
+    page = (tmp_path / "records" / "site" / "runbooks" / "scaling_check.html").read_text()
+    for figure in ("knee_responses_per_s", "capacity_per_host", "p99_ms_at_target", "verdict"):
+        assert figure in page
