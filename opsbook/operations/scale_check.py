@@ -362,7 +362,8 @@ def curve_rows(ctx: Context, steps: list[load.StepResult], machine=None, series=
         row = s.row()
         row["offered"] = s.offered_responses_per_s
         row["achieved"] = s.achieved_responses_per_s if mix.write_share else s.achieved_requests_per_s
-        row["achieved_ratio"] = round(row["achieved"] / row["offered"], 3) if row["offered"] else 0.0
+        row["offered_actual"] = round(s.offered_actual, 1)
+        row["achieved_ratio"] = round(s.achieved_ratio, 3)
         row["errors_by_kind"] = dict(s.errors)
         row["machine_cpu"] = machine.machine_cpu(s.start, s.end) if machine is not None else None
         row["db"] = (machine.database(s.start, s.end) if machine is not None else None) or {}
@@ -410,7 +411,7 @@ def judge(ctx: Context, result: load.LoadResult, rows: list[dict[str, Any]], los
 def table(check: CheckRun):
     import pandas as pd
 
-    cols = ["index", "offered", "achieved", "achieved_ratio", "offered_requests_per_s", "achieved_requests_per_s",
+    cols = ["index", "offered", "offered_actual", "achieved", "achieved_ratio", "offered_requests_per_s", "achieved_requests_per_s",
             "p50_ms", "p95_ms", "p99_ms", "service_p99_ms", "send_lag_p99_ms", "errors", "error_rate",
             "errors_by_kind", "generator_cpu", "machine_cpu", "max_in_flight", "truncated"]
     rows = []

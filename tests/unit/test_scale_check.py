@@ -26,7 +26,8 @@ def step(i: int, offered: float, achieved: float, p99: float, *, ok: int = 1000,
          generator_cpu: float = 0.3) -> load.StepResult:
     return load.StepResult(
         index=i, offered_responses_per_s=offered, offered_requests_per_s=offered / 10, start=1000.0 + i * 10,
-        end=1010.0 + i * 10, seconds=10, scheduled=ok + sum((errors or {}).values()), sent=ok, ok=ok,
+        end=1010.0 + i * 10, seconds=10, scheduled=ok + sum((errors or {}).values()),
+        scheduled_responses=int(offered * 10), sent=ok, ok=ok,
         errors=errors or {}, acknowledged_responses=int(achieved * 10), achieved_requests_per_s=achieved / 10,
         achieved_responses_per_s=achieved, p50_ms=p99 / 4, p95_ms=p99 / 2, p99_ms=p99, max_ms=p99 * 1.5,
         service_p99_ms=p99 / 2, send_lag_p99_ms=1.0, max_in_flight=20, in_flight_cap_hits=0,

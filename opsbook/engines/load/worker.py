@@ -63,6 +63,7 @@ class StepStats:
         self.lag = HdrHistogram(1, HIST_MAX_US, 3)
         self.by_kind: dict[str, dict[str, Any]] = {}
         self.scheduled = self.sent = self.ok = self.acked = self.outstanding = 0
+        self.scheduled_responses = 0
         self.errors: Counter[str] = Counter()
         self.window_ok = self.window_acked = 0
         self.max_in_flight = self.cap_hits = 0
@@ -151,6 +152,7 @@ class Generator:
                 step.scheduled += 1
                 kind = self._pick(self.kinds)
                 size = self._pick(self.sizes) if kind == RECORD else 0
+                step.scheduled_responses += size
                 return t, step, kind, size
             self.current += 1
             if self.current < len(self.steps):
@@ -307,7 +309,7 @@ class Generator:
             "offered_responses_per_s": s.offered_responses, "offered_requests_per_s": s.offered_requests,
             "start": self.wall0 + (s.start - self.t0), "end": self.wall0 + (s.end - self.t0),
             "seconds": round(s.end - s.start, 3),
-            "scheduled": s.scheduled, "sent": s.sent, "ok": s.ok, "errors": dict(s.errors),
+            "scheduled": s.scheduled, "scheduled_responses": s.scheduled_responses, "sent": s.sent, "ok": s.ok, "errors": dict(s.errors),
             "acknowledged_responses": s.acked,
             "achieved_requests_per_s": round(s.window_ok / window, 2),
             "achieved_responses_per_s": round(s.window_acked / window, 2),
