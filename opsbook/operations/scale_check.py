@@ -411,7 +411,8 @@ def judge(ctx: Context, result: load.LoadResult, rows: list[dict[str, Any]], los
 def table(check: CheckRun):
     import pandas as pd
 
-    cols = ["index", "offered", "offered_actual", "achieved", "achieved_ratio", "offered_requests_per_s", "achieved_requests_per_s",
+    cols = ["index", "offered", "offered_actual", "achieved", "achieved_ratio", "offered_requests_per_s",
+            "achieved_requests_per_s",
             "p50_ms", "p95_ms", "p99_ms", "service_p99_ms", "send_lag_p99_ms", "errors", "error_rate",
             "errors_by_kind", "generator_cpu", "machine_cpu", "max_in_flight", "truncated"]
     rows = []
