@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLER = r"""
+echo $$ > {pid}
 end=$(( $(date +%s) + {seconds} ))
 hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
 echo "H $hz $(nproc)"
@@ -130,9 +131,11 @@ class RemoteSampling:
         hosts = [h.name for h in env.hosts(pattern)]
         me = cls(env, pattern, run_id, hosts)
         log, pid = me._paths()
-        script = SAMPLER.format(seconds=int(seconds) + 5, every=every)
-        command = (f"nohup sh -c '{script.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}' "
-                   f"> {log} 2>/dev/null < /dev/null & echo $! > {pid}; echo started")
+        script = SAMPLER.format(seconds=int(seconds) + 5, every=every, pid=pid)
+        # Its own session (setsid -f): Ansible's SSH session ends at once, and its hangup must not end the
+        # loop. The loop writes its pid (its process group) for `collect` to stop it by.
+        command = (f"setsid -f sh -c '{script.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}' "
+                   f"> {log} 2>/dev/null < /dev/null; echo started")
         answers = ansible.raw(env, pattern, command)
         me.started = {h: bool(a and a[0] == 0 and "started" in a[1]) for h, a in answers.items()}
         missing = [h for h, ok in me.started.items() if not ok]
@@ -148,7 +151,7 @@ class RemoteSampling:
         from opsbook.engines import ansible
 
         log, pid = self._paths()
-        command = (f"cat {log} 2>/dev/null; kill $(cat {pid} 2>/dev/null) 2>/dev/null; "
+        command = (f"cat {log} 2>/dev/null; [ -s {pid} ] && kill -TERM -- -$(cat {pid}) 2>/dev/null; "
                    f"rm -f {log} {pid}; true")
         answers = ansible.raw(self.env, self.pattern, command)
         out = {}
