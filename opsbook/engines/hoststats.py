@@ -132,9 +132,9 @@ class RemoteSampling:
         me = cls(env, pattern, run_id, hosts)
         log, pid = me._paths()
         script = SAMPLER.format(seconds=int(seconds) + 5, every=every, pid=pid)
-        # Its own session (setsid -f): Ansible's SSH session ends at once, and its hangup must not end the
-        # loop. The loop writes its pid (its process group) for `collect` to stop it by.
-        command = (f"setsid -f sh -c '{script.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}' "
+        # Its own session (setsid -f), hangups ignored (nohup: the SSH session's pty closes at once, maybe
+        # before the child has left it). The loop writes its pid (its process group) for `collect`.
+        command = (f"nohup setsid -f sh -c '{script.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}' "
                    f"> {log} 2>/dev/null < /dev/null; echo started")
         answers = ansible.raw(env, pattern, command)
         me.started = {h: bool(a and a[0] == 0 and "started" in a[1]) for h, a in answers.items()}
@@ -151,7 +151,7 @@ class RemoteSampling:
         from opsbook.engines import ansible
 
         log, pid = self._paths()
-        command = (f"cat {log} 2>/dev/null; [ -s {pid} ] && kill -TERM -- -$(cat {pid}) 2>/dev/null; "
+        command = (f"cat {log} 2>/dev/null; [ -s {pid} ] && kill -TERM -$(cat {pid}) 2>/dev/null; "
                    f"rm -f {log} {pid}; true")
         answers = ansible.raw(self.env, self.pattern, command)
         out = {}
