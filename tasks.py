@@ -130,16 +130,22 @@ def provision(c, env=None, check=False, hosts=None):
         "wait": "seconds to wait for another release's lock before giving up (default 0)",
         "skip_rehearsal": "release without the rehearsal the environment requires (opsbook_rehearsal_env); needs "
         "--reason, written in the release record",
-        "reason": "why a guardrail is overridden (with --skip-rehearsal); kept in the release record",
+        "skip_scale_check": "release without the passing scaling check the environment requires (needs --reason)",
+        "reason": "why a guardrail is overridden (--skip-rehearsal, --skip-scale-check); kept in the release record",
     }
 )
 @operator_errors
-def release(c, env=None, version=None, batch=None, dry_run=False, wait=0, skip_rehearsal=False, reason=None):
+def release(c, env=None, version=None, batch=None, dry_run=False, wait=0, skip_rehearsal=False,
+            skip_scale_check=False, reason=None):
     """Release a version: plan, lock, preflight, expand migrations, rolling switch gated by a probe."""
     from opsbook.operations import release as rel
 
+    if (skip_scale_check or skip_rehearsal) and not (reason or "").strip():
+        which = "--skip-scale-check" if skip_scale_check else "--skip-rehearsal"
+        raise Exit(f"error: {which} needs --reason R: say why this release goes out without it (the release's "
+                   f"record keeps it). Nothing was changed.", code=1)
     rel.release(load_env(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait),
-                skip_rehearsal=skip_rehearsal, reason=reason)
+                skip_rehearsal=skip_rehearsal, skip_scale_check=skip_scale_check, reason=reason)
 
 
 @task(
@@ -481,6 +487,44 @@ def lock_break(c, env=None, reason=None, dry_run=False):
     runner.run("lock_break", load_env(c, env), {"reason": reason})
 
 
+# --- scaling checks ---------------------------------------------------------------------
+@task(
+    help={
+        "env": "environment (inventories/ENV)",
+        "target": "target rate in responses/s (default: the inventory's opsbook_scale_target)",
+        "steps": "offered rates in responses/s, rising, comma-separated (default: 25 %..200 % of the target)",
+        "step_seconds": "seconds per step (default: opsbook_scale_check_step_seconds, else 15)",
+        "mix": "traffic mix: biglearn (default), record10, record1, ping",
+        "allow_prod": "allow load on a production environment (needs --reason)",
+        "reason": "why load goes to production (written in the record)",
+        "dry_run": "check every parameter and print the plan; send nothing, write no record",
+        "app_hosts": "app hosts in rotation during the check (default: all; the others are put back after it)",
+    }
+)
+@operator_errors
+def scale_check(c, env=None, target=None, steps=None, step_seconds=None, mix=None, allow_prod=False, reason=None,
+                dry_run=False, app_hosts=None):
+    """Stepped open-model load at the environment's load balancer: curve, knee, limit, verdict, as a record."""
+    from opsbook.operations import scale_check as sc
+
+    sc.scale_check(load_env(c, env), target=_number(target, "--target"), steps=steps,
+                   step_seconds=_number(step_seconds, "--step-seconds"), mix=mix, allow_prod=allow_prod,
+                   reason=reason, dry_run=dry_run, app_hosts=int(_number(app_hosts, "--app-hosts") or 0))
+
+
+def _number(text, flag: str):
+    if text in (None, ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise Exit(f"error: {flag} takes a number, got {text!r}. Nothing was sent.", code=1) from None
+
+
+scale_ns = Collection("scale")
+scale_ns.add_task(scale_check, "check", default=True)
+
+
 lock_ns = Collection("lock")
 lock_ns.add_task(lock_status, "status", default=True)
 lock_ns.add_task(lock_break, "break")
@@ -492,6 +536,7 @@ ns.add_collection(records_ns)
 ns.add_collection(migrate_ns)
 ns.add_collection(snapshot_ns)
 ns.add_collection(lock_ns)
+ns.add_collection(scale_ns)
 ns.add_collection(env_ns)
 ns.add_task(runbooks_list, "runbooks")
 for t in (build, provision, release, rollback, status, check, test, runbook, report, notebook):

@@ -7,6 +7,7 @@
 | BL_API_THREADS          | request threads per worker (keep <= BL_API_POOL_MAX)   | 4              |
 | BL_API_GRACEFUL_TIMEOUT | seconds in-flight requests get to finish on SIGTERM    | 25             |
 | BL_API_LOG_LEVEL        | gunicorn log level                                     | info           |
+| BL_API_ACCESS_LOG       | `0`: no line per request (errors are still logged)     | 1              |
 
 On SIGTERM gunicorn closes the listening socket, lets each worker finish its in-flight
 requests (up to the graceful timeout), runs worker_exit (closes the database pool) and
@@ -23,7 +24,9 @@ graceful_timeout = int(os.environ.get("BL_API_GRACEFUL_TIMEOUT", "25"))
 timeout = 30
 keepalive = 5
 loglevel = os.environ.get("BL_API_LOG_LEVEL", "info")
-accesslog = "-"
+# A line per request costs the worker and the journal CPU on every request (the scaling check measured it);
+# errors are logged either way.
+accesslog = None if os.environ.get("BL_API_ACCESS_LOG", "1") == "0" else "-"
 errorlog = "-"
 proc_name = "bl-api"
 

@@ -116,3 +116,77 @@ def refuse_below(floor: dict[str, str], version: str, env_name: str) -> None:
         raise OpsbookError(f"{version} is older than the schema of {env_name} allows: contract(s) "
                            f"{', '.join(blocking)} already ran, so {version} would fail against it. Nothing "
                            f"was changed. Release or roll back to a version at or above those.")
+
+
+# --- activity: what the database did, for load measurements --------------------------------------
+ACTIVITY_SQL = """
+SELECT d.xact_commit + d.xact_rollback, d.xact_rollback, d.blks_hit, d.blks_read, d.deadlocks,
+       (SELECT wal_bytes FROM pg_stat_wal)::bigint,
+       (SELECT count(*) FROM pg_locks WHERE NOT granted),
+       (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active'),
+       (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database())
+FROM pg_stat_database d WHERE d.datname = current_database()
+"""
+
+
+def activity(conn) -> dict[str, int]:
+    """Cumulative counters of the connection's database (pg_stat_database, pg_stat_wal) and the
+    moment's lock waits (pg_locks, not granted) and sessions. Read-only, one round trip; sample it
+    twice and subtract (`activity_between`)."""
+    row = conn.execute(ACTIVITY_SQL).fetchone()
+    names = ("xacts", "rollbacks", "blks_hit", "blks_read", "deadlocks", "wal_bytes", "lock_waits",
+             "active_sessions", "sessions")
+    return {n: int(v or 0) for n, v in zip(names, row, strict=True)}
+
+
+def activity_between(samples: list[tuple[float, dict[str, int]]], start: float, end: float) -> dict | None:
+    """Rates over [start, end] from timestamped activity samples (epoch seconds): transactions/s,
+    rollbacks, buffer hit ratio, WAL bytes/s, deadlocks, and the most and mean lock waits seen."""
+    inside = [(t, s) for t, s in samples if start <= t <= end]
+    before = [(t, s) for t, s in samples if t <= start]
+    after = [(t, s) for t, s in samples if t >= end]
+    first = before[-1] if before else (inside[0] if inside else None)
+    last = after[0] if after else (inside[-1] if inside else None)
+    if first is None or last is None or last[0] <= first[0]:
+        return None
+    dt = last[0] - first[0]
+    a, b = first[1], last[1]
+    hits, reads = b["blks_hit"] - a["blks_hit"], b["blks_read"] - a["blks_read"]
+    waits = [s["lock_waits"] for _t, s in inside] or [a["lock_waits"]]
+    return {
+        "xact_per_s": round((b["xacts"] - a["xacts"]) / dt, 1),
+        "rollbacks": b["rollbacks"] - a["rollbacks"],
+        "buffer_hit_ratio": round(hits / (hits + reads), 4) if hits + reads else None,
+        "wal_mb_per_s": round((b["wal_bytes"] - a["wal_bytes"]) / dt / 1e6, 2),
+        "deadlocks": b["deadlocks"] - a["deadlocks"],
+        "lock_waits_max": max(waits),
+        "lock_waits_mean": round(sum(waits) / len(waits), 2),
+        "active_sessions_max": max([s["active_sessions"] for _t, s in inside] or [0]),
+    }
+
+
+def count_missing(conninfo: str, uuids: list[str]) -> dict[str, int]:
+    """Of `uuids` (response uuids a service acknowledged), how many are present in course_events and how
+    many are missing: loaded with COPY into a temporary table and anti-joined on the primary key."""
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=False, application_name="opsbook-scale-check") as conn:
+        conn.execute("CREATE TEMPORARY TABLE opsbook_acknowledged (u uuid PRIMARY KEY) ON COMMIT DROP")
+        with conn.cursor().copy("COPY opsbook_acknowledged (u) FROM STDIN") as copy:
+            for u in uuids:
+                copy.write_row((u,))
+        missing = conn.execute(
+            "SELECT count(*) FROM opsbook_acknowledged a "
+            "WHERE NOT EXISTS (SELECT 1 FROM course_events e WHERE e.event_uuid = a.u)").fetchone()[0]
+        conn.rollback()
+    return {"acknowledged": len(uuids), "present": len(uuids) - int(missing), "missing": int(missing)}
+
+
+def events_in_courses(conninfo: str, courses: list[str]) -> int:
+    """How many record_response events the courses hold (every event but each course's create_course)."""
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True, application_name="opsbook-scale-check") as conn:
+        return int(conn.execute(
+            "SELECT count(*) FROM course_events WHERE course_uuid = ANY(%s::uuid[]) AND sequence_number > 0",
+            [courses]).fetchone()[0])

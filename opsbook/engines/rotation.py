@@ -225,3 +225,40 @@ def rotation_for(env) -> Rotation:
         return AlbRotation(env)
     raise OpsbookError(f"opsbook_lb_kind for {env.name!r} is {kind!r}; it must be haproxy or alb. Fix "
                        f"{env.path}/group_vars/all/. Nothing was changed.")
+
+
+@contextlib.contextmanager
+def held_out(env, hosts: list[str]) -> Iterator[None]:
+    """Take `hosts` out of the load balancer for the block (in-flight requests finish), and put them back
+    after it whatever happens. A measurement with fewer app hosts (the scaling check's per-host capacity)
+    uses it; a release drains in-band instead (see the module doc). haproxy: the lb hosts' admin socket
+    (`set server <backend>/<host> state maint|ready`); an ALB: deregister and register the instances."""
+    if not hosts:
+        yield
+        return
+    if env.var("opsbook_lb_kind", "haproxy") == "alb":
+        rot = AlbRotation(env)
+        rot.drain(hosts)
+        try:
+            yield
+        finally:
+            rot.enable(hosts)
+        return
+    from opsbook.engines import ansible
+
+    backend, socket = env.var("lb_backend_name"), env.var("lb_admin_socket")
+
+    def state(value: str) -> None:
+        commands = "; ".join(f"echo 'set server {backend}/{h} state {value}' | socat stdio {socket}" for h in hosts)
+        answers = ansible.raw(env, "lb", commands)
+        failed = [lb for lb, a in answers.items() if not a or a[0] != 0]
+        if failed:
+            raise RotationError(f"could not set {', '.join(hosts)} to {value} on {', '.join(failed)}; "
+                                f"`invoke status --env {env.name}` shows how each load balancer sees each host, "
+                                f"`ansible-playbook playbooks/rotation.yml` puts every answering host back.")
+
+    state("maint")
+    try:
+        yield
+    finally:
+        state("ready")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
-from opsbook.engines import artifact, fleet
+from opsbook.engines import artifact, fleet, scale_gate
 from opsbook.engines.records.store import store_for
 from opsbook.operations.release import guardrails
 from opsbook.operations.release.plan import Plan, batches_of, make_plan
@@ -25,10 +25,21 @@ __all__ = ["Plan", "ReleaseFailed", "batches_of", "make_plan", "previous_good", 
 
 
 def release(env: Env, version: str | None = None, *, batch: str | None = None, dry_run: bool = False,
-            wait: int = 0, skip_rehearsal: bool = False, reason: str | None = None) -> str:
+            wait: int = 0, skip_rehearsal: bool = False, skip_scale_check: bool = False,
+            reason: str | None = None) -> str:
     """Release `version` (default: the current code, built if missing) to `env`. Returns the version.
-    `skip_rehearsal` with a `reason` overrides the rehearsal gate (guardrails.py); the record says so."""
+
+    An environment that asks for it (`opsbook_require_scale_check`) first needs a passing scaling check of
+    this artifact (opsbook.engines.scale_gate), and one that names a rehearsal environment a rehearsal
+    there (guardrails.py). `skip_scale_check` / `skip_rehearsal` with a `reason` override them; the
+    record says so."""
+    if skip_scale_check and not (reason or "").strip():
+        raise OpsbookError("--skip-scale-check needs --reason R: say why this release goes out without a passing "
+                           "scaling check (the release's record keeps it). Nothing was changed.")
     art = artifact.find(version) if version else artifact.build()
+    gate = scale_gate.check_release(env, art.version, art.sha256, skip_reason=reason if skip_scale_check else None)
+    if gate.required:
+        log(gate.text())
     if env.kind == "lab" and not dry_run:
         from opsbook.engines import lab
 
@@ -41,7 +52,8 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
         log("dry run: nothing was locked or changed")
         return art.version
     return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="release", batch=batch),
-                   guardrails=checked)
+                   guardrails=checked, notes=[gate.text()] if gate.required else None,
+                   scale_gate=gate.as_dict() if gate.required else None)
 
 
 def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_run: bool = False,

@@ -105,6 +105,14 @@ def key_figures(data: dict[str, Any]) -> dict[str, Any]:
         figs["interrupted_in"] = data["interrupted_in"]
     if data.get("put_back"):
         figs["put_back"] = data["put_back"]
+    gate = data.get("scale_gate")
+    if gate:
+        figs["scale_gate"] = ("skipped" if gate.get("skipped_reason")
+                              else "passed" if gate.get("passed") else "refused")
+        if gate.get("skipped_reason"):
+            figs["scale_gate_skip_reason"] = gate["skipped_reason"]
+        if gate.get("evidence"):
+            figs["scale_check_record"] = gate["evidence"].get("id")
     return figs
 
 

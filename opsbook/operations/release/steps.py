@@ -64,6 +64,7 @@ class Run:
     guardrails: dict[str, Any] = field(default_factory=dict)   # rehearsal gate and safety point (guardrails.py)
     staged_s: float | None = None   # how long staging ran (beside preflight; its phase is what remained)
     batch_t0: float = 0.0   # when the batch in flight began
+    scale_gate: dict[str, Any] | None = None   # the demonstrated-at-scale gate's decision (opsbook.engines.scale_gate)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -90,11 +91,13 @@ class Run:
             "interrupted_in": self.interrupted_in,
             "put_back": self.put_back, "notes": self.notes, "staged_s": self.staged_s,
             "guardrails": self.guardrails,
+            "scale_gate": self.scale_gate,
         }
 
 
 def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=None,
-            guardrails: dict[str, Any] | None = None) -> str:
+            guardrails: dict[str, Any] | None = None, notes: list[str] | None = None,
+            scale_gate: dict[str, Any] | None = None) -> str:
     """Run the plan under the lock and the probe; always leave a record. Returns the version.
 
     `replan()` makes the plan again once the lock is held (the fleet may have changed while this
@@ -102,7 +105,8 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
     batch in flight goes back to the version it had, every answering host is put back in the
     load balancer, the record says `interrupted` and where, and the lock is released.
     """
-    run = Run(plan=plan, record_id=new_record_id(plan.kind), guardrails=guardrails or {})
+    run = Run(plan=plan, record_id=new_record_id(plan.kind), guardrails=guardrails or {}, notes=list(notes or []),
+              scale_gate=scale_gate)
     slo = probes.slo_for(env)
     lock = locks.lock_for(env)
     with interrupts.interruptible():
