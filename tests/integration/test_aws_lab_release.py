@@ -118,6 +118,9 @@ def test_a_release_to_an_aws_environment_of_real_hosts(lab_env, fleet, aws, monk
     figures = releases[0]["figures"]
     assert figures["version"] == b
     assert figures["requests"] > 0, figures
+    # Its configuration (a new inventory) differs from the one the hosts were converged to: the release
+    # converged them under the probe, and not one request failed for it.
+    assert set(figures["converged"]) >= {h.name for h in lab_env.hosts("app")}, figures
     assert figures["failed_requests"] == 0, figures
     assert figures["missing_acknowledged_writes"] == 0, figures
     # The lock was taken and released in DynamoDB: free again.

@@ -270,9 +270,12 @@ def _converge(env: Env, run: Run) -> None:
     if not stale:
         log(f"every host is converged to this configuration ({want}); nothing to provision")
         return
-    log(f"converging {', '.join(stale)} (configuration {want})")
+    log(f"converging {', '.join(stale)} (configuration {want}); app hosts take a new service configuration when "
+        f"the rolling switch restarts them, drained, batch by batch")
+    # Not app_restart_on_change: a changed unit or environment file would restart every app host at
+    # once, with no draining (failed requests); the switch restarts each host of every batch anyway.
     ansible.run_playbook(env, "site.yml", limit=",".join(stale), what="provisioning",
-                         extra_vars={"opsbook_converge_fingerprint": want})
+                         extra_vars={"opsbook_converge_fingerprint": want, "app_restart_on_change": False})
 
 
 def _preflight(env: Env, plan: Plan) -> None:
