@@ -73,6 +73,13 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
     tg = boto3.client("elbv2", endpoint_url=aws).describe_target_groups(
         TargetGroupArns=[found["tg-app"].id])["TargetGroups"][0]
     assert (tg["HealthCheckPath"], tg["Port"]) == ("/ping", 8000)
+    # The app hosts' group scales on average CPU (what the scaling check's Auto Scaling section reads).
+    group = next(r for r in awsenv.find(t) if r.kind == "autoscaling-group")
+    policies = boto3.client("autoscaling", endpoint_url=aws).describe_policies(
+        AutoScalingGroupName=group.id)["ScalingPolicies"]
+    assert [(p["PolicyType"], p["TargetTrackingConfiguration"]["PredefinedMetricSpecification"]
+             ["PredefinedMetricType"], p["TargetTrackingConfiguration"]["TargetValue"]) for p in policies] == [
+        ("TargetTrackingScaling", "ASGAverageCPUUtilization", 50.0)]
     # The records bucket: versioned, encrypted, no public access.
     s3 = boto3.client("s3", endpoint_url=aws)
     bucket = found["records"].id
