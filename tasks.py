@@ -140,10 +140,8 @@ def release(c, env=None, version=None, batch=None, dry_run=False, wait=0, skip_r
     """Release a version: plan, lock, preflight, expand migrations, rolling switch gated by a probe."""
     from opsbook.operations import release as rel
 
-    if (skip_scale_check or skip_rehearsal) and not (reason or "").strip():
-        which = "--skip-scale-check" if skip_scale_check else "--skip-rehearsal"
-        raise Exit(f"error: {which} needs --reason R: say why this release goes out without it (the release's "
-                   f"record keeps it). Nothing was changed.", code=1)
+    # Bad input is refused before the account check that loading an AWS environment makes.
+    rel.guardrails.check_overrides(skip_rehearsal=skip_rehearsal, skip_scale_check=skip_scale_check, reason=reason)
     rel.release(load_env(c, env), version=version, batch=batch, dry_run=dry_run, wait=int(wait),
                 skip_rehearsal=skip_rehearsal, skip_scale_check=skip_scale_check, reason=reason)
 

@@ -33,9 +33,7 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
     this artifact (opsbook.engines.scale_gate), and one that names a rehearsal environment a rehearsal
     there (guardrails.py). `skip_scale_check` / `skip_rehearsal` with a `reason` override them; the
     record says so."""
-    if skip_scale_check and not (reason or "").strip():
-        raise OpsbookError("--skip-scale-check needs --reason R: say why this release goes out without a passing "
-                           "scaling check (the release's record keeps it). Nothing was changed.")
+    guardrails.check_overrides(skip_rehearsal=skip_rehearsal, skip_scale_check=skip_scale_check, reason=reason)
     art = artifact.find(version) if version else artifact.build()
     gate = scale_gate.check_release(env, art.version, art.sha256, skip_reason=reason if skip_scale_check else None)
     if gate.required:

@@ -27,16 +27,26 @@ class GuardrailRefused(OpsbookError):
     """A guardrail refused the release before anything was locked or changed."""
 
 
+def check_overrides(*, skip_rehearsal: bool = False, skip_scale_check: bool = False, reason: str | None = None) -> None:
+    """An override of a guardrail needs a reason (the release record keeps it): refused before anything else,
+    the account check included (`invoke release` calls this first)."""
+    if (reason or "").strip():
+        return
+    if skip_scale_check:
+        raise GuardrailRefused("--skip-scale-check needs --reason R: say why this release goes out without a passing "
+                               "scaling check (the release's record keeps it). Nothing was changed.")
+    if skip_rehearsal:
+        raise GuardrailRefused("--skip-rehearsal needs --reason R: say why this release cannot wait for a rehearsal "
+                               "(the release's record keeps it). Nothing was changed.")
+
+
 def check(env: Env, art: artifact.Artifact, expand_pending: list[str], *, skip_rehearsal: bool = False,
           reason: str | None = None, dry_run: bool = False, now: datetime | None = None,
           out: Callable[[str], None] = print) -> dict[str, Any]:
     """Decide the rehearsal gate and the safety point; return what the release record keeps.
     Raises GuardrailRefused (not on a dry run, which only says it would be refused)."""
+    check_overrides(skip_rehearsal=skip_rehearsal, reason=reason)
     reason = (reason or "").strip()
-    if skip_rehearsal and not reason:
-        raise GuardrailRefused(f"--skip-rehearsal needs --reason R: the reason is written in the release record. "
-                               f"Nothing was changed. Run `invoke release --env {env.name} --skip-rehearsal --reason "
-                               f"\"why this cannot wait for a rehearsal\"`.")
     verdict = rehearsal.check(env, art.version, art.sha256, now=now)
     if not verdict.ok and skip_rehearsal:
         verdict.skipped = reason
