@@ -43,6 +43,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,25 +454,17 @@ def _apply_table(  # noqa: PLR0917 - one table's share of apply
     if workers > 1 and total > 2 * batch_size:
         bounds = chunk_boundaries(conn, f"public.{table}", [c for c, _ in pk], -(-total // workers))
     ranges = list(zip([None, *bounds], [*bounds, None], strict=True))
-    errors: list[BaseException] = []
 
-    def work(lo: Any, hi: Any) -> None:
+    def work(bounds: tuple[Any, Any]) -> None:
         import psycopg
 
-        try:
-            with psycopg.connect(conninfo, autocommit=True, application_name="opsbook-masking") as c:
-                c.execute("SET session_replication_role = replica")
-                _mask_range(c, job, lo, hi)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
-            errors.append(e)
+        with psycopg.connect(conninfo, autocommit=True, application_name="opsbook-masking") as c:
+            c.execute("SET session_replication_role = replica")
+            _mask_range(c, job, *bounds)
 
-    threads = [threading.Thread(target=work, args=r, daemon=True) for r in ranges]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    # Every range runs to its end; the first range's error (in order) is raised once all are done.
+    with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
+        list(pool.map(work, ranges))
     return job.done
 
 

@@ -52,6 +52,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -387,11 +388,8 @@ def _run_chunks(conns: list[Any], jobs: list, tables: dict, progress: Callable[[
                 if progress and done[0] % 20 == 0:
                     progress(f"{done[0]}/{len(jobs)} slices")
 
-    threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in conns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(max_workers=len(conns)) as pool:
+        list(pool.map(work, conns))
     if errors:
         raise errors[0]
 
