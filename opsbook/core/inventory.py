@@ -76,9 +76,10 @@ PURPOSE_SUFFIX = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 def purpose_parts(name: str) -> tuple[str, str] | None:
     """(like, purpose) when `name` is a purpose environment of an inventory (`staging-loadtest` ->
     ("staging", "loadtest")), else None. Only the shape is checked here (not that it was created)."""
-    if name in environments() or not ENV_NAME.match(name):
+    names = environments()
+    if name in names or not ENV_NAME.match(name):
         return None
-    for like in sorted(environments(), key=len, reverse=True):
+    for like in sorted(names, key=len, reverse=True):
         suffix = name[len(like) + 1:] if name.startswith(like + "-") else ""
         if suffix and PURPOSE_SUFFIX.match(suffix):
             return like, suffix
@@ -98,7 +99,8 @@ class Env:
 
     def __init__(self, name: str, path: Path | None = None, like: str | None = None):
         """`like`: this is a purpose environment read through that environment's inventory (`path`)."""
-        if path is None and name not in environments():
+        dirs = _inventory_dirs() if path is None else {}
+        if path is None and name not in dirs:
             parts = purpose_parts(name)
             if parts is None:
                 raise UnknownEnvironment(
@@ -108,7 +110,7 @@ class Env:
                 )
             like = parts[0]
         if path is None:
-            path = _inventory_dirs()[like or name]
+            path = dirs[like or name]
         from ansible.inventory.manager import InventoryManager
         from ansible.parsing.dataloader import DataLoader
         from ansible.plugins.loader import init_plugin_loader
