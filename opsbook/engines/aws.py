@@ -534,6 +534,14 @@ def _delete_secret(t: Target, r: Resource, *, secret_recovery_days: int, **_) ->
         sm.delete_secret(SecretId=r.id, ForceDeleteWithoutRecovery=True)
 
 
+def _delete_table(t: Target, r: Resource, **_) -> None:
+    """DeleteTable only starts the deletion (the table is DELETING for a while on AWS): waited for, so that
+    what destroy finds afterwards is what is really left."""
+    ddb = client(t, "dynamodb")
+    ddb.delete_table(TableName=r.id)
+    ddb.get_waiter("table_not_exists").wait(TableName=r.id, WaiterConfig=WAIT)
+
+
 def _delete_instance_profile(t: Target, r: Resource, **_) -> None:
     iam = client(t, "iam")
     for role in r.extra.get("roles", []):
@@ -572,7 +580,7 @@ DELETERS: dict[str, Callable[..., None]] = {
     "iam-role": _delete_role,
     "secret": _delete_secret,
     "parameter": _simple("ssm", "delete_parameter", "Name"),
-    "dynamodb-table": _simple("dynamodb", "delete_table", "TableName"),
+    "dynamodb-table": _delete_table,
     "s3-bucket": _delete_bucket,
     "route-table": _delete_route_table,
     "internet-gateway": _delete_internet_gateway,

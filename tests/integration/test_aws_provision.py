@@ -16,6 +16,7 @@ from opsbook.engines import aws as awsenv
 from opsbook.engines import database
 from opsbook.engines.records.store import store_for
 from opsbook.operations import aws_env, provision
+from tests.fixtures.aws_env import LOCK_IN_A_TABLE
 
 pytestmark = pytest.mark.moto
 
@@ -40,10 +41,13 @@ def _working_tree_files() -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
+# The release lock in each of its AWS homes: staging's inventory keeps it in an S3 bucket, and the prod
+# case is given a DynamoDB table instead (opsbook_lock_backend: dynamodb), so that both are provisioned.
 @pytest.mark.slow   # two full Ansible runs (33 tasks each) and a destroy: 2-4 minutes on a busy 2-core machine
-@pytest.mark.parametrize("base", ["staging", "prod"], ids=["staging-rds", "prod-aurora"])
-def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_alone(aws_inventory, aws, base):
-    env = aws_inventory(base)
+@pytest.mark.parametrize(("base", "lock"), [("staging", {}), ("prod", LOCK_IN_A_TABLE)],
+                         ids=["staging-rds-s3-lock", "prod-aurora-dynamodb-lock"])
+def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_alone(aws_inventory, aws, base, lock):
+    env = aws_inventory(base, **lock)
     ec2 = boto3.client("ec2", endpoint_url=aws)
     # Another environment's VPC, tagged like ours but for another env: provisioning and destroy ignore it.
     other = f"other-{env.name[-6:]}"
@@ -86,6 +90,22 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
     assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
     assert s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
     assert all(s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"].values())
+    # The lock's home: its own bucket, or a DynamoDB table keyed as the lock engine expects, on demand,
+    # without point-in-time recovery, tagged like everything else.
+    ddb = boto3.client("dynamodb", endpoint_url=aws)
+    if lock:
+        table_name = env.var("opsbook_lock_table")
+        assert (found["lock"].kind, found["lock"].id) == ("dynamodb-table", table_name)
+        table = ddb.describe_table(TableName=table_name)["Table"]
+        assert table["KeySchema"] == [{"AttributeName": "lock_id", "KeyType": "HASH"}]
+        assert table["AttributeDefinitions"] == [{"AttributeName": "lock_id", "AttributeType": "S"}]
+        assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+        assert ddb.describe_continuous_backups(TableName=table_name)["ContinuousBackupsDescription"][
+            "PointInTimeRecoveryDescription"]["PointInTimeRecoveryStatus"] == "DISABLED"
+        tags = {x["Key"]: x["Value"] for x in ddb.list_tags_of_resource(ResourceArn=table["TableArn"])["Tags"]}
+        assert tags == {"opsbook:env": env.name, "opsbook:managed-by": "opsbook", "opsbook:role": "lock"}
+    else:
+        assert (found["lock"].kind, found["lock"].id) == ("s3-bucket", env.var("opsbook_lock_bucket"))
     # The database in the private subnets, behind sg-db: staging one RDS PostgreSQL instance, prod an
     # Aurora PostgreSQL cluster with two instances.
     rds = boto3.client("rds", endpoint_url=aws)
@@ -136,6 +156,8 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
     assert {r.role for r in deleted} >= expected_roles
     assert awsenv.find(t) == []
     assert ec2.describe_vpcs(VpcIds=[other_vpc])["Vpcs"], "another environment's VPC was deleted"
+    if lock:
+        assert env.var("opsbook_lock_table") not in ddb.list_tables()["TableNames"]
 
 
 def test_two_resources_for_one_role_are_refused_naming_both_and_nothing_changes(aws_inventory, aws):
