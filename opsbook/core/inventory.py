@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from opsbook.core.errors import OpsbookError
-from opsbook.core.paths import INVENTORIES, PLAYBOOKS
+from opsbook.core.paths import INVENTORIES, INVENTORY_PLUGINS, PLAYBOOKS
 
 
 class UnknownEnvironment(OpsbookError):
@@ -240,8 +240,12 @@ def _plain(value: Any) -> Any:
 
 @functools.cache
 def _init_plugins(init_plugin_loader) -> None:
-    # Lookups (e.g. ansible.builtin.file for lab secrets) need Ansible's plugin loader.
+    # Lookups (e.g. ansible.builtin.file for lab secrets) need Ansible's plugin loader; the AWS inventories'
+    # opsbook_aws_ec2 plugin is found whichever ansible.cfg this process read (or none).
+    from ansible.plugins.loader import inventory_loader
+
     init_plugin_loader()
+    inventory_loader.add_directory(str(INVENTORY_PLUGINS))
 
 
 @functools.cache

@@ -4,12 +4,16 @@ plugin's configuration agrees with the environment's group_vars."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import boto3
 import pytest
 import yaml
 
 from opsbook.core.inventory import Env
 from opsbook.core.paths import INVENTORIES
+from opsbook.engines.ansible import ansible_env
 
 pytestmark = pytest.mark.moto
 
@@ -52,7 +56,7 @@ def test_aws_ec2_plugin_groups_the_environments_instances_by_role(aws_inventory,
 def test_the_plugin_configuration_agrees_with_group_vars(name):
     plugin = yaml.safe_load((INVENTORIES / name / "aws_ec2.yml").read_text())
     group_vars = yaml.safe_load((INVENTORIES / name / "group_vars" / "all" / "aws.yml").read_text())
-    assert plugin["plugin"] == "amazon.aws.aws_ec2"
+    assert plugin["plugin"] == "opsbook_aws_ec2"   # amazon.aws.aws_ec2 without a deprecation warning
     assert plugin["regions"] == [group_vars["opsbook_aws_region"]]
     assert _filter(plugin, None) == name
     assert set(plugin["groups"]) == {"app", "lb", "db"}
@@ -93,3 +97,40 @@ def test_each_environment_names_its_own_account():
                 ["opsbook_aws_account_id"] for name in ("staging", "prod")}
     assert all(len(a) == 12 and a.isdigit() for a in accounts.values())
     assert accounts["staging"] != accounts["prod"]
+
+
+def _inventory_list(env: Env) -> subprocess.CompletedProcess:
+    """`ansible-inventory --list` on the environment's inventory, as opsbook runs Ansible (its ansible.cfg,
+    the environment's name, region and endpoint in the process environment)."""
+    return subprocess.run(["ansible-inventory", "-i", str(env.path), "--list"], env=ansible_env(env),
+                          capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_listing_the_inventory_prints_no_deprecation_warning(aws_inventory, aws):
+    """amazon.aws 10.1.2's aws_ec2 plugin passes ansible-core 2.19's deprecated `disable_lookups` when it
+    templates `regions` and `filters`, which printed a deprecation warning on every read of an AWS
+    inventory; the inventories use opsbook_aws_ec2 (plugins/inventory/), the same plugin without it."""
+    env = aws_inventory("staging")
+    ec2 = boto3.client("ec2", endpoint_url=aws)
+    vpc = ec2.create_vpc(CidrBlock="10.61.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.61.1.0/24")["Subnet"]["SubnetId"]
+    app = _run(ec2, subnet, env.name, "app", "10.61.1.21")
+    other = _run(ec2, subnet, f"other-{env.name}", "app", "10.61.1.22")
+
+    proc = _inventory_list(env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DEPRECATION" not in proc.stderr, proc.stderr[-3000:]
+    assert "deprecat" not in proc.stderr.lower(), proc.stderr[-3000:]
+    listed = json.loads(proc.stdout)
+    # The same behaviour: the templated filter (OPSBOOK_ENV_NAME) picks this environment's host only.
+    assert listed["app"]["hosts"] == [app]
+    assert other not in listed["_meta"]["hostvars"]
+
+    # The collection's own plugin on the same inventory still warns: when this fails, the ansible package
+    # ships the fixed amazon.aws, and plugins/inventory/opsbook_aws_ec2.py can go.
+    upstream = env.path / "aws_ec2.yml"
+    upstream.write_text(upstream.read_text().replace("plugin: opsbook_aws_ec2", "plugin: amazon.aws.aws_ec2"))
+    proc = _inventory_list(env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Passing `disable_lookups` to `template` is deprecated" in proc.stderr
+    assert json.loads(proc.stdout)["app"]["hosts"] == [app]
