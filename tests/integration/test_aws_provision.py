@@ -84,6 +84,11 @@ def test_provision_from_nothing_then_changed_0_then_destroy_leaves_other_envs_al
     assert [(p["PolicyType"], p["TargetTrackingConfiguration"]["PredefinedMetricSpecification"]
              ["PredefinedMetricType"], p["TargetTrackingConfiguration"]["TargetValue"]) for p in policies] == [
         ("TargetTrackingScaling", "ASGAverageCPUUtilization", 50.0)]
+    # ... and carries the environment's tags, each propagated to the instances it starts.
+    asg = boto3.client("autoscaling", endpoint_url=aws).describe_auto_scaling_groups(
+        AutoScalingGroupNames=[group.id])["AutoScalingGroups"][0]
+    assert {x["Key"]: (x["Value"], x["PropagateAtLaunch"]) for x in asg["Tags"]} == {
+        "opsbook:env": (env.name, True), "opsbook:managed-by": ("opsbook", True), "opsbook:role": ("app", True)}
     # The records bucket: versioned, encrypted, no public access.
     s3 = boto3.client("s3", endpoint_url=aws)
     bucket = found["records"].id

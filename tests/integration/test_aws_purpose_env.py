@@ -14,6 +14,7 @@ from opsbook.core.inventory import Env, UnknownEnvironment, load, purpose_parts
 from opsbook.engines import aws as awsenv
 from opsbook.engines.records.store import store_for
 from opsbook.operations import aws_env, provision
+from tests.fixtures.aws_env import LOCK_IN_A_TABLE
 
 
 # --- names, settings and refusals: no AWS call is made -------------------------------------------
@@ -84,7 +85,7 @@ def _tags(ec2, resource_id: str) -> dict[str, str]:
 @pytest.mark.moto
 @pytest.mark.slow   # two Ansible runs of the aws_env role against moto and a destroy: 2-4 minutes
 def test_create_list_converge_expire_destroy(aws_inventory, aws):
-    like = aws_inventory("staging")
+    like = aws_inventory("staging", **LOCK_IN_A_TABLE)   # its lock in a DynamoDB table of its own
     ec2 = boto3.client("ec2", endpoint_url=aws)
     now = datetime.now(UTC).replace(microsecond=0)
 
@@ -105,6 +106,22 @@ def test_create_list_converge_expire_destroy(aws_inventory, aws):
     assert tags[awsenv.TAG_EXPIRES] == (now + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     subnet = next(r for r in found if r.role == "subnet-private-0")
     assert _tags(ec2, subnet.id)[awsenv.TAG_OWNER] == tags[awsenv.TAG_OWNER]
+    # The purpose tags reach the app hosts' Auto Scaling group, which propagates each of them at launch, and
+    # so the instances it started; and the lock's table.
+    ours = {k: tags[k] for k in (awsenv.TAG_ENV, awsenv.TAG_MANAGED_BY, *awsenv.PURPOSE_TAGS)}
+    group = next(r for r in found if r.kind == "autoscaling-group")
+    asg = boto3.client("autoscaling", endpoint_url=aws).describe_auto_scaling_groups(
+        AutoScalingGroupNames=[group.id])["AutoScalingGroups"][0]
+    assert {x["Key"]: (x["Value"], x["PropagateAtLaunch"]) for x in asg["Tags"]} == {
+        **{k: (v, True) for k, v in ours.items()}, awsenv.TAG_ROLE: ("app", True)}
+    assert len(asg["Instances"]) == 2
+    for instance in asg["Instances"]:
+        assert ours.items() <= _tags(ec2, instance["InstanceId"]).items(), instance["InstanceId"]
+    ddb = boto3.client("dynamodb", endpoint_url=aws)
+    table = next(r for r in found if r.role == "lock")
+    assert (table.kind, table.id) == ("dynamodb-table", f"opsbook-locks-{env.name}")
+    arn = ddb.describe_table(TableName=table.id)["Table"]["TableArn"]
+    assert ours.items() <= {x["Key"]: x["Value"] for x in ddb.list_tags_of_resource(ResourceArn=arn)["Tags"]}.items()
     assert env.var("opsbook_record_store") == f"s3://opsbook-records-{env.name}/records"
     assert [e["runbook"] for e in store_for(env).ledger()] == ["provision"]   # its record, in its own bucket
 
