@@ -95,7 +95,7 @@ def test_create_list_converge_expire_destroy(aws_inventory, aws):
     assert data["purpose"]["owner"].startswith("arn:aws:")
     t = awsenv.target(env)
     found = awsenv.find(t)
-    assert {"vpc", "alb", "app", "db", "records", "lock"} <= {r.role for r in found}
+    assert {"vpc", "alb", "app", "db", "records", "lock", "bastion", "sg-bastion"} <= {r.role for r in found}
     # Every resource is the purpose environment's own, with its owner and expiry; nothing of `like`.
     assert awsenv.find(awsenv.target(like)) == []
     vpc = next(r for r in found if r.role == "vpc")
@@ -112,8 +112,12 @@ def test_create_list_converge_expire_destroy(aws_inventory, aws):
     group = next(r for r in found if r.kind == "autoscaling-group")
     asg = boto3.client("autoscaling", endpoint_url=aws).describe_auto_scaling_groups(
         AutoScalingGroupNames=[group.id])["AutoScalingGroups"][0]
+    bastion = next(r for r in found if r.role == "bastion")   # staging's inventory has one; so has this
+    address = ec2.describe_instances(InstanceIds=[bastion.id])["Reservations"][0]["Instances"][0]["PublicIpAddress"]
     assert {x["Key"]: (x["Value"], x["PropagateAtLaunch"]) for x in asg["Tags"]} == {
-        **{k: (v, True) for k, v in ours.items()}, awsenv.TAG_ROLE: ("app", True)}
+        **{k: (v, True) for k, v in ours.items()}, awsenv.TAG_ROLE: ("app", True),
+        "opsbook:ssh-jump": (f"admin@{address}", True)}
+    assert ours.items() <= _tags(ec2, bastion.id).items()
     assert len(asg["Instances"]) == 2
     for instance in asg["Instances"]:
         assert ours.items() <= _tags(ec2, instance["InstanceId"]).items(), instance["InstanceId"]
@@ -144,6 +148,8 @@ def test_create_list_converge_expire_destroy(aws_inventory, aws):
 
     aws_env.destroy(env)
     assert awsenv.find(t) == []
+    assert ec2.describe_instances(InstanceIds=[bastion.id])["Reservations"][0]["Instances"][0]["State"][
+        "Name"] == "terminated"
     assert env.name not in aws_env.environments_text([like])
     # Gone: converging it is refused (nothing says it was created), rather than making it again untagged.
     with pytest.raises(provision.OpsbookError, match=r"nothing in account .* says it was created"):
