@@ -82,7 +82,7 @@ def rotation(env) -> dict[str, dict[str, str]]:
     apps = [h.name for h in env.hosts("app")]
     out: dict[str, dict[str, str]] = {h: {} for h in apps}
     for lb, answer in ansible.raw(env, "lb", f"echo 'show stat' | socat stdio {socket}").items():
-        rows = _stat_rows(answer[1]) if answer and answer[0] == 0 else []
+        rows = stat_rows(answer[1]) if answer and answer[0] == 0 else []
         for h in apps:
             status = next((r.get("status", "") for r in rows if r.get("pxname") == backend and r.get("svname") == h),
                           "")
@@ -90,7 +90,10 @@ def rotation(env) -> dict[str, dict[str, str]]:
     return out
 
 
-def _stat_rows(csv_text: str) -> list[dict[str, str]]:
+def stat_rows(csv_text: str) -> list[dict[str, str]]:
+    """haproxy's `show stat` CSV as rows keyed by column name (the header line `# pxname,svname,...`),
+    never by position: the columns haproxy prints differ between versions. The one reader of that
+    CSV (fleet, status, the host checks and the lab tests use it)."""
     import csv
 
     lines = [line for line in csv_text.replace("\r", "").splitlines() if line.strip()]

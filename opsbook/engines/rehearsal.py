@@ -150,12 +150,12 @@ def _age_text(age: timedelta) -> str:
     return f"{seconds}s"
 
 
-def check(env, version: str, sha256: str, *, now: datetime | None = None) -> Verdict:
+def check(env, version: str, sha256: str, *, now: datetime | None = None,
+          read: ledger.Ledgers | None = None) -> Verdict:
     """The gate for a release of (version, sha256) to `env`: its inventory names the rehearsal
     environment (`opsbook_rehearsal_env`, none: no gate) and the age (`opsbook_rehearsal_max_age`);
-    the rehearsal environment's ledger is read from its own record store."""
-    from opsbook.core.inventory import Env
-    from opsbook.engines.records.store import store_for
+    the rehearsal environment's ledger is read from its own record store (through `read` when the
+    caller shares one with the scale gate)."""
 
     name = str(env.var("opsbook_rehearsal_env", "") or "")
     if not name:
@@ -164,9 +164,8 @@ def check(env, version: str, sha256: str, *, now: datetime | None = None) -> Ver
         raise OpsbookError(f"opsbook_rehearsal_env of {env.name} names {env.name} itself; a rehearsal happens on "
                            f"another environment. Nothing was changed. Fix it in {env.path}/group_vars/all/.")
     max_age = parse_max_age(env.var("opsbook_rehearsal_max_age", DEFAULT_MAX_AGE))
-    rehearsal = Env(name)
     try:
-        entries = store_for(rehearsal).ledger()
+        entries = (read or ledger.Ledgers()).of(name)
     except Exception as e:  # noqa: BLE001 - whatever keeps the ledger unread, the gate cannot pass
         v = Verdict(target_env=env.name, rehearsal_env=name, version=version, sha256=sha256, ok=False)
         v.missing.append(f"{name}'s records could not be read ({type(e).__name__}: {e}), so nothing shows the "

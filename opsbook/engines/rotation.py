@@ -6,17 +6,13 @@ Which load balancer an environment has is inventory configuration (``opsbook_lb_
 
 - ``drain(hosts)`` before switching a batch, ``enable(hosts)`` once it switched (not called when the
   switch failed: the hosts stay out until put back);
-- ``out_of_rotation(hosts)``: a context manager around switching a batch: the hosts take no new
-  requests and their in-flight ones finish before the block runs; when the block succeeds they are
-  back in rotation and healthy when it ends. When it fails they stay out (the release puts back
-  whatever answers afterwards, with ``put_back``).
 - ``put_back(hosts=None)``: put these hosts back (default: every app host that answers /version), after a
   release that failed or was interrupted.
 - ``status()``: app host -> {load balancer: state}, "UP" meaning in rotation and healthy.
 
 With **haproxy** the drain and the re-enable happen on the lb hosts inside the switch playbook
 (roles/app/tasks/switch.yml and rotation.yml, through haproxy's admin socket), in the same Ansible
-run as the switch itself, so ``drain``, ``enable``, ``out_of_rotation`` and ``put_back`` add nothing
+run as the switch itself, so ``drain``, ``enable`` and ``put_back`` add nothing
 around it; ``status``
 reads every lb host's ``show stat``. With an **ALB** the controller does it through the AWS API: it
 deregisters the hosts' instances from the environment's target group (found by its tags), waits
@@ -44,7 +40,6 @@ class Rotation(Protocol):
 
     def drain(self, hosts: list[str]) -> None: ...
     def enable(self, hosts: list[str]) -> None: ...
-    def out_of_rotation(self, hosts: list[str]) -> contextlib.AbstractContextManager[None]: ...
     def put_back(self, hosts: list[str] | None = None) -> None: ...
     def status(self) -> dict[str, dict[str, str]]: ...
 
@@ -62,10 +57,6 @@ class HaproxyRotation:
 
     def enable(self, hosts: list[str]) -> None:
         return   # switch.yml re-enables each host once it serves the release
-
-    @contextlib.contextmanager
-    def out_of_rotation(self, hosts: list[str]) -> Iterator[None]:
-        yield
 
     def put_back(self, hosts: list[str] | None = None) -> None:
         return   # rotation.yml (run by the release after a failure) re-enables every answering host
@@ -183,12 +174,6 @@ class AlbRotation:
         arn, _, _ = self.target_group()
         self._elb().register_targets(TargetGroupArn=arn, Targets=self._targets(hosts))
         self._wait("target_in_service", hosts, self.health_timeout, "become healthy")
-
-    @contextlib.contextmanager
-    def out_of_rotation(self, hosts: list[str]) -> Iterator[None]:
-        self.drain(hosts)
-        yield
-        self.enable(hosts)
 
     def put_back(self, hosts: list[str] | None = None) -> None:
         if hosts is None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from opsbook.core.errors import OpsbookError
+from opsbook.engines.records.ledger import Ledgers
 
 RUNBOOK = "scaling_check"
 
@@ -161,30 +162,29 @@ def refusal(env_name: str, version: str, sha256: str, req: Requirement, d: Decis
     return "\n".join(lines)
 
 
-def ledgers(req: Requirement, env=None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every ledger entry of the trusted environments' record stores (`env` itself when it is one of them);
-    the stores that could not be read."""
-    from opsbook.core.inventory import load
-    from opsbook.engines.records.store import store_for
-
+def ledgers(req: Requirement, env=None, read: Ledgers | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every ledger entry of the trusted environments' record stores (`env` itself when it is one of them),
+    through `read` when the caller shares one with another gate; the stores that could not be read."""
+    read = read or Ledgers(env)
     entries, unreadable = [], []
     for name in req.from_envs:
         try:
-            entries.extend(store_for(env if env is not None and env.name == name else load(name)).ledger())
+            entries.extend(read.of(name))
         except Exception as e:  # noqa: BLE001 - an unreachable store is reported in the refusal, not fatal here
             unreadable.append(f"{name}'s record store ({type(e).__name__}: {str(e)[:160]})")
     return entries, unreadable
 
 
 def check_release(env, version: str, sha256: str, *, skip_reason: str | None = None,
-                  entries: list[dict[str, Any]] | None = None, now: datetime | None = None) -> Decision:
+                  entries: list[dict[str, Any]] | None = None, now: datetime | None = None,
+                  read: Ledgers | None = None) -> Decision:
     """Decide for a release of `sha256` to `env`; raise ScaleGateRefused when it is refused."""
     req = requirement(env)
     if req is None:
         return Decision(False, True)
     unreadable: list[str] = []
     if entries is None and not (skip_reason and str(skip_reason).strip()):
-        entries, unreadable = ledgers(req, env)
+        entries, unreadable = ledgers(req, env, read)
     d = decide(req, sha256, entries or [], now=now, skip_reason=skip_reason, unreadable=unreadable)
     if not d.passed:
         raise ScaleGateRefused(refusal(env.name, version, sha256, req, d))

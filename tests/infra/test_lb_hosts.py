@@ -8,6 +8,8 @@ import shlex
 
 import pytest
 
+from opsbook.engines.fleet import stat_rows
+
 testinfra_hosts = ["ansible://lb"]
 
 
@@ -34,10 +36,7 @@ def test_config_is_valid(host):
 @pytest.mark.converges
 def test_every_app_host_is_a_backend_and_up(host, hostvars):
     stat = host.check_output(f"echo 'show stat' | socat stdio {shlex.quote(hostvars['lb_admin_socket'])}")
-    lines = [line for line in stat.splitlines() if line]
-    # Columns by name from the header line (`# pxname,svname,...`), not by position.
-    header = next(line for line in lines if line.startswith("# "))[2:].split(",")
-    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines if not line.startswith("#")]
+    rows = stat_rows(stat)
     servers = {
         r["svname"]: r["status"]
         for r in rows

@@ -68,11 +68,12 @@ def test_a_batch_is_drained_switched_and_registered_again_while_the_others_serve
     rot = rotation.rotation_for(env)
     assert rot.target_group()[0] == arn
     batch, rest = ids[:1], ids[1:]
-    with rot.out_of_rotation(batch):
-        registered = _registered(aws, arn)
-        assert batch[0] not in registered, registered              # deregistered, draining finished
-        assert all(registered[i] == "healthy" for i in rest)        # the others keep serving
-        assert rot.states(batch) == {batch[0]: "unused"}
+    rot.drain(batch)                 # what the release does around switching a batch
+    registered = _registered(aws, arn)
+    assert batch[0] not in registered, registered              # deregistered, draining finished
+    assert all(registered[i] == "healthy" for i in rest)        # the others keep serving
+    assert rot.states(batch) == {batch[0]: "unused"}
+    rot.enable(batch)
     assert _registered(aws, arn) == dict.fromkeys(ids, "healthy")   # back, and healthy
     # `invoke status` sees each app host (the aws_ec2 inventory names them by instance id) as UP.
     assert _now(env).status() == {i: {f"alb opsbook-{env.name}-app": "UP"} for i in ids}
@@ -81,8 +82,7 @@ def test_a_batch_is_drained_switched_and_registered_again_while_the_others_serve
 def test_a_failed_switch_leaves_its_batch_out_until_put_back(alb_env, aws):
     env, ids, arn = alb_env
     rot = rotation.rotation_for(env)
-    with pytest.raises(RuntimeError, match="switch failed"), rot.out_of_rotation(ids[:2]):
-        raise RuntimeError("switch failed")
+    rot.drain(ids[:2])   # the switch then fails: the release never calls enable, the batch stays out
     assert set(_registered(aws, arn)) == {ids[2]}
     assert _now(env).status()[ids[0]] == {f"alb opsbook-{env.name}-app": "MAINT"}
     rot.put_back(ids[:2])
@@ -93,7 +93,7 @@ def test_no_tagged_target_group_is_refused_naming_what_to_do(aws_inventory):
     env = aws_inventory("staging")
     with pytest.raises(rotation.RotationError, match=r"exactly one target group tagged opsbook:role=tg-app.*"
                                                      r"found none.*invoke provision"):
-        rotation.rotation_for(env).out_of_rotation(["i-0123456789abcdef0"]).__enter__()
+        rotation.rotation_for(env).drain(["i-0123456789abcdef0"])
 
 
 def test_the_release_switch_drains_through_the_alb_around_the_playbook(alb_env, aws, monkeypatch):

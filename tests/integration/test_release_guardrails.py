@@ -210,6 +210,35 @@ def test_the_release_guardrails_refuse_then_an_override_is_written_in_the_releas
     assert ledger.releases(store_for(prod).ledger())[-1]["id"] == run.record_id
 
 
+def test_the_scale_gate_and_the_rehearsal_gate_read_the_staging_ledger_once(pair, art, monkeypatch):
+    """A prod release asks both gates about staging's ledger; with one `Ledgers` they read its store
+    once (on S3 that is a request per entry), and both still decide from it."""
+    from opsbook.engines import scale_gate
+    from opsbook.engines.records.store import LocalStore
+
+    prod, stage = pair
+    (prod.path / "group_vars" / "all" / "zz-scale.yml").write_text(yaml.safe_dump({
+        "opsbook_require_scale_check": True, "opsbook_scale_check_from": ["labstage"],
+        "opsbook_scale_target": {"responses_per_s": 3000, "max_p99_ms": 200}}))
+    prod = Env("labprod")
+    _refresh(stage, datetime.now(UTC) - timedelta(hours=1))
+    reads: list[str] = []
+    real = LocalStore.ledger
+
+    def counted(self):   # the real read, counted
+        reads.append(self.url)
+        return real(self)
+
+    monkeypatch.setattr(LocalStore, "ledger", counted)
+    read = ledger.Ledgers(prod)
+    with pytest.raises(scale_gate.ScaleGateRefused, match="labstage"):
+        scale_gate.check_release(prod, art.version, art.sha256, read=read)
+    verdict = rehearsal.check(prod, art.version, art.sha256, read=read)
+    assert not verdict.ok
+    assert verdict.refresh is not None, verdict.missing      # it saw the refresh in staging's ledger
+    assert reads == [store_for(stage).url], reads
+
+
 # --- the safety point ----------------------------------------------------------------------------
 NOW = datetime(2026, 1, 31, 12, tzinfo=UTC)
 

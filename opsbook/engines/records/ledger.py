@@ -14,6 +14,28 @@ from opsbook.engines.records.store import OUTCOMES
 RELEASE, ROLLBACK = "release", "rollback"
 
 
+class Ledgers:
+    """Ledger entries by environment name, each environment's store read at most once (`env`, when
+    given, is used for its own name instead of being loaded again). A prod release's scale gate and
+    rehearsal gate both read staging's ledger, and an S3 store is a request per entry. A store that
+    cannot be read raises each time it is asked, so each gate reports it in its own words."""
+
+    def __init__(self, env: Any = None):
+        self._env = env
+        self._entries: dict[str, list[dict[str, Any]]] = {}
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        if name not in self._entries:
+            from opsbook.core.inventory import Env
+            from opsbook.engines.records.store import store_for
+
+            # Env(name), not inventory.load(name): load's cache would keep an environment read before
+            # OPSBOOK_INVENTORY_PATH changed (the tests' inventories do).
+            env = self._env if self._env is not None and self._env.name == name else Env(name)
+            self._entries[name] = store_for(env).ledger()
+        return self._entries[name]
+
+
 def kind(entry: dict[str, Any]) -> str:
     """What the entry records: its runbook's name, except that `invoke rollback` writes its record
     with the release runbook, and its figures.kind says so."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.engines import artifact, fleet, scale_gate
+from opsbook.engines.records import ledger
 from opsbook.engines.records.store import store_for
 from opsbook.operations.release import guardrails
 from opsbook.operations.release.plan import Plan, batches_of, make_plan
@@ -35,7 +36,9 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
     record says so."""
     guardrails.check_overrides(skip_rehearsal=skip_rehearsal, skip_scale_check=skip_scale_check, reason=reason)
     art = artifact.find(version) if version else artifact.build()
-    gate = scale_gate.check_release(env, art.version, art.sha256, skip_reason=reason if skip_scale_check else None)
+    read = ledger.Ledgers(env)   # both gates read staging's ledger (for prod): once
+    gate = scale_gate.check_release(env, art.version, art.sha256, skip_reason=reason if skip_scale_check else None,
+                                    read=read)
     if gate.required:
         log(gate.text())
     if env.kind == "lab" and not dry_run:
@@ -45,7 +48,7 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
     plan = make_plan(env, art, kind="release", batch=batch)
     print(plan.text(), flush=True)
     checked = guardrails.check(env, art, plan.migrations_pending, skip_rehearsal=skip_rehearsal, reason=reason,
-                               dry_run=dry_run, out=log)
+                               dry_run=dry_run, out=log, read=read)
     if dry_run:
         log("dry run: nothing was locked or changed")
         return art.version
@@ -73,8 +76,6 @@ def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_r
 
 def previous_good(env: Env, exclude: set[str]) -> str | None:
     """The newest version whose release to this environment succeeded, other than `exclude`."""
-    from opsbook.engines.records import ledger
-
     for e in reversed(ledger.releases(store_for(env).ledger(), outcome="succeeded")):
         v = (e.get("figures") or {}).get("version")
         if v and v not in exclude and artifact.artifact_path(v).exists():

@@ -20,6 +20,7 @@ from typing import Any
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.engines import artifact, rehearsal
+from opsbook.engines.records import ledger
 from opsbook.engines.snapshots import safety
 
 
@@ -42,12 +43,12 @@ def check_overrides(*, skip_rehearsal: bool = False, skip_scale_check: bool = Fa
 
 def check(env: Env, art: artifact.Artifact, expand_pending: list[str], *, skip_rehearsal: bool = False,
           reason: str | None = None, dry_run: bool = False, now: datetime | None = None,
-          out: Callable[[str], None] = print) -> dict[str, Any]:
+          out: Callable[[str], None] = print, read: ledger.Ledgers | None = None) -> dict[str, Any]:
     """Decide the rehearsal gate and the safety point; return what the release record keeps.
     Raises GuardrailRefused (not on a dry run, which only says it would be refused)."""
     check_overrides(skip_rehearsal=skip_rehearsal, reason=reason)
     reason = (reason or "").strip()
-    verdict = rehearsal.check(env, art.version, art.sha256, now=now)
+    verdict = rehearsal.check(env, art.version, art.sha256, now=now, read=read)
     if not verdict.ok and skip_rehearsal:
         verdict.skipped = reason
     out(verdict.text())

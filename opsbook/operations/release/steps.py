@@ -4,11 +4,11 @@ each batch, and a record whatever happens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,8 +65,9 @@ class Run:
     staged_s: float | None = None   # how long staging ran (beside preflight; its phase is what remained)
     batch_t0: float = 0.0   # when the batch in flight began
     scale_gate: dict[str, Any] | None = None   # the demonstrated-at-scale gate's decision (opsbook.engines.scale_gate)
+    switching: Any = None   # the rolling switch's playbook, which marks the release good when told (_Switching)
 
-    @contextmanager
+    @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         assert name in PHASES, name   # every phase is described once, in plan.PHASES
         t = time.monotonic()
@@ -146,16 +147,25 @@ def _replanned(before: Plan, after: Plan) -> Plan:
 
 
 def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo) -> None:
+    # What the rolling switch starts (its playbook, its gate files) lives until the release is marked good
+    # or has ended otherwise: the same playbook run marks it good when told (switch.yml's last play).
+    with contextlib.ExitStack() as keep:
+        _phases_and_mark_good(env, plan, art, run, held=held, slo=slo, keep=keep)
+
+
+def _phases_and_mark_good(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo,
+                          keep: contextlib.ExitStack) -> None:
     try:
         if any(plan.current.values()):
             _start_probe(run, env, "before", required=False)
-        _steps(env, plan, art, run, held=held, slo=slo)
+        _steps(env, plan, art, run, held=held, slo=slo, keep=keep)
         run.outcome = "succeeded"
     except KeyboardInterrupt as e:
         run.outcome = "interrupted"
         run.interrupted_in = run.current_phase or "the plan"
         run.reason = f"{interrupts.describe(e)} during {run.interrupted_in}"
         log(f"{plan.kind} INTERRUPTED: {run.reason}; putting things back in order")
+        _end_switching(run, f"interrupted: {run.reason}")
         _put_back(env, plan, run)
     except Exception as e:  # noqa: BLE001 - whatever failed (a playbook, the database, a disk), a record
         run.reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -163,6 +173,7 @@ def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held,
             run.reason = f"{type(e).__name__}: {run.reason}"
         run.detail = str(e)
         log(f"{plan.kind} FAILED: {run.reason}")
+        _end_switching(run, f"failed: {run.reason}")
         if isinstance(e, locks.LeaseLost):
             run.put_back = "not attempted: this release no longer holds the lock, someone else may be acting"
         else:
@@ -178,15 +189,27 @@ def _run_phases(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held,
             ok, reasons = results.within(results.baseline_slo(slo, BASELINE_PHASES)[0])
             if not ok and run.outcome == "succeeded":
                 run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
-    if run.outcome == "succeeded":
-        try:
-            held.renew()
-            with run.phase("mark good"):
+    if run.outcome != "succeeded":
+        _end_switching(run, f"not good: {run.reason}")
+        return
+    _mark_good(env, plan, run, held)
+
+
+def _mark_good(env: Env, plan: Plan, run: Run, held) -> None:
+    """Every host switched and the release passed: mark it good on every app host (retention never
+    deletes it), through the switch's own playbook run when there was one."""
+    try:
+        held.renew()
+        with run.phase("mark good"):
+            if run.switching is not None:
+                run.switching.mark_good()
+            else:   # no rolling switch ran (nothing to switch): its own playbook
                 ansible.run_playbook(env, "mark-good.yml", what="marking the release good",
                                      extra_vars={"opsbook_release_version": plan.target})
-        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every host switched: say what is missing
-            # Every host switched, but retention does not know the release is good: say so.
-            run.outcome, run.reason, run.detail = "failed", f"marking the release good failed: {e}", str(e)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every host switched: say what is missing
+        # Every host switched, but retention does not know the release is good: say so.
+        run.outcome, run.reason, run.detail = "failed", f"marking the release good failed: {e}", str(e)
+        _end_switching(run, "stopped")
 
 
 def _put_back(env: Env, plan: Plan, run: Run) -> None:
@@ -374,7 +397,7 @@ def _return_batch(env: Env, plan: Plan, batch: list[str]) -> str:
     return "; ".join(done)
 
 
-def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo) -> None:
+def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo, keep: contextlib.ExitStack) -> None:
     if "provision" in plan.phases:
         held.renew()
         with run.phase("provision"):
@@ -402,7 +425,7 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo)
             staging.wait()
         run.staged_s = staging.seconds
     with run.phase("rolling switch"):
-        _rolling_switch(env, plan, run, held=held, probe=run.live_probe, slo=slo)
+        _rolling_switch(env, plan, run, held=held, probe=run.live_probe, slo=slo, keep=keep)
     # Verify: the checks of what a release changes (`converges`: each app host serves the release,
     # its service runs and answers, every backend is UP), on the whole fleet, not only the hosts
     # switched. The others ran in preflight, before anything changed, and the release changes
@@ -412,65 +435,102 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo)
         hostchecks.run_host_checks(env, extra=["-m", "converges"])
 
 
-def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo) -> None:
+def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: contextlib.ExitStack) -> None:
     """Every batch in one ansible-playbook run (switch.yml with opsbook_gate_dir): when a batch is
     switched the playbook writes which hosts it switched; opsbook judges the batch's gate and
     writes the verdict, and the next batch only reads its hosts until the verdict is `passed`
     (anything else stops the playbook before it drains one). One run instead of one per batch: no
     Ansible start-up or new SSH connections between batches, and the next batch's reads overlap
-    the gate."""
-    with tempfile.TemporaryDirectory(prefix="opsbook-gate-") as tmp:
-        gates = Path(tmp)
-        held.renew()   # the lease is verified before any host of the first batch is touched
-        lb = rotation_for(env)   # haproxy drains and re-enables inside switch.yml; an ALB around each batch
-        _begin_batch(run, probe, 1, plan.batches[0])
-        lb.drain(plan.batches[0])
-        with ansible.start_playbook(env, "switch.yml", limit=",".join(h for b in plan.batches for h in b),
-                                    what=f"{plan.kind} rolling switch", echo=True, extra_vars={
-                                        "opsbook_release_version": plan.target,
-                                        # The plan's order (hosts serving nothing first), not the inventory's.
-                                        "opsbook_switch_hosts": [h for b in plan.batches for h in b],
-                                        "opsbook_switch_batches": [len(b) for b in plan.batches],
-                                        "opsbook_gate_dir": str(gates),
-                                        "opsbook_gate_names": [b[0] for b in plan.batches]}) as switching:
-            for i, batch in enumerate(plan.batches, 1):
-                entry = run.batches[-1]
-                switched = _switched(switching, gates / f"{batch[0]}.switched")
-                if switched is None:   # the playbook ended before the batch was switched
-                    try:
-                        switching.wait()
-                    except PlaybookFailed as e:
-                        entry.update(result="failed health", seconds=round(time.monotonic() - run.batch_t0, 1))
-                        raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) failed: {e}") from e
-                    raise ReleaseFailed(f"batch {i} ({', '.join(batch)}): switch.yml ended without switching it")
-                if switched != batch:   # cannot happen: the playbook takes the plan's order and sizes
-                    run.in_flight = sorted(set(batch) | set(switched))   # put back whatever it touched
-                    _verdict(gates, batch, "stopped: the hosts switched are not the plan's")
-                    raise ReleaseFailed(f"batch {i}: Ansible switched {', '.join(switched)}, the plan said "
-                                        f"{', '.join(batch)}; the release stopped before the next batch")
-                lb.enable(batch)   # the gate judges the batch's hosts taking traffic
-                verdict = _judge_batch(env, run, i, batch, held=held, probe=probe, slo=slo)
-                if verdict != "passed":
-                    _verdict(gates, batch, verdict)
-                    raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) missed the SLO: {verdict}.")
-                entry.update(result="passed", seconds=round(time.monotonic() - run.batch_t0, 1))
-                # Said before the verdict is written: the next batch's output comes after it.
-                log(f"batch {i} done in {entry['seconds']}s")
-                run.in_flight = None
-                if i < len(plan.batches):
-                    held.renew()   # the lease is verified before any host of the next batch is touched
-                    _begin_batch(run, probe, i + 1, plan.batches[i])
-                    lb.drain(plan.batches[i])
-                _verdict(gates, batch, "passed")
-            switching.wait()
+    the gate. After the last batch the same run waits for the verdict on the whole release and
+    marks it good when told (run.switching); `keep` holds it (and its gate files) until then."""
+    gates = Path(keep.enter_context(tempfile.TemporaryDirectory(prefix="opsbook-gate-")))
+    held.renew()   # the lease is verified before any host of the first batch is touched
+    lb = rotation_for(env)   # haproxy drains and re-enables inside switch.yml; an ALB around each batch
+    _begin_batch(run, probe, 1, plan.batches[0])
+    lb.drain(plan.batches[0])
+    switching = keep.enter_context(ansible.start_playbook(
+        env, "switch.yml", limit=",".join(h for b in plan.batches for h in b), what=f"{plan.kind} rolling switch",
+        echo=True, extra_vars={
+            "opsbook_release_version": plan.target,
+            # The plan's order (hosts serving nothing first), not the inventory's.
+            "opsbook_switch_hosts": [h for b in plan.batches for h in b],
+            "opsbook_switch_batches": [len(b) for b in plan.batches],
+            "opsbook_gate_dir": str(gates),
+            "opsbook_gate_names": [b[0] for b in plan.batches]}))
+    run.switching = _Switching(switching, gates)
+    for i, batch in enumerate(plan.batches, 1):
+        entry = run.batches[-1]
+        switched = _switched(switching, gates / f"{batch[0]}.switched")
+        if switched is None:   # the playbook ended before the batch was switched
+            try:
+                switching.wait()
+            except PlaybookFailed as e:
+                entry.update(result="failed health", seconds=round(time.monotonic() - run.batch_t0, 1))
+                raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) failed: {e}") from e
+            raise ReleaseFailed(f"batch {i} ({', '.join(batch)}): switch.yml ended without switching it")
+        if switched != batch:   # cannot happen: the playbook takes the plan's order and sizes
+            run.in_flight = sorted(set(batch) | set(switched))   # put back whatever it touched
+            _verdict(gates, batch[0], "stopped: the hosts switched are not the plan's")
+            raise ReleaseFailed(f"batch {i}: Ansible switched {', '.join(switched)}, the plan said "
+                                f"{', '.join(batch)}; the release stopped before the next batch")
+        lb.enable(batch)   # the gate judges the batch's hosts taking traffic
+        verdict = _judge_batch(env, run, i, batch, held=held, probe=probe, slo=slo)
+        if verdict != "passed":
+            _verdict(gates, batch[0], verdict)
+            raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) missed the SLO: {verdict}.")
+        entry.update(result="passed", seconds=round(time.monotonic() - run.batch_t0, 1))
+        # Said before the verdict is written: the next batch's output comes after it.
+        log(f"batch {i} done in {entry['seconds']}s")
+        run.in_flight = None
+        if i < len(plan.batches):
+            held.renew()   # the lease is verified before any host of the next batch is touched
+            _begin_batch(run, probe, i + 1, plan.batches[i])
+            lb.drain(plan.batches[i])
+        _verdict(gates, batch[0], "passed")
+    run.switching.switched = True
 
 
-def _verdict(gates: Path, batch: list[str], text: str) -> None:
-    """Write the gate's verdict on a batch for the playbook, whole or not at all (a rename): the
-    playbook polls for the file and must never read it half-written."""
-    tmp = gates / f".{batch[0]}.verdict.tmp"
+RELEASE_VERDICT = "@release"   # switch.yml's last play waits for <gate dir>/@release.verdict (no host has an @)
+
+
+@dataclass
+class _Switching:
+    """The rolling switch's playbook after its batches: it waits for opsbook's verdict on the whole
+    release (verify, the probe read back) and marks it good when that is `good`."""
+
+    playbook: ansible.Background
+    gates: Path
+    switched: bool = False   # every batch passed: the playbook waits for the release verdict
+
+    def mark_good(self) -> None:
+        _verdict(self.gates, RELEASE_VERDICT, "good")
+        self.playbook.wait()
+
+
+def _end_switching(run: Run, why: str) -> None:
+    """After a failure or an interrupt, before anything is put back: the switch playbook ends. One
+    that switched every batch waits for the release verdict (it is told, and ends without marking
+    anything); one still switching is stopped in order, as leaving its block always did. Shielded:
+    it takes seconds, and the put-back after it must not overlap it."""
+    switching, run.switching = run.switching, None
+    if switching is None or not switching.playbook.running():
+        return
+    with interrupts.shielded():
+        if switching.switched:
+            _verdict(switching.gates, RELEASE_VERDICT, why.replace("\n", " ")[:500] or "stopped")
+            deadline = time.monotonic() + 10
+            while switching.playbook.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        ansible.stop(switching.playbook.proc)
+
+
+def _verdict(gates: Path, name: str, text: str) -> None:
+    """Write a verdict for the playbook, whole or not at all (a rename): the playbook polls for the
+    file and must never read it half-written. `name`: a batch's first host, or RELEASE_VERDICT (the
+    verdict on the whole release, after the last batch)."""
+    tmp = gates / f".{name}.verdict.tmp"
     tmp.write_text(text)
-    tmp.replace(gates / f"{batch[0]}.verdict")
+    tmp.replace(gates / f"{name}.verdict")
 
 
 def _begin_batch(run: Run, probe, i: int, batch: list[str]) -> None:
