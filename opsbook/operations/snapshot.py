@@ -22,12 +22,9 @@ operator message and changes nothing.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from opsbook.core import facts
@@ -129,7 +126,8 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
     finally:
         data["duration_s"] = round(time.monotonic() - t0, 1)
         if "lock" in data:
-            _record("snapshot", env, {"snapshot_data": data}, record_id, started=started, out=out)
+            runner.record_data("snapshot", env, {"snapshot_data": data}, record_id=record_id, started=started,
+                               log=out)
     return data
 
 
@@ -196,25 +194,10 @@ def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None
             "details": verdict.details, "operator": facts.operator(),
             "started_at": started.isoformat(timespec="seconds"), "duration_s": round(time.monotonic() - t0, 1)}
     out(verdict.verdict)
-    entry = _record("restore_drill", env, {"drill_data": data}, record_id, started=started, out=out)
+    entry = runner.record_data("restore_drill", env, {"drill_data": data}, record_id=record_id, started=started,
+                               log=out)
     data["record"] = entry.get("id")
     if not verdict.passed:
         raise DrillNotPassed(f"restore drill of {env.name} {verdict.verdict} Record {record_id} says why. Nothing "
                              f"was changed.")
     return data
-
-
-def _record(runbook: str, env: Env, params: dict[str, dict[str, Any]], record_id: str, *, started: datetime,
-            out: Callable[[str], None]) -> dict[str, Any]:
-    """Write the data as JSON and render it with the runbook as a record; a failed rendering (the
-    runbook raises when the run failed or did not pass) is the record too."""
-    with tempfile.TemporaryDirectory(prefix=f"opsbook-{runbook}-") as tmp:
-        given = {}
-        for name, value in params.items():
-            p = Path(tmp) / f"{name}.json"
-            p.write_text(json.dumps(value, indent=2, default=str))
-            given[name] = str(p)
-        try:
-            return runner.run(runbook, env, given, record_id=record_id, started=started, progress=False, log=out)
-        except runner.RunbookFailed as e:
-            return e.entry

@@ -308,7 +308,7 @@ class BtrfsClones:
                              + ". Nothing was changed (no standby, slot or clone). Fix the source, then rerun.")
         return facts
 
-    def _refuse_slot_in_use(self, source: Source, facts: dict[str, Any]) -> None:
+    def refuse_slot_in_use(self, source: Source, facts: dict[str, Any]) -> None:
         slot = facts["slot"]
         if not slot or not slot["active"]:
             return
@@ -348,7 +348,7 @@ class BtrfsClones:
         Returns what was done and the source's facts."""
         self.check_host()
         facts = self.source_facts(source)          # refuses an unreachable or unfit source, changing nothing
-        self._refuse_slot_in_use(source, facts)
+        self.refuse_slot_in_use(source, facts)
         fs = self.ensure_filesystem()
         done: dict[str, Any] = {"filesystem": fs, "source": {k: v for k, v in facts.items() if k != "slot"}}
         t0 = time.monotonic()
@@ -483,6 +483,17 @@ class BtrfsClones:
                                  f"{self.s.slot}; its log says: {self._log_tail('standby')[-800:]}. No clone was made; "
                                  f"the clones on {self.r.host} are as they were.")
             time.sleep(0.3)
+
+    def standby_conninfo(self, dbname: str = "postgres") -> str:
+        return self.conninfo(self.s.standby_port, dbname)
+
+    def pause_replay(self) -> None:
+        """Hold the standby at the point it has replayed to (long reads then meet no recovery conflict);
+        the slot keeps the source's WAL meanwhile. :meth:`resume_replay` lets it go on."""
+        self._sql(self.s.standby_port, "SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        self._sql(self.s.standby_port, "SELECT pg_wal_replay_resume()")
 
     def catch_up(self, source: Source) -> str:
         """Wait until the standby has received everything the source had written when this was called;

@@ -348,6 +348,23 @@ def run(
     return stored
 
 
+def record_data(name: str, env, data: dict[str, Any], *, record_id: str | None = None,
+                started: datetime | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The record of an operation that has ended: each value of `data` is written as JSON and the
+    runbook gets its path under the same name; a run that fails (a runbook raises when the operation
+    failed or did not pass) is the record too. Returns the ledger entry."""
+    with tempfile.TemporaryDirectory(prefix=f"opsbook-{name}-") as tmp:
+        given = {}
+        for param, value in data.items():
+            path = Path(tmp) / f"{param}.json"
+            path.write_text(json.dumps(value, indent=2, default=str))
+            given[param] = str(path)
+        try:
+            return run(name, env, given, record_id=record_id, started=started, progress=False, log=log)
+        except RunbookFailed as e:
+            return e.entry
+
+
 # -- what the Invoke tasks call ----------------------------------------------------------------
 def describe(runbooks_dir: Path | None = None) -> str:
     """Every runbook and the parameters an operator gives it."""
