@@ -30,7 +30,6 @@ from typing import Any
 from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
-from opsbook.engines import lock as locks
 from opsbook.engines.records import ledger, runner
 from opsbook.engines.records.store import new_record_id, store_for
 from opsbook.engines.snapshots import base, paths
@@ -97,37 +96,22 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
         out(note or plan.text())
         return {"dry_run": True, "retention": [s.id for s in plan.delete]}
     started = datetime.now(UTC)
-    t0 = time.monotonic()
     record_id = new_record_id("snapshot")
     data: dict[str, Any] = {"env": env.name, "kind": path.kind, "reason": reason, "operator": facts.operator(),
                             "started_at": started.isoformat(timespec="seconds"), "record": record_id,
                             "outcome": "failed", "progress": []}
-    try:
-        with locks.lock_for(env).hold(f"snapshot (record {record_id})", wait=0) as held:
-            out(held.message)
-            data["lock"] = held.message
-            snap = path.take(record_id=record_id, reason=reason, log=out, progress=data["progress"])
-            data["snapshot"] = snap.to_dict()
-            data["manifest"] = manifest_note(path)
-            plan, note = plan_retention(env, path)
-            deleted = []
-            for s in plan.delete:
-                path.delete(s, log=out)
-                deleted.append(s.to_dict())
-            data["retention"] = {"deleted": deleted, "kept": plan.keep, "note": note,
-                                 "settings": _settings_text(env)}
-            data["after"] = [s.to_dict() for s in path.list()]
-            data["outcome"] = "succeeded"
-    except locks.LockHeld:
-        raise   # refused: nothing ran, nothing to record
-    except Exception as e:
-        data["error"] = str(e)
-        raise
-    finally:
-        data["duration_s"] = round(time.monotonic() - t0, 1)
-        if "lock" in data:
-            runner.record_data("snapshot", env, {"snapshot_data": data}, record_id=record_id, started=started,
-                               log=out)
+    with runner.locked_record("snapshot", env, data, param="snapshot_data", record_id=record_id, started=started,
+                              reason=f"snapshot (record {record_id})", log=out):
+        snap = path.take(record_id=record_id, reason=reason, log=out, progress=data["progress"])
+        data["snapshot"] = snap.to_dict()
+        data["manifest"] = manifest_note(path)
+        plan, note = plan_retention(env, path)
+        deleted = []
+        for s in plan.delete:
+            path.delete(s, log=out)
+            deleted.append(s.to_dict())
+        data["retention"] = {"deleted": deleted, "kept": plan.keep, "note": note, "settings": _settings_text(env)}
+        data["after"] = [s.to_dict() for s in path.list()]
     return data
 
 

@@ -56,7 +56,6 @@ from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.core.paths import APP, APP_MIGRATIONS
 from opsbook.engines import ansible, database, fleet, masking
-from opsbook.engines import lock as locks
 from opsbook.engines.clones import aurora, handover, paths
 from opsbook.engines.records import runner
 from opsbook.engines.records.store import new_record_id
@@ -203,27 +202,13 @@ def refresh(source: Env, target: Env, *, snapshot: str | None = None, dry_run: b
             f"clone(s). Nothing was changed.")
         return {"dry_run": True, **p}
     started = datetime.now(UTC)
-    t0 = time.monotonic()
     record_id = new_record_id(REFRESH_RUNBOOK)
     data: dict[str, Any] = {**p, "record": record_id, "operator": facts.operator(), "outcome": "failed",
                             "started_at": started.isoformat(timespec="seconds"), "steps": [], "snapshot": snapshot}
-    try:
-        with locks.lock_for(target).hold(f"staging refresh from {source.name} (record {record_id})", wait=0) as held:
-            out(held.message)
-            data["lock"] = held.message
-            _Btrfs(source, target, path, data, out).run()
-            data["outcome"] = "succeeded"
-    except locks.LockHeld:
-        raise   # refused: nothing ran, nothing to record
-    except Exception as e:
-        data["error"] = str(e)
-        raise
-    finally:
-        data["duration_s"] = round(time.monotonic() - t0, 1)
-        if "lock" in data:
-            entry = runner.record_data(REFRESH_RUNBOOK, target, {"refresh_data": data}, record_id=record_id,
-                                       started=started, log=out)
-            data["record"] = entry.get("id", record_id)
+    with runner.locked_record(REFRESH_RUNBOOK, target, data, param="refresh_data", record_id=record_id,
+                              started=started, reason=f"staging refresh from {source.name} (record {record_id})",
+                              log=out):
+        _Btrfs(source, target, path, data, out).run()
     return data
 
 

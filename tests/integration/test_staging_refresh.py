@@ -11,6 +11,7 @@ AWS refresh is refused as not built before anything is made in moto."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -41,11 +42,12 @@ STAGE_APP_PASSWORD = "staging-app-password"
 STAGE_ADMIN_PASSWORD = "staging-admin-password"
 
 
-def _inventory(root: Path, name: str, *, host: str, port: int, passwords: tuple[str, str], **extra) -> None:
+def _inventory(root: Path, name: str, *, host: str, port: int, passwords: tuple[str, str], connection: str = "local",
+               **extra) -> None:
     d = root / "inventories" / name
     (d / "group_vars" / "all").mkdir(parents=True)
     hosts = {"all": {"children": {"db": {"hosts": {host: {"ansible_host": "127.0.0.1",
-                                                          "ansible_connection": "local"}}}}}}
+                                                          "ansible_connection": connection}}}}}}
     (d / "hosts.yml").write_text(yaml.safe_dump(hosts))
     main = {"opsbook_env_kind": "lab", "opsbook_record_store": str(root / "records" / name),
             "opsbook_lock_backend": "file", "opsbook_lock_path": str(root / "locks" / f"{name}.lock"),
@@ -79,6 +81,8 @@ def world():
         _inventory(root, "srcstage", host="db2", port=port, passwords=(STAGE_APP_PASSWORD, STAGE_ADMIN_PASSWORD),
                    opsbook_refresh_host="db2", opsbook_refresh_dir=str(root / "refresh"), opsbook_refresh_image_gb=4,
                    opsbook_refresh_listen_addresses="127.0.0.1")
+        _inventory(root, "srcremote", host="db2", port=port, passwords=(STAGE_APP_PASSWORD, STAGE_ADMIN_PASSWORD),
+                   connection="ssh", opsbook_refresh_host="db2", opsbook_refresh_dir=str(root / "refresh"))
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(INVENTORY_PATH_VARIABLE, str(root / "inventories"))
             yield src, root, port
@@ -105,6 +109,20 @@ def _stage(port: int, user: str = "bl_api", password: str = STAGE_APP_PASSWORD, 
 def _one(dsn: str, sql: str, params: tuple = ()):
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(sql, params).fetchone()[0]
+
+
+@contextlib.contextmanager
+def _changed(src, do: list[str], undo: list[str]):
+    """The source's database changed by `do` for the block, put back by `undo` after it."""
+    with psycopg.connect(src.socket(DB), autocommit=True) as conn:
+        for sql in do:
+            conn.execute(sql)
+    try:
+        yield
+    finally:
+        with psycopg.connect(src.socket(DB), autocommit=True) as conn:
+            for sql in undo:
+                conn.execute(sql)
 
 
 def _masking_file(tmp_path: Path, edit) -> Path:
@@ -143,18 +161,21 @@ def test_refusals_change_nothing_and_leave_no_record(world, envs, tmp_path):
     assert "course_events.kind (created by 0003_course_events_kind)" in str(refused.value)
 
     # A column added to the source's database by hand, which no masking decision covers.
-    with psycopg.connect(src.socket(DB), autocommit=True) as conn:
-        conn.execute("ALTER TABLE course_events ADD COLUMN nickname text")
-    try:
-        with pytest.raises(sr.RefreshRefused, match=r"srcprod's database: refusing to mask: columns in the database "
-                                                    r"with no decision in the masking file: course_events\.nickname"):
-            sr.refresh(prod, stage, out=_quiet)
-    finally:
-        with psycopg.connect(src.socket(DB), autocommit=True) as conn:
-            conn.execute("ALTER TABLE course_events DROP COLUMN nickname")
+    with _changed(src, ["ALTER TABLE course_events ADD COLUMN nickname text"],
+                  ["ALTER TABLE course_events DROP COLUMN nickname"]), \
+            pytest.raises(sr.RefreshRefused, match=r"srcprod's database: refusing to mask: columns in the database "
+                                                   r"with no decision in the masking file: course_events\.nickname"):
+        sr.refresh(prod, stage, out=_quiet)
 
     with pytest.raises(PathNotBuilt, match=r"--snapshot nightly: srcprod's snapshots cannot be listed or restored"):
         sr.refresh(prod, stage, snapshot="nightly", out=_quiet)
+    # The paths that are not built: the lab's (no clone host named), a clone host reached over SSH.
+    with pytest.raises(PathNotBuilt, match=r"lab names no clone host .*the lab's refresh path is not built: it needs "
+                                           r"a second lab environment .*Nothing was changed"):
+        sr.refresh(prod, Env("lab"), out=_quiet)
+    with pytest.raises(PathNotBuilt, match=r"srcremote's refresh host db2 is reached over SSH, and the runner .* is "
+                                           r"not built. Nothing was changed"):
+        sr.refresh(prod, Env("srcremote"), out=_quiet)
 
     lines: list[str] = []
     plan = sr.refresh(prod, stage, dry_run=True, out=lines.append)
@@ -230,19 +251,14 @@ def test_a_refresh_failing_half_way_leaves_the_previous_database_serving(world, 
         conn.execute("INSERT INTO courses (course_uuid, ecosystem_uuid) VALUES "
                      "('00000000-0000-0000-0000-0000000000aa', gen_random_uuid())")
     # A real fault: a constraint the masking file does not know of, which every hashed learner id breaks.
-    with psycopg.connect(src.socket(DB), autocommit=True) as conn:
-        conn.execute("CREATE FUNCTION known_student(uuid) RETURNS boolean IMMUTABLE LANGUAGE sql AS $$ SELECT "
-                     "$1 IS NULL OR EXISTS (SELECT 1 FROM generate_series(0, 79) k WHERE "
-                     "md5('student' || k)::uuid = $1) $$")
-        conn.execute("ALTER TABLE course_events ADD CONSTRAINT known_students CHECK (known_student(student_uuid))")
-    try:
-        with pytest.raises(sr.RefreshFailed, match=r"(?s)failed at step 'mask'.*known_students.*The clone \S+ was "
-                                                   rf"deleted .*srcstage's previous database \({serving}\) serves"):
-            sr.refresh(prod, stage, out=_quiet)
-    finally:
-        with psycopg.connect(src.socket(DB), autocommit=True) as conn:
-            conn.execute("ALTER TABLE course_events DROP CONSTRAINT known_students")
-            conn.execute("DROP FUNCTION known_student(uuid)")
+    fault = ["CREATE FUNCTION known_student(uuid) RETURNS boolean IMMUTABLE LANGUAGE sql AS $$ SELECT $1 IS NULL OR "
+             "EXISTS (SELECT 1 FROM generate_series(0, 79) k WHERE md5('student' || k)::uuid = $1) $$",
+             "ALTER TABLE course_events ADD CONSTRAINT known_students CHECK (known_student(student_uuid))"]
+    with _changed(src, fault, ["ALTER TABLE course_events DROP CONSTRAINT known_students",
+                               "DROP FUNCTION known_student(uuid)"]), \
+            pytest.raises(sr.RefreshFailed, match=r"(?s)failed at step 'mask'.*known_students.*The clone \S+ was "
+                                                  rf"deleted .*srcstage's previous database \({serving}\) serves"):
+        sr.refresh(prod, stage, out=_quiet)
     engine = paths.btrfs_refresh(prod, stage).engine
     assert engine.current() == serving
     assert engine.names() == [serving]

@@ -31,8 +31,17 @@ from opsbook.core.errors import OpsbookError
 from opsbook.engines import database
 from opsbook.engines.clones import runner as runners
 from opsbook.engines.clones.btrfs import BtrfsClones, Settings, Source
+from opsbook.engines.snapshots.base import PathNotBuilt
 
 DEFAULT_DIR = "/var/lib/opsbook/refresh"
+LAB_NOT_BUILT = (
+    "{target} names no clone host (opsbook_refresh_host), so there is nowhere to keep a standby of {source} and make "
+    "its clones. In the lab that is db2, and the lab's refresh path is not built: it needs a second lab environment "
+    "(lab-staging: its own load balancer and app hosts, and db2) for the refresh to target, a replication role on "
+    "db1 that pg_hba.conf admits from db2, btrfs-progs in the lab image and a loop device mounted inside the "
+    "privileged db2 container (not yet tried), and a runner over SSH for the clone machinery "
+    "(opsbook/engines/clones/runner.py). Nothing was changed. A clone host that is the controller itself "
+    "(ansible_connection: local) works today: set opsbook_refresh_host in {path}/group_vars/all/.")
 
 
 @dataclass
@@ -60,9 +69,7 @@ def btrfs_refresh(source, target, *, log: Callable[[str], None] = print) -> Btrf
     live, or whose service would not connect to them. Reads inventories only (changes nothing)."""
     host = str(target.var("opsbook_refresh_host", "") or "")
     if not host:
-        raise OpsbookError(f"{target.name} does not say where its refreshed database lives: set opsbook_refresh_host "
-                           f"(the db host whose btrfs keeps the standby and the clones) in {target.path}/group_vars/"
-                           f"all/. Nothing was changed.")
+        raise PathNotBuilt(LAB_NOT_BUILT.format(target=target.name, source=source.name, path=target.path))
     served_by = str(target.var("bl_api_db_host", "") or "")
     if served_by != host:
         raise OpsbookError(f"{target.name}'s service connects to {served_by or '(no bl_api_db_host)'}, but its clones "

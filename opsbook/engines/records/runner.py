@@ -17,10 +17,11 @@ parameter has default ``None`` and a comment starting with "required".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -363,6 +364,34 @@ def record_data(name: str, env, data: dict[str, Any], *, record_id: str | None =
             return run(name, env, given, record_id=record_id, started=started, progress=False, log=log)
         except RunbookFailed as e:
             return e.entry
+
+
+@contextlib.contextmanager
+def locked_record(name: str, env, data: dict[str, Any], *, param: str, reason: str, record_id: str,
+                  started: datetime, log: Callable[[str], None] = print) -> Iterator[Any]:
+    """An operation's body under the environment's lock, recorded by runbook `name` when it ends,
+    whether it succeeded or failed: `data` is the record (given to the runbook as `param`); its
+    outcome, error, duration, lock and record id are filled in here. Refused by the lock (another
+    holder): nothing ran, nothing is recorded."""
+    from opsbook.engines import lock as locks
+
+    t0 = time.monotonic()
+    try:
+        with locks.lock_for(env).hold(reason, wait=0) as held:
+            log(held.message)
+            data["lock"] = held.message
+            yield held
+            data["outcome"] = "succeeded"
+    except locks.LockHeld:
+        raise   # refused: nothing ran, nothing to record
+    except Exception as e:
+        data["error"] = str(e)
+        raise
+    finally:
+        data["duration_s"] = round(time.monotonic() - t0, 1)
+        if "lock" in data:
+            entry = record_data(name, env, {param: data}, record_id=record_id, started=started, log=log)
+            data["record"] = entry.get("id", record_id)
 
 
 # -- what the Invoke tasks call ----------------------------------------------------------------
