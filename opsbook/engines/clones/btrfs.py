@@ -70,7 +70,7 @@ CLONE_RESET = ("primary_conninfo", "primary_slot_name", "restore_command", "arch
                "archive_library", "synchronous_standby_names", "cluster_name", "port", "listen_addresses",
                "unix_socket_directories", "hba_file", "ident_file", "external_pid_file", "hot_standby",
                "recovery_target", "recovery_target_lsn", "recovery_target_name", "recovery_target_time",
-               "recovery_target_xid", "recovery_target_action", "promote_trigger_file")
+               "recovery_target_xid", "recovery_target_action", "promote_trigger_file", "recovery_init_sync_method")
 
 
 class CloneError(OpsbookError):
@@ -607,6 +607,9 @@ class BtrfsClones:
             "cluster_name": f"opsbook-clone-{c.name}", "port": str(service_port),
             "listen_addresses": self.s.listen_addresses, "unix_socket_directories": self.run_dir, "hba_file": hba,
             "ident_file": f"{c.data}/pg_ident.conf", "external_pid_file": "",
+            # Crash recovery first fsyncs every file of the data directory, one by one (a walk that grows
+            # with the database); syncfs makes it one call for the filesystem.
+            "recovery_init_sync_method": "syncfs",
         })
         auto = read_file(self.r, f"{c.data}/postgresql.auto.conf", user=user) or ""
         write_file(self.r, f"{c.data}/postgresql.auto.conf", rewrite_auto_conf(auto, settings), user=user)
