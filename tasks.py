@@ -334,8 +334,19 @@ def staging_refresh(c, from_=None, to=None, snapshot=None, dry_run=False):
     sr.refresh(load_env(c, source), load_env(c, target), snapshot=snapshot, dry_run=dry_run)
 
 
+@task(help={"from_": "the environment the target is refreshed from (default prod)",
+            "to": "the refreshed environment (default staging)"})
+@operator_errors
+def staging_status(c, from_=None, to=None):
+    """Read-only: the target's clones, which one serves, and its standby (AWS: its clone clusters)."""
+    from opsbook.operations import staging_refresh as sr
+
+    print(sr.status_text(load_env(c, from_ or sr.DEFAULT_SOURCE), load_env(c, to or sr.DEFAULT_TARGET)))
+
+
 staging_ns = Collection("staging")
 staging_ns.add_task(staging_refresh, "refresh", default=True)
+staging_ns.add_task(staging_status, "status")
 
 
 @task(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ from opsbook.engines import masking  # noqa: E402
 from opsbook.engines.clones.btrfs import BtrfsClones, Settings  # noqa: E402
 from opsbook.engines.clones.runner import LocalRunner  # noqa: E402
 from opsbook.engines.snapshots import manifest  # noqa: E402
+from opsbook.operations.staging_refresh import every  # noqa: E402
 from tests.fixtures.biglearn import apply_app_schema, load_course_events  # noqa: E402
 from tests.fixtures.clones import start_source  # noqa: E402
 from tests.fixtures.postgres import PG_BIN, _as_postgres, _free_port  # noqa: E402
@@ -142,7 +144,8 @@ def measure(src, host: BtrfsClones, gb: float, work: Path, row: dict) -> None:
     row["manifest_mb_s"] = f["mb_per_s"]
     say(f"  manifest of the clone with the source's boundaries: {f['bytes'] / 1e6:,.0f} MB in {f['seconds']:.1f} s "
         f"({f['mb_per_s']:.0f} MB/s); {len(diffs)} difference(s) from the source's")
-    done = masking.apply(dsn, masking.load(APP / "masking.yml"), secrets.token_bytes(32))
+    done = masking.apply(dsn, masking.load(APP / "masking.yml"), secrets.token_bytes(32),
+                         progress=every(30, lambda line: say(f"    {line}")))
     row["mask_rows_s"] = done.rows_per_s
     use = host.usage(clone.name)
     say(f"  masking: {sum(done.tables.values()):,} rows in {done.seconds:.1f} s ({done.rows_per_s:,.0f} rows/s); the "
@@ -152,7 +155,12 @@ def measure(src, host: BtrfsClones, gb: float, work: Path, row: dict) -> None:
     row["template_s"] = template(src)
 
 
+def stop_on_sigterm(_signum, _frame) -> None:
+    raise KeyboardInterrupt   # the clusters, the mount and the slot are removed on the way out
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,5", help="GB of course_events to measure at, rising, comma-separated")
     ap.add_argument("--work", default=tempfile.gettempdir(), help="where the clusters, image and dumps go")

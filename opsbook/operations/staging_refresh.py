@@ -163,6 +163,30 @@ def plan(source: Env, target: Env, *, snapshot: str | None = None, masking_path:
     }
 
 
+def status_text(source: Env, target: Env) -> str:
+    """Read-only: the target's clones (which one serves, which run), its standby, or on AWS its clone
+    clusters and the address its SSM parameter publishes."""
+    if target.kind == "aws":
+        clones = aurora.AuroraClones(source, target, log=lambda _m: None)
+        rows = clones.clones()
+        lines = [f"{target.name}: database address {clones.published() or '(none published)'}"]
+        lines += [f"  clone {c['id']} {c['status']} at {c['endpoint']} (record {c['record']}, of {c['clone_of']})"
+                  for c in rows]
+        return "\n".join(lines + ([] if rows else ["  no clones made by staging.refresh"]))
+    path = paths.btrfs_refresh(source, target, log=lambda _m: None)
+    engine = path.engine
+    if engine.r.run(["test", "-d", engine.clones_dir], check=False).code != 0:
+        return f"{target.name}: no standby and no clone on {path.host} yet ({engine.base})"
+    current = engine.current()
+    lines = [f"{target.name}: clones on {path.host} ({engine.base}); the standby of {path.source.describe()} is "
+             + ("running" if engine.standby_running() else "stopped")]
+    for name in engine.names():
+        state = "serves on port " + str(path.service_port) if name == current else (
+            "running (not serving)" if engine.running(name) else "stopped")
+        lines.append(f"  {name}: {state}")
+    return "\n".join(lines)
+
+
 # --- the refresh ---------------------------------------------------------------------------------
 class _Steps:
     """Each step's time, status and result, in the order they ran (the record's table)."""
@@ -280,7 +304,7 @@ class _Btrfs:
             row["result"] = f"dropped {', '.join(data['dropped_databases']) or 'none'}"
         with self.step("mask", f"{rules.path.name}: {len(data['masked_columns'])} column(s), a secret for this "
                                f"refresh") as row:
-            result = masking.apply(self.private, rules, secrets.token_bytes(32), progress=self.out)
+            result = masking.apply(self.private, rules, secrets.token_bytes(32), progress=every(10, self.out))
             data["masking"] = {"tables": result.tables, "rows": sum(result.tables.values()), "batches": result.batches,
                                "seconds": round(result.seconds, 2), "rows_per_s": round(result.rows_per_s)}
             row["result"] = f"{data['masking']['rows']:,} rows, {data['masking']['rows_per_s']:,} rows/s"
@@ -328,6 +352,18 @@ class _Btrfs:
         with self.step("prune", f"keep {self.path.keep} clone(s), never the serving one") as row:
             self.data["pruned"] = self.engine.prune(self.path.keep)
             row["result"] = f"deleted {', '.join(self.data['pruned']) or 'none'}"
+
+
+def every(seconds: float, out: Callable[[str], None]) -> Callable[[str], None]:
+    """`out`, but at most one line every `seconds` (masking reports every batch: thousands of lines)."""
+    last = [0.0]
+
+    def say(line: str) -> None:
+        if time.monotonic() - last[0] >= seconds:
+            out(line)
+            last[0] = time.monotonic()
+
+    return say
 
 
 def _refuse_leaks(leaks: list[str]) -> None:

@@ -183,6 +183,7 @@ def test_refusals_change_nothing_and_leave_no_record(world, envs, tmp_path):
     assert plan["masked_columns"] == ["course_events.data", "course_events.student_uuid"]
     assert "Nothing was changed" in lines[-1]
 
+    assert sr.status_text(prod, stage).startswith("srcstage: no standby and no clone on db2 yet")
     assert not (root / "refresh").exists()          # no image, no standby, no clone
     assert _refreshes(stage) == []
     assert locks.lock_for(stage).holder() is None
@@ -280,6 +281,10 @@ def test_the_rehearsal_gate_passes_on_a_release_after_a_refresh(world, envs, tmp
     engine = paths.btrfs_refresh(prod, stage).engine
     assert engine.names() == sorted([before, data["clone"]["name"]])    # keep 2: the previous one, stopped
     assert not engine.running(before)
+    status = sr.status_text(prod, stage)
+    assert f"  {data['clone']['name']}: serves on port {world[2]}" in status
+    assert f"  {before}: stopped" in status
+    assert "the standby of 127.0.0.1:" in status
 
     art = artifact.Artifact("2.0.0+gabc", tmp_path / f"{artifact.NAME}-2.0.0+gabc.tar.gz")
     art.path.write_bytes(b"the bytes of bl-api 2.0.0")
@@ -325,6 +330,8 @@ def test_an_aws_refresh_is_refused_as_not_built_before_anything(aws_inventory, a
     with pytest.raises(PathNotBuilt, match="not built"):
         sr.refresh(prod, staging, dry_run=True, out=_quiet)
     assert made() == before
+    assert sr.status_text(prod, staging) == (f"{staging.name}: database address (none published)\n"
+                                             f"  no clones made by staging.refresh")
 
 
 def test_the_task_refuses_prod_and_dry_runs_through_the_command_line(world):

@@ -5,5 +5,7 @@
   separate cluster (the lab's path, and any clone host with btrfs)
 - aurora: an Aurora copy-on-write clone of an AWS environment's cluster (RestoreDBClusterToPointInTime
   with RestoreType copy-on-write), tagged, waited for, published in the target's SSM parameter
+- handover: a promoted clone made the target's own (only the service database; the target's
+  credentials, every other password removed)
 - paths: which clone path a refresh from one environment into another has
 """

@@ -368,6 +368,7 @@ class BtrfsClones:
             else:
                 self._start(self.standby_data, "standby")
                 done["standby"] = "started"
+            self.resume_replay()   # a refresh stopped while its scan held the standby still leaves it paused
         self._wait_streaming(source)
         done["seconds"] = round(time.monotonic() - t0, 2)
         return done
@@ -453,7 +454,7 @@ class BtrfsClones:
         except psycopg.Error:
             return "(progress unknown)"
         if not row:
-            return "(starting)"
+            return "(no progress reported: starting, or writing its last WAL)"
         done = (row[1] or 0) / 1e6
         return f"{row[0]}: {done:,.0f} MB" + (f" of {row[2] / 1e6:,.0f} MB" if row[2] else "")
 
