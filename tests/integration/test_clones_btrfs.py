@@ -87,9 +87,12 @@ def test_a_clone_matches_the_source_at_its_point_is_writable_and_does_not_reach_
         with psycopg.connect(private(host, clone), autocommit=True) as conn:
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
             settings = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name IN ('archive_mode', "
-                                         "'primary_conninfo', 'primary_slot_name', 'listen_addresses')").fetchall())
+                                         "'primary_conninfo', 'primary_slot_name', 'listen_addresses', "
+                                         "'full_page_writes', 'wal_recycle')").fetchall())
             assert settings == {"archive_mode": "off", "primary_conninfo": "", "primary_slot_name": "",
-                                "listen_addresses": ""}      # private mode: no TCP listener at all
+                                "listen_addresses": "",        # private mode: no TCP listener at all
+                                "full_page_writes": "off",     # disposable while private
+                                "wal_recycle": "off"}
             # its own timeline: WAL it writes can never be taken for the source's
             assert conn.execute("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)").fetchone()[0] \
                 == "00000002"
@@ -185,6 +188,7 @@ def test_the_switch_serves_a_clone_and_gives_the_previous_back_when_the_new_one_
             host.switch(second.name)
         assert host.current() == first.name
         tcp = f"host=127.0.0.1 port={port} user=postgres password=source-admin-password dbname={DB}"
+        assert count(tcp, "SELECT setting FROM pg_settings WHERE name = 'full_page_writes'") == "on"  # serving
         assert count(tcp, "SELECT count(*) FROM courses WHERE course_uuid = "
                           "'00000000-0000-0000-0000-00000000aaaa'") == 1   # the previous database, as it was
 
