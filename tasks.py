@@ -319,6 +319,36 @@ snapshot_ns.add_task(snapshot_list, "list")
 snapshot_ns.add_task(snapshot_drill, "drill")
 
 
+# --- staging refresh ----------------------------------------------------------------------------
+@task(help={"from_": "the environment whose database is copied (default prod)",
+            "to": "the environment whose database is replaced (default staging; never prod)",
+            "snapshot": "copy this snapshot of the source (`invoke snapshot.list --env SOURCE`) instead of now",
+            "dry_run": "check everything and print the plan; change nothing, take no lock, leave no record"})
+@operator_errors
+def staging_refresh(c, from_=None, to=None, snapshot=None, dry_run=False):
+    """Replace a staging database with a masked copy-on-write clone of another's (runbooks/staging_refresh.ipynb)."""
+    from opsbook.operations import staging_refresh as sr
+
+    source, target = from_ or sr.DEFAULT_SOURCE, to or sr.DEFAULT_TARGET
+    sr.refuse_names(source, target)   # before the account checks that loading an AWS environment makes
+    sr.refresh(load_env(c, source), load_env(c, target), snapshot=snapshot, dry_run=dry_run)
+
+
+@task(help={"from_": "the environment the target is refreshed from (default prod)",
+            "to": "the refreshed environment (default staging)"})
+@operator_errors
+def staging_status(c, from_=None, to=None):
+    """Read-only: the target's clones, which one serves, and its standby (AWS: its clone clusters)."""
+    from opsbook.operations import staging_refresh as sr
+
+    print(sr.status_text(load_env(c, from_ or sr.DEFAULT_SOURCE), load_env(c, to or sr.DEFAULT_TARGET)))
+
+
+staging_ns = Collection("staging")
+staging_ns.add_task(staging_refresh, "refresh", default=True)
+staging_ns.add_task(staging_status, "status")
+
+
 @task(
     help={
         "k": "only tests matching this pytest -k expression",
@@ -533,6 +563,7 @@ ns.add_collection(lab_ns)
 ns.add_collection(records_ns)
 ns.add_collection(migrate_ns)
 ns.add_collection(snapshot_ns)
+ns.add_collection(staging_ns)
 ns.add_collection(lock_ns)
 ns.add_collection(scale_ns)
 ns.add_collection(env_ns)

@@ -6,8 +6,8 @@ successfully there, on a refresh of that environment's database younger than
 The decision (:func:`decide`) reads only ledger entries of the rehearsal environment:
 
 - the refresh: the newest succeeded record of the ``staging_refresh`` runbook for the rehearsal
-  environment (when it names its source, it must be the environment being released to). Until
-  ``invoke staging.refresh`` exists no such record is written, so the gate refuses and says so.
+  environment (when it names its source, it must be the environment being released to), as
+  ``invoke staging.refresh`` writes it (key figure ``source``). Without one the gate refuses and says so.
 - the release: a succeeded ``release`` record (not a rollback) whose key figures carry the
   artifact's sha256 (``artifact_sha256``; release records written before this gate do not, and do
   not count), started after that refresh ended (a release before it ran on a database the refresh

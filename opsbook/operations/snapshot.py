@@ -22,18 +22,14 @@ operator message and changes nothing.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
-from opsbook.engines import lock as locks
 from opsbook.engines.records import ledger, runner
 from opsbook.engines.records.store import new_record_id, store_for
 from opsbook.engines.snapshots import base, paths
@@ -100,36 +96,22 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
         out(note or plan.text())
         return {"dry_run": True, "retention": [s.id for s in plan.delete]}
     started = datetime.now(UTC)
-    t0 = time.monotonic()
     record_id = new_record_id("snapshot")
     data: dict[str, Any] = {"env": env.name, "kind": path.kind, "reason": reason, "operator": facts.operator(),
                             "started_at": started.isoformat(timespec="seconds"), "record": record_id,
                             "outcome": "failed", "progress": []}
-    try:
-        with locks.lock_for(env).hold(f"snapshot (record {record_id})", wait=0) as held:
-            out(held.message)
-            data["lock"] = held.message
-            snap = path.take(record_id=record_id, reason=reason, log=out, progress=data["progress"])
-            data["snapshot"] = snap.to_dict()
-            data["manifest"] = manifest_note(path)
-            plan, note = plan_retention(env, path)
-            deleted = []
-            for s in plan.delete:
-                path.delete(s, log=out)
-                deleted.append(s.to_dict())
-            data["retention"] = {"deleted": deleted, "kept": plan.keep, "note": note,
-                                 "settings": _settings_text(env)}
-            data["after"] = [s.to_dict() for s in path.list()]
-            data["outcome"] = "succeeded"
-    except locks.LockHeld:
-        raise   # refused: nothing ran, nothing to record
-    except Exception as e:
-        data["error"] = str(e)
-        raise
-    finally:
-        data["duration_s"] = round(time.monotonic() - t0, 1)
-        if "lock" in data:
-            _record("snapshot", env, {"snapshot_data": data}, record_id, started=started, out=out)
+    with runner.locked_record("snapshot", env, data, param="snapshot_data", record_id=record_id, started=started,
+                              reason=f"snapshot (record {record_id})", log=out):
+        snap = path.take(record_id=record_id, reason=reason, log=out, progress=data["progress"])
+        data["snapshot"] = snap.to_dict()
+        data["manifest"] = manifest_note(path)
+        plan, note = plan_retention(env, path)
+        deleted = []
+        for s in plan.delete:
+            path.delete(s, log=out)
+            deleted.append(s.to_dict())
+        data["retention"] = {"deleted": deleted, "kept": plan.keep, "note": note, "settings": _settings_text(env)}
+        data["after"] = [s.to_dict() for s in path.list()]
     return data
 
 
@@ -196,25 +178,10 @@ def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None
             "details": verdict.details, "operator": facts.operator(),
             "started_at": started.isoformat(timespec="seconds"), "duration_s": round(time.monotonic() - t0, 1)}
     out(verdict.verdict)
-    entry = _record("restore_drill", env, {"drill_data": data}, record_id, started=started, out=out)
+    entry = runner.record_data("restore_drill", env, {"drill_data": data}, record_id=record_id, started=started,
+                               log=out)
     data["record"] = entry.get("id")
     if not verdict.passed:
         raise DrillNotPassed(f"restore drill of {env.name} {verdict.verdict} Record {record_id} says why. Nothing "
                              f"was changed.")
     return data
-
-
-def _record(runbook: str, env: Env, params: dict[str, dict[str, Any]], record_id: str, *, started: datetime,
-            out: Callable[[str], None]) -> dict[str, Any]:
-    """Write the data as JSON and render it with the runbook as a record; a failed rendering (the
-    runbook raises when the run failed or did not pass) is the record too."""
-    with tempfile.TemporaryDirectory(prefix=f"opsbook-{runbook}-") as tmp:
-        given = {}
-        for name, value in params.items():
-            p = Path(tmp) / f"{name}.json"
-            p.write_text(json.dumps(value, indent=2, default=str))
-            given[name] = str(p)
-        try:
-            return runner.run(runbook, env, given, record_id=record_id, started=started, progress=False, log=out)
-        except runner.RunbookFailed as e:
-            return e.entry

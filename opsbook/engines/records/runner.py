@@ -17,10 +17,11 @@ parameter has default ``None`` and a comment starting with "required".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -346,6 +347,51 @@ def run(
         )
     log(f"record {record_id} stored: {where} ({time.monotonic() - t0:.1f} s)")
     return stored
+
+
+def record_data(name: str, env, data: dict[str, Any], *, record_id: str | None = None,
+                started: datetime | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The record of an operation that has ended: each value of `data` is written as JSON and the
+    runbook gets its path under the same name; a run that fails (a runbook raises when the operation
+    failed or did not pass) is the record too. Returns the ledger entry."""
+    with tempfile.TemporaryDirectory(prefix=f"opsbook-{name}-") as tmp:
+        given = {}
+        for param, value in data.items():
+            path = Path(tmp) / f"{param}.json"
+            path.write_text(json.dumps(value, indent=2, default=str))
+            given[param] = str(path)
+        try:
+            return run(name, env, given, record_id=record_id, started=started, progress=False, log=log)
+        except RunbookFailed as e:
+            return e.entry
+
+
+@contextlib.contextmanager
+def locked_record(name: str, env, data: dict[str, Any], *, param: str, reason: str, record_id: str,
+                  started: datetime, log: Callable[[str], None] = print) -> Iterator[Any]:
+    """An operation's body under the environment's lock, recorded by runbook `name` when it ends,
+    whether it succeeded or failed: `data` is the record (given to the runbook as `param`); its
+    outcome, error, duration, lock and record id are filled in here. Refused by the lock (another
+    holder): nothing ran, nothing is recorded."""
+    from opsbook.engines import lock as locks
+
+    t0 = time.monotonic()
+    try:
+        with locks.lock_for(env).hold(reason, wait=0) as held:
+            log(held.message)
+            data["lock"] = held.message
+            yield held
+            data["outcome"] = "succeeded"
+    except locks.LockHeld:
+        raise   # refused: nothing ran, nothing to record
+    except Exception as e:
+        data["error"] = str(e)
+        raise
+    finally:
+        data["duration_s"] = round(time.monotonic() - t0, 1)
+        if "lock" in data:
+            entry = record_data(name, env, {param: data}, record_id=record_id, started=started, log=log)
+            data["record"] = entry.get("id", record_id)
 
 
 # -- what the Invoke tasks call ----------------------------------------------------------------

@@ -1,0 +1,425 @@
+"""The staging refresh: `invoke staging.refresh [--from prod] [--to staging] [--snapshot ID] [--dry-run]`.
+
+The target environment's database becomes a copy of the source's as of now, anonymized, with the
+target's own credentials; the target's app hosts are restarted onto it and checked. The record
+(`runbooks/staging_refresh.ipynb`, in the target's record store) shows each step's time, the
+clone's size, the masking figures and the leak scan; its key figure `source` is what the rehearsal
+gate (`opsbook/engines/rehearsal.py`) matches a prod release against.
+
+**Refused before anything is touched** (no lock, no record): a production target (`prod`, an
+environment like it, or one whose inventory says `opsbook_refresh_protected: true`), source =
+target (by name or by database), environments of different kinds, a masking file that leaves a
+column undecided or names one that does not exist (against the migrations, `masking.lint`, and
+against the source's database, `masking.check_database`: each list in the message), an unknown
+`--snapshot`, and every path that is not built (:class:`PathNotBuilt`, naming what is missing).
+
+**Steps**, under the target's lock, each timed:
+
+1. *standby*: the clone host's standby of the source is made (first refresh: a base backup, the
+   only step whose time grows with the database), started or found streaming;
+2. *clone*: the standby catches up with the source, is snapshotted and the copy promoted, in
+   private mode (no TCP listener: nobody can read the unmasked copy);
+3. *only the service database*: every other database of the copied cluster is dropped;
+4. *mask*: `masking.apply` with a secret made for this refresh (never stored);
+5. *verify*: `masking.verify` against the standby (held still meanwhile; it holds the source's data up
+   to and past the clone's point, so production is not read): no value of a masked source column may
+   appear in the clone;
+6. *credentials*: the target's service and admin roles get the target's passwords (its inventory's
+   vault), every other password is removed;
+7. *switch*: the clone serves on the target's database port in place of the previous one, which is
+   stopped and kept; the target's credentials are tried there, and when they fail the previous clone
+   serves again;
+8. *app hosts*: restarted onto it and asked for their version;
+9. *prune*: clones beyond `opsbook_refresh_keep` (2) are deleted, never the serving one.
+
+A refresh that fails before the switch deletes its clone (it holds unmasked or half-masked data)
+and leaves the target's previous database serving, untouched; the record says so.
+
+**Not built**, and refused as such: a clone host reached over SSH (the lab's db2: no lab-staging
+environment, no replication role on db1, no SSH runner), and the AWS path's data plane (the Aurora
+clone itself is built and tested against moto; masking it needs a path into the VPC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from opsbook.core import facts
+from opsbook.core.errors import OpsbookError
+from opsbook.core.inventory import Env
+from opsbook.core.paths import APP, APP_MIGRATIONS
+from opsbook.engines import ansible, database, fleet, masking
+from opsbook.engines.clones import aurora, handover, paths
+from opsbook.engines.records import runner
+from opsbook.engines.records.store import new_record_id
+from opsbook.engines.rehearsal import REFRESH_RUNBOOK
+from opsbook.engines.snapshots import paths as snapshot_paths
+from opsbook.engines.snapshots.aws import AwsSnapshots
+from opsbook.engines.snapshots.base import PathNotBuilt
+
+DEFAULT_SOURCE = "prod"
+DEFAULT_TARGET = "staging"
+APP_HEALTH_SECONDS = 60
+
+
+class RefreshRefused(OpsbookError):
+    """The refresh was refused before anything was touched."""
+
+
+class RefreshFailed(OpsbookError):
+    """A step of the refresh failed; its record says what was left as it was."""
+
+
+# --- before anything ------------------------------------------------------------------------------
+def refuse_names(source: str, target: str) -> None:
+    """What can be refused from the names alone, before an environment is even loaded."""
+    if target == "prod":
+        raise RefreshRefused(f"refusing to refresh {target}: it is production, and a refresh replaces its database. "
+                             f"Nothing was changed. Refresh a staging environment from it: `invoke staging.refresh "
+                             f"--from prod --to staging`.")
+    if source == target:
+        raise RefreshRefused(f"refusing to refresh {target} from itself (--from and --to name the same environment). "
+                             f"Nothing was changed.")
+
+
+def _refuse_targets(source: Env, target: Env) -> None:
+    refuse_names(source.name, target.name)
+    protected = target.like == "prod" or bool(target.var("opsbook_refresh_protected", False))
+    if protected:
+        raise RefreshRefused(f"refusing to refresh {target.name}: it is production (or marked "
+                             f"opsbook_refresh_protected), and a refresh replaces its database. Nothing was changed. "
+                             f"Refresh a staging environment from it: `invoke staging.refresh --from {target.name} "
+                             f"--to staging`.")
+    if source.kind != target.kind:
+        raise RefreshRefused(f"{source.name} is a {source.kind} environment and {target.name} a {target.kind} one: a "
+                             f"refresh copies between environments of the same kind. Nothing was changed.")
+
+
+def _masking(masking_path: Path | None, migrations_dir: Path | None) -> tuple[masking.Masking, list[str]]:
+    """The masking file, refused (with the lists) when it does not decide exactly the columns the
+    migrations create."""
+    mig = Path(migrations_dir or APP_MIGRATIONS)
+    path = Path(masking_path or APP / masking.MASKING_FILE)
+    try:
+        notes = masking.lint(mig, path)
+    except masking.MaskingError as e:
+        raise RefreshRefused(f"refusing to refresh: {e}") from None
+    return masking.load(path), notes
+
+
+def plan(source: Env, target: Env, *, snapshot: str | None = None, masking_path: Path | None = None,
+         migrations_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every check a refresh makes before it touches anything; raises RefreshRefused or PathNotBuilt,
+    or returns the plan (`path` holds the path's machinery)."""
+    _refuse_targets(source, target)
+    rules, notes = _masking(masking_path, migrations_dir)
+    if snapshot:
+        if source.kind == "aws":
+            AwsSnapshots(source).describe(snapshot)          # refuses an unknown id, naming it
+        else:
+            try:
+                snapshot_paths.for_env(source)
+            except PathNotBuilt as e:
+                raise PathNotBuilt(f"--snapshot {snapshot}: {source.name}'s snapshots cannot be listed or restored. "
+                                   f"{e}") from None
+    if target.kind == "aws":
+        aurora.AuroraClones(source, target, log=log).check()
+        raise PathNotBuilt(aurora.DATA_PATH_NOT_BUILT.format(target=target.name))
+    if target.kind != "lab":
+        raise RefreshRefused(f"{target.name} is a {target.kind} environment; opsbook refreshes lab and aws ones. "
+                             f"Nothing was changed.")
+    if snapshot:
+        raise PathNotBuilt(f"--snapshot {snapshot}: refreshing from a named snapshot on the btrfs path is not built. "
+                           f"Nothing was changed.")
+    path = paths.btrfs_refresh(source, target, log=log)
+    target_db = (database.address(target), path.service_port)
+    if (path.source.host, path.source.port) == target_db:
+        raise RefreshRefused(f"{source.name} and {target.name} name the same database ({target_db[0]}:{target_db[1]}): "
+                             f"a refresh would replace the source with its own copy. Nothing was changed.")
+    path.engine.check_host()
+    src_facts = path.engine.source_facts(path.source)
+    path.engine.refuse_slot_in_use(path.source, src_facts)
+    import psycopg
+
+    try:
+        with psycopg.connect(database.admin_conninfo(source)) as conn:
+            cols = masking.check_database(conn, rules)
+    except masking.MaskingError as e:
+        raise RefreshRefused(f"{source.name}'s database: {e}") from None
+    masking.refuse_unhashable(rules, cols)
+    masked = rules.masked(cols)
+    return {
+        "source": source.name, "target": target.name, "kind": "btrfs", "how": path.describe(),
+        "service_database": str(target.var("bl_api_db_name")), "masking_file": str(rules.path),
+        "masking_notes": notes, "masked_columns": sorted(f"{t}.{c}" for t, cs in masked.items() for c in cs),
+        "keep": path.keep, "source_system_identifier": src_facts["system_identifier"], "path": path,
+    }
+
+
+def status_text(source: Env, target: Env) -> str:
+    """Read-only: the target's clones (which one serves, which run), its standby, or on AWS its clone
+    clusters and the address its SSM parameter publishes."""
+    if target.kind == "aws":
+        clones = aurora.AuroraClones(source, target, log=lambda _m: None)
+        rows = clones.clones()
+        lines = [f"{target.name}: database address {clones.published() or '(none published)'}"]
+        lines += [f"  clone {c['id']} {c['status']} at {c['endpoint']} (record {c['record']}, of {c['clone_of']})"
+                  for c in rows]
+        return "\n".join(lines + ([] if rows else ["  no clones made by staging.refresh"]))
+    path = paths.btrfs_refresh(source, target, log=lambda _m: None)
+    engine = path.engine
+    if engine.r.run(["test", "-d", engine.clones_dir], check=False).code != 0:
+        return f"{target.name}: no standby and no clone on {path.host} yet ({engine.base})"
+    current = engine.current()
+    lines = [f"{target.name}: clones on {path.host} ({engine.base}); the standby of {path.source.describe()} is "
+             + ("running" if engine.standby_running() else "stopped")]
+    for name in engine.names():
+        state = "serves on port " + str(path.service_port) if name == current else (
+            "running (not serving)" if engine.running(name) else "stopped")
+        lines.append(f"  {name}: {state}")
+    return "\n".join(lines)
+
+
+# --- the refresh ---------------------------------------------------------------------------------
+class _Steps:
+    """Each step's time, status and result, in the order they ran (the record's table)."""
+
+    def __init__(self, rows: list[dict[str, Any]], out: Callable[[str], None]):
+        self.rows, self.out = rows, out
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, what: str) -> Iterator[dict[str, Any]]:
+        self.out(f"== {name}: {what}")
+        row: dict[str, Any] = {"step": name, "what": what, "status": "running", "seconds": None}
+        self.rows.append(row)
+        t0 = time.monotonic()
+        try:
+            yield row
+        except BaseException as e:
+            row["status"], row["error"] = "failed", f"{type(e).__name__}: {e}"[:800]
+            raise
+        else:
+            row["status"] = "done"
+        finally:
+            row["seconds"] = round(time.monotonic() - t0, 2)
+            self.out(f"   {name}: {row['status']} in {row['seconds']:.1f} s")
+
+
+def refresh(source: Env, target: Env, *, snapshot: str | None = None, dry_run: bool = False,
+            masking_path: Path | None = None, migrations_dir: Path | None = None,
+            out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Refresh `target`'s database from `source` (see the module's docstring); returns the record's data."""
+    p = plan(source, target, snapshot=snapshot, masking_path=masking_path, migrations_dir=migrations_dir, log=out)
+    path = p.pop("path")
+    if dry_run:
+        out(f"dry run: would refresh {target.name} from {source.name}: {p['how']}; mask {len(p['masked_columns'])} "
+            f"column(s) ({', '.join(p['masked_columns'])}) of {p['service_database']} with {p['masking_file']}, "
+            f"verify, "
+            f"give it {target.name}'s credentials, switch, restart {target.name}'s app hosts, keep {p['keep']} "
+            f"clone(s). Nothing was changed.")
+        return {"dry_run": True, **p}
+    started = datetime.now(UTC)
+    record_id = new_record_id(REFRESH_RUNBOOK)
+    data: dict[str, Any] = {**p, "record": record_id, "operator": facts.operator(), "outcome": "failed",
+                            "started_at": started.isoformat(timespec="seconds"), "steps": [], "snapshot": snapshot}
+    with runner.locked_record(REFRESH_RUNBOOK, target, data, param="refresh_data", record_id=record_id,
+                              started=started, reason=f"staging refresh from {source.name} (record {record_id})",
+                              log=out):
+        _Btrfs(source, target, path, data, out).run()
+    return data
+
+
+class _Btrfs:
+    """One refresh on the btrfs path: its steps, in order, writing into the record's data."""
+
+    def __init__(self, source: Env, target: Env, path: paths.BtrfsRefresh, data: dict[str, Any],
+                 out: Callable[[str], None]):
+        self.source, self.target, self.path, self.data, self.out = source, target, path, data, out
+        self.engine, self.dbname = path.engine, data["service_database"]
+        self.step = _Steps(data["steps"], out)
+        self.rules = masking.load(Path(data["masking_file"]))
+        self.name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{data['record'].rsplit('-', 1)[-1]}"
+        self.private = ""
+
+    def run(self) -> None:
+        made = switched = False
+        try:
+            self.standby()
+            self.clone()
+            made = True
+            self.prepare()
+            self.data["clone_size"] = {**self.engine.usage(self.name),
+                                       "database_bytes": _database_bytes(self.private, self.dbname)}
+            self.switch()
+            switched = True
+            self.finish()
+        except Exception as e:
+            failed = next((r["step"] for r in reversed(self.data["steps"]) if r["status"] == "failed"), "?")
+            serving = self.engine.current()
+            if made and not switched:
+                self.engine.discard(self.name)
+                self.data["discarded"] = self.name
+                left = (f"The clone {self.name} was deleted (it held unmasked or half-masked data); "
+                        f"{self.target.name}'s previous database ({serving or 'none'}) serves as before.")
+            elif switched:
+                left = (f"The new database {self.name} serves {self.target.name} (masked, verified, with its "
+                        f"credentials); the previous one ({self.data.get('previous') or 'none'}) is kept, stopped.")
+            else:
+                left = (f"Nothing of {self.target.name} was changed; its database ({serving or 'none'}) serves as "
+                        f"before.")
+            self.out(left)
+            raise RefreshFailed(f"the refresh of {self.target.name} from {self.source.name} failed at step "
+                                f"'{failed}': {e} {left} The record says more; fix the cause and refresh "
+                                f"again.") from e
+        finally:
+            self.data["serving"] = self.engine.current()
+            self.data["clones"] = self.engine.names()
+
+    def standby(self) -> None:
+        with self.step("standby", f"the standby of {self.source.name} on {self.path.host}") as row:
+            done = self.engine.ensure_standby(self.path.source)
+            row["result"] = done["standby"]
+            self.data["filesystem"] = done["filesystem"]
+
+    def clone(self) -> None:
+        with self.step("clone", "catch up, snapshot, promote (private: no TCP listener)") as row:
+            c = self.engine.clone(self.name, service_port=self.path.service_port, source=self.path.source)
+            self.data["clone"] = c.to_dict()
+            self.private = self.engine.conninfo(c.private_port, self.dbname)
+            row["result"] = (f"{self.name}, usable after {c.seconds['usable']:.1f} s, holds {self.source.name} up to "
+                             f"{c.clone_lsn}")
+
+    def prepare(self) -> None:
+        """Only the service database, masked, verified, with the target's credentials."""
+        data, rules = self.data, self.rules
+        with self.step("only the service database", f"drop every database of the copy but {self.dbname}") as row:
+            data["dropped_databases"] = handover.keep_only(self.private, self.dbname)
+            row["result"] = f"dropped {', '.join(data['dropped_databases']) or 'none'}"
+        with self.step("mask", f"{rules.path.name}: {len(data['masked_columns'])} column(s), a secret for this "
+                               f"refresh") as row:
+            result = masking.apply(self.private, rules, secrets.token_bytes(32), progress=every(10, self.out))
+            data["masking"] = {"tables": result.tables, "rows": sum(result.tables.values()), "batches": result.batches,
+                               "seconds": round(result.seconds, 2), "rows_per_s": round(result.rows_per_s)}
+            row["result"] = f"{data['masking']['rows']:,} rows, {data['masking']['rows_per_s']:,} rows/s"
+        with self.step("verify", "no value of a masked column of the source (the standby, held still) is in the "
+                                 "clone") as row:
+            self.engine.pause_replay()
+            try:
+                leaks = masking.verify(self.engine.standby_conninfo(self.dbname), self.private, rules,
+                                       progress=self.out)
+            finally:
+                self.engine.resume_replay()
+            data["leaks"] = [str(x) for x in leaks]
+            row["result"] = f"{len(leaks)} leak(s)"
+            _refuse_leaks(data["leaks"])
+        with self.step("credentials", f"{self.target.name}'s service and admin roles; every other password "
+                                      f"removed") as row:
+            t, s = self.target, self.source
+            roles = {str(t.var("bl_api_db_user")): str(t.var("bl_api_db_password")),
+                     str(t.var("opsbook_db_admin_user")): str(t.var("opsbook_db_admin_password"))}
+            member_of = {str(t.var("bl_api_db_user")): str(s.var("bl_api_db_user")),
+                         str(t.var("opsbook_db_admin_user")): str(s.var("opsbook_db_admin_user"))}
+            done = data["credentials"] = handover.give_credentials(self.private, roles=roles, member_of=member_of)
+            row["result"] = (f"set {', '.join(done['set'] + done['created'])}; cleared "
+                             f"{', '.join(done['cleared']) or 'none'}")
+
+    def switch(self) -> None:
+        with self.step("switch", f"serve {self.name} on {self.path.host}:{self.path.service_port} in place of the "
+                                 f"previous clone") as row:
+            previous = self.data["previous"] = self.engine.switch(self.name)
+            try:
+                self.data["database_check"] = _check_database(self.target, self.rules)
+            except Exception as e:
+                if previous:
+                    self.engine.switch(previous)
+                    self.out(f"switched back: {previous} serves again")
+                raise RefreshFailed(f"{self.target.name}'s credentials do not work on the new clone ({e}); "
+                                    + (f"the previous database {previous} serves again" if previous else
+                                       "no earlier clone served here")) from e
+            row["result"] = f"{self.name} serves (previous: {previous or 'none'})"
+
+    def finish(self) -> None:
+        with self.step("app hosts", f"restart {self.target.name}'s app hosts onto it and check them") as row:
+            self.data["app_hosts"] = restart_app_hosts(self.target, self.out)
+            row["result"] = self.data["app_hosts"]["note"]
+        with self.step("prune", f"keep {self.path.keep} clone(s), never the serving one") as row:
+            self.data["pruned"] = self.engine.prune(self.path.keep)
+            row["result"] = f"deleted {', '.join(self.data['pruned']) or 'none'}"
+
+
+def every(seconds: float, out: Callable[[str], None]) -> Callable[[str], None]:
+    """`out`, but at most one line every `seconds` (masking reports every batch: thousands of lines)."""
+    last = [0.0]
+
+    def say(line: str) -> None:
+        if time.monotonic() - last[0] >= seconds:
+            out(line)
+            last[0] = time.monotonic()
+
+    return say
+
+
+def _refuse_leaks(leaks: list[str]) -> None:
+    if leaks:
+        raise RefreshFailed(f"the leak scan found source values in the masked clone: {'; '.join(leaks)}")
+
+
+def _database_bytes(conninfo: str, dbname: str) -> int:
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return int(conn.execute("SELECT pg_database_size(%s)", (dbname,)).fetchone()[0])
+
+
+def _check_database(target: Env, rules: masking.Masking) -> dict[str, Any]:
+    """The new database, reached as the target's service reaches it: its admin role, then its service
+    role counting the rows of every table the masking file masks."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    admin = database.admin_conninfo(target)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+    params = conninfo_to_dict(admin)
+    app = make_conninfo(**{**params, "user": target.var("bl_api_db_user"),
+                           "password": target.var("bl_api_db_password")})
+    rows = {}
+    with psycopg.connect(app, autocommit=True) as conn:
+        for table in rules.masked():
+            rows[table] = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()[0]
+    return {"admin": "connected", "service_role_rows": rows}
+
+
+def restart_app_hosts(env: Env, out: Callable[[str], None]) -> dict[str, Any]:
+    """Restart the service on every app host (one Ansible `raw` call), then wait until each answers its
+    /version. An environment without app hosts has nothing to restart (said in the record).
+    NOT VERIFIED here: no environment with app hosts can be refreshed yet (the lab's path is not built)."""
+    hosts = [h.name for h in env.hosts("app")]
+    if not hosts:
+        return {"hosts": [], "note": f"{env.name} has no app hosts: nothing to restart"}
+    service = str(env.host_var(hosts[0], "app_service", "bl-api"))
+    answers = ansible.raw(env, "app", f"systemctl restart {shlex.quote(service)}")
+    failed = {h: a for h, a in answers.items() if a is None or a[0] != 0}
+    if failed:
+        raise RefreshFailed(f"restarting {service} failed on {', '.join(sorted(failed))}: the database switched, those "
+                            f"hosts may not serve. Run `invoke check --env {env.name}`.")
+    deadline = time.monotonic() + APP_HEALTH_SECONDS
+    while True:
+        served = fleet.served_versions(env)
+        down = {h: served.reasons.get(h, "") for h, v in served.items() if v is None}
+        if not down:
+            return {"hosts": hosts, "versions": dict(served), "note": f"{len(hosts)} app host(s) restarted and serving"}
+        if time.monotonic() > deadline:
+            raise RefreshFailed(f"after the restart {', '.join(f'{h} ({why})' for h, why in down.items())} did not "
+                                f"answer /version within {APP_HEALTH_SECONDS} s; the database switched. Run `invoke "
+                                f"check --env {env.name}`.")
+        out(f"waiting for {', '.join(down)} to answer /version")
+        time.sleep(2)
