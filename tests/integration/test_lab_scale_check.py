@@ -39,8 +39,18 @@ def test_a_short_check_records_the_curve_knee_hosts_and_verdict(lab_env, serving
     assert f["acknowledged_responses"] > 0
     assert f["version"] == serving_fleet
     assert f["artifact_sha256"]                        # the gate can match it to the artifact
-    assert f["knee_offered_per_s"] is not None
-    assert f["limiting_resource"]
+    # The knee follows its rule on the steps measured. How fast the lab is depends on what else the machine
+    # runs (a speed target is bench's, not a test's): on a loaded machine even 300/s may miss p99 ≤ SLO,
+    # and then there is no knee and the first step says why.
+    knee, target_p99 = f["knee_offered_per_s"], f["target_p99_ms"]
+    assert f["knee_rule"]
+    if knee is None:
+        offered, achieved, p99, errors = f["steps"][0]
+        assert p99 is None or p99 > target_p99 or achieved < 0.99 * offered or errors >= 0.0099, f["steps"]
+    else:
+        assert knee in [s[0] for s in f["steps"]]
+        assert all(s[2] is not None and s[2] <= target_p99 for s in f["steps"] if s[0] <= knee), f["steps"]
+    assert f["limiting_resource"]                      # named whatever the machine's speed
     text = notebook_text(lab_env, entry)
     for host in ("app1", "app2", "app3", "db1", "lb1"):
         assert host in text                            # CPU and memory read from each host
