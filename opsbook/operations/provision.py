@@ -9,12 +9,9 @@ claiming the same role stop it before any change), under the environment's lock,
 
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from opsbook.core.errors import OpsbookError
@@ -102,7 +99,6 @@ def provision_aws(env: Env, check: bool = False, purpose=None) -> dict[str, Any]
     from opsbook.engines.records import runner
 
     started = datetime.now(UTC)
-    t0 = time.monotonic()
     who = aws.check_account(env)                     # before anything else touches AWS
     t = aws.target(env)
     _log(f"{env.name}: caller {who.arn} is in account {who.account}, the environment's ({t.region})")
@@ -130,27 +126,17 @@ def provision_aws(env: Env, check: bool = False, purpose=None) -> dict[str, Any]
     if purpose is not None:
         data["purpose"] = {"like": purpose.like, "owner": purpose.owner, "created": purpose.created,
                            "expires": purpose.expires}
-    try:
-        with locks.lock_for(env).hold("provision" + (" (check mode)" if check else ""), wait=0) as held:
-            _log(held.message)
-            data["lock"] = held.message
-            recap = ansible.run_playbook(env, "provision-aws.yml", check=check, what=what, extra_vars=extra)
-            data["recap"] = recap
-            data["changed"] = sum(r.get("changed", 0) for r in recap.values())
-            after = aws.find(t)
-            aws.check_unique(after, env.name)
-            data["after"] = _counts(after)
-            data["resources"] = [{"kind": r.kind, "role": r.role, "name": r.name, "id": r.id} for r in after]
-            data["outcome"] = "succeeded"
-    except locks.LockHeld:
-        raise   # refused: nothing ran, nothing to record
-    except Exception as e:
-        data["error"] = str(e)
-        raise
-    finally:
-        data["duration_s"] = round(time.monotonic() - t0, 1)
-        if "lock" in data:
-            _record(env, data, started, runner)
+    # Under the lock, recorded by runbooks/provision.ipynb whether it succeeds or fails (the same
+    # locked, recorded run as a snapshot's and a refresh's).
+    with runner.locked_record("provision", env, data, param="provision_data", record_id=None, started=started,
+                              reason="provision" + (" (check mode)" if check else ""), log=_log):
+        recap = ansible.run_playbook(env, "provision-aws.yml", check=check, what=what, extra_vars=extra)
+        data["recap"] = recap
+        data["changed"] = sum(r.get("changed", 0) for r in recap.values())
+        after = aws.find(t)
+        aws.check_unique(after, env.name)
+        data["after"] = _counts(after)
+        data["resources"] = [{"kind": r.kind, "role": r.role, "name": r.name, "id": r.id} for r in after]
     _log(f"provisioned {env.name} in {data['duration_s']:.0f}s: changed={data['changed']}, "
          f"{len(data['resources'])} resource(s) tagged for it")
     return data
@@ -221,15 +207,3 @@ def create(like: Env, name: str, ttl: str | None = None, *, now: datetime | None
 
 def _iso(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _record(env: Env, data: dict[str, Any], started: datetime, runner) -> None:
-    with tempfile.TemporaryDirectory(prefix="opsbook-provision-") as tmp:
-        path = Path(tmp) / "provision.json"
-        path.write_text(json.dumps(data, indent=2, default=str))
-        try:
-            entry = runner.run("provision", env, {"provision_data": str(path)}, started=started, progress=False,
-                               log=_log)
-        except runner.RunbookFailed as e:
-            entry = e.entry
-        data["record"] = entry.get("id")

@@ -367,7 +367,7 @@ def record_data(name: str, env, data: dict[str, Any], *, record_id: str | None =
 
 
 @contextlib.contextmanager
-def locked_record(name: str, env, data: dict[str, Any], *, param: str, reason: str, record_id: str,
+def locked_record(name: str, env, data: dict[str, Any], *, param: str, reason: str, record_id: str | None,
                   started: datetime, log: Callable[[str], None] = print) -> Iterator[Any]:
     """An operation's body under the environment's lock, recorded by runbook `name` when it ends,
     whether it succeeded or failed: `data` is the record (given to the runbook as `param`); its
