@@ -66,7 +66,6 @@ from opsbook.engines.snapshots.base import PathNotBuilt
 
 DEFAULT_SOURCE = "prod"
 DEFAULT_TARGET = "staging"
-APP_HEALTH_SECONDS = 60
 
 
 class RefreshRefused(OpsbookError):
@@ -411,7 +410,9 @@ def restart_app_hosts(env: Env, out: Callable[[str], None]) -> dict[str, Any]:
     if failed:
         raise RefreshFailed(f"restarting {service} failed on {', '.join(sorted(failed))}: the database switched, those "
                             f"hosts may not serve. Run `invoke check --env {env.name}`.")
-    deadline = time.monotonic() + APP_HEALTH_SECONDS
+    # The inventory's health timeout, the one a release gives a switched host.
+    health_s = float(env.var("opsbook_release_health_timeout", 60))
+    deadline = time.monotonic() + health_s
     while True:
         served = fleet.served_versions(env)
         down = {h: served.reasons.get(h, "") for h, v in served.items() if v is None}
@@ -419,7 +420,7 @@ def restart_app_hosts(env: Env, out: Callable[[str], None]) -> dict[str, Any]:
             return {"hosts": hosts, "versions": dict(served), "note": f"{len(hosts)} app host(s) restarted and serving"}
         if time.monotonic() > deadline:
             raise RefreshFailed(f"after the restart {', '.join(f'{h} ({why})' for h, why in down.items())} did not "
-                                f"answer /version within {APP_HEALTH_SECONDS} s; the database switched. Run `invoke "
+                                f"answer /version within {health_s:g} s; the database switched. Run `invoke "
                                 f"check --env {env.name}`.")
         out(f"waiting for {', '.join(down)} to answer /version")
         time.sleep(2)

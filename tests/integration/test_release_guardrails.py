@@ -4,7 +4,8 @@ The rehearsal gate is tested with a lab pair standing in for prod and staging: t
 lab inventory (`labprod`, `labstage`, found through OPSBOOK_INVENTORY_PATH), each with its own
 local record store. Staging's releases are written the way a release writes its record
 (steps.Run -> release.ipynb -> the store), so the gate reads what a real release leaves; the
-refresh record is written to the store by hand, as `staging.refresh` does not exist yet. No lab
+refresh record is written to the store by hand (tests/integration/test_staging_refresh.py checks that a
+real refresh writes one the gate accepts). No lab
 host is touched: the gate and the guardrail path are called directly (a release or its dry run
 would ask the lab's hosts what they serve).
 
