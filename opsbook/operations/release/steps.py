@@ -192,20 +192,17 @@ def _phases_and_mark_good(env: Env, plan: Plan, art: artifact.Artifact, run: Run
     if run.outcome != "succeeded":
         _end_switching(run, f"not good: {run.reason}")
         return
-    _mark_good(env, plan, run, held)
+    _mark_good(run, held)
 
 
-def _mark_good(env: Env, plan: Plan, run: Run, held) -> None:
+def _mark_good(run: Run, held) -> None:
     """Every host switched and the release passed: mark it good on every app host (retention never
-    deletes it), through the switch's own playbook run when there was one."""
+    deletes it), through the switch's own playbook run (every plan has at least one batch, so a
+    succeeded release always ran one)."""
     try:
         held.renew()
         with run.phase("mark good"):
-            if run.switching is not None:
-                run.switching.mark_good()
-            else:   # no rolling switch ran (nothing to switch): its own playbook
-                ansible.run_playbook(env, "mark-good.yml", what="marking the release good",
-                                     extra_vars={"opsbook_release_version": plan.target})
+            run.switching.mark_good()
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every host switched: say what is missing
         # Every host switched, but retention does not know the release is good: say so.
         run.outcome, run.reason, run.detail = "failed", f"marking the release good failed: {e}", str(e)
