@@ -36,13 +36,26 @@ def address(env: Env, host: str | None = None) -> str:
     return managed or env.host(env.var("bl_api_db_host")).address
 
 
+def endpoint(env: Env, host: str | None = None) -> tuple[str, int]:
+    """(address, port) where opsbook itself connects to the environment's service database: the
+    database's own, or, where its security group admits the app hosts only (`opsbook_db_reach: ssh`,
+    a managed database in private subnets), a local port forwarded over SSH through an app host."""
+    where, port = address(env, host), int(env.var("bl_api_db_port"))
+    if host is None and env.var("opsbook_db_reach", "direct") == "ssh":
+        from opsbook.engines import tunnel
+
+        return "127.0.0.1", tunnel.forward(env, where, port)
+    return where, port
+
+
 def admin_conninfo(env: Env, host: str | None = None) -> str:
     """libpq conninfo for the admin role on the environment's service database."""
     from psycopg.conninfo import make_conninfo
 
+    where, port = endpoint(env, host)
     return make_conninfo(
-        host=address(env, host),
-        port=env.var("bl_api_db_port"),
+        host=where,
+        port=port,
         dbname=env.var("bl_api_db_name"),
         user=env.var("opsbook_db_admin_user"),
         password=env.var("opsbook_db_admin_password"),
@@ -66,16 +79,19 @@ class Admin:
 
     def __init__(self, env: Env):
         self.env = env
-        self.conninfo = admin_conninfo(env)
         self.conn: Any = None
 
     def __enter__(self) -> Admin:
         import psycopg
 
+        from opsbook.engines.tunnel import TunnelFailed
+
         try:
-            self.conn = psycopg.connect(self.conninfo, autocommit=True)
+            self.conn = psycopg.connect(admin_conninfo(self.env), autocommit=True)
         except psycopg.Error as e:
             raise DatabaseUnreachable(f"{self.env.name}'s database does not answer: {str(e).strip()}") from e
+        except TunnelFailed as e:
+            raise DatabaseUnreachable(f"{self.env.name}'s database cannot be reached: {e}") from e
         return self
 
     def __exit__(self, *exc: object) -> None:

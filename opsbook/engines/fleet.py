@@ -30,6 +30,52 @@ class FleetVersions(dict):
         ]
 
 
+def served_versions(env, timeout: float = 3.0) -> FleetVersions:
+    """The version every app host of `env` (an inventory Env) answers on `GET /version`.
+
+    Asked over HTTP from here (`opsbook_fleet_reads: http`, the lab), or, where the hosts' service
+    port admits only the load balancer (`ssh`: AWS security groups), on each host itself over the
+    inventory's SSH connection, through the bastion if the inventory says so. Returns host ->
+    version, None for a host without a usable answer (`.reasons[host]` says why).
+    """
+    if env.var("opsbook_fleet_reads", "http") == "ssh":
+        return _versions_over_ssh(env, timeout)
+    out = FleetVersions()
+    for h in env.hosts("app"):
+        url = version_url(env, h)
+        version, why = ask_version(url, timeout)
+        out[h.name] = version
+        out.urls[h.name] = url
+        if why:
+            out.reasons[h.name] = why
+    return out
+
+
+# On the host, with the Python every host has (common_packages): the body of its own /version, or
+# the error on stderr. Ansible templates bl_api_port per host; raw ships no module.
+_READ_ON_HOST = (
+    "python3 -c 'import sys, urllib.request as u; sys.stdout.write(u.urlopen("
+    "\"http://127.0.0.1:{{{{ bl_api_port }}}}/version\", timeout={timeout}).read().decode())'"
+)
+
+
+def _versions_over_ssh(env, timeout: float) -> FleetVersions:
+    from opsbook.engines import ansible
+
+    out = FleetVersions()
+    for host, answer in ansible.raw(env, "app", _READ_ON_HOST.format(timeout=max(1, round(timeout)))).items():
+        out.urls[host] = f"ssh {host}: http://127.0.0.1/version"
+        if answer is None:
+            out[host], out.reasons[host] = None, "unreachable over SSH (the inventory's connection)"
+        elif answer[0] != 0:
+            out[host], out.reasons[host] = None, f"no answer on the host (exit {answer[0]}): {answer[1].strip()[-200:]}"
+        else:
+            out[host], why = version_in(answer[1])
+            if why:
+                out.reasons[host] = why
+    return out
+
+
 def version_url(env, host) -> str:
     port = env.host_var(host.name, "bl_api_port", 8000)
     return f"http://{host.address}:{port}/version"
@@ -45,31 +91,19 @@ def ask_version(url: str, timeout: float = 3.0) -> tuple[str | None, str]:
         return None, f"unreachable: {type(e).__name__}: {str(e)[:200]}"
     if not r.is_success:
         return None, f"HTTP {r.status_code} from {url}"
+    return version_in(r.text)
+
+
+def version_in(body: str) -> tuple[str | None, str]:
+    """(version, "") from a `/version` answer's body, or (None, why not)."""
     try:
-        doc = r.json()
+        doc = json.loads(body)
     except ValueError:
-        return None, f"answer is not JSON: {r.text.strip()[:100]!r}"
+        return None, f"answer is not JSON: {body.strip()[:100]!r}"
     version = doc.get("version") if isinstance(doc, dict) else None
     if not isinstance(version, str) or not version.strip():
         return None, f"answer has no version: {json.dumps(doc)[:100]}"
     return version.strip(), ""
-
-
-def served_versions(env, timeout: float = 3.0) -> FleetVersions:
-    """GET http://<address>:<bl_api_port>/version on every app host of `env` (an inventory Env).
-
-    Returns host -> version, None for a host without a usable answer (`.reasons[host]` says why).
-    """
-    out = FleetVersions()
-    for h in env.hosts("app"):
-        url = version_url(env, h)
-        version, why = ask_version(url, timeout)
-        out[h.name] = version
-        out.urls[h.name] = url
-        if why:
-            out.reasons[h.name] = why
-    return out
-
 
 
 def rotation(env) -> dict[str, dict[str, str]]:
