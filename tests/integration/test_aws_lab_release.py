@@ -209,9 +209,14 @@ def test_a_release_to_an_aws_environment_of_real_hosts_through_its_bastion(lab_e
         assert not any(e["id"] == releases[0]["id"] for e in store_for(lab_env).ledger())
     finally:
         # The controller's way back in (through the bastion), then the lab's own configuration on
-        # those hosts again, firewall included. Killed before this, the hosts do not answer the
-        # controller's SSH, and `invoke lab.up` (the suite's first step) recreates them.
+        # those hosts again, and the firewall each host's configuration says loaded again (a rule
+        # added by hand is not in any file, so no converge would take it away). Killed before this,
+        # the hosts do not answer the controller's SSH, and `invoke lab.up` (the suite's first step)
+        # recreates them.
         ansible.raw(env, "all", f"nft insert rule inet opsbook input ip saddr {gateway} accept")
         monkeypatch.delenv(INVENTORY_PATH_VARIABLE)
-        invoke("provision", "--env", "lab", "--hosts", ",".join([*(h.name for h in behind), "db1"]), check=True)
+        touched = [*(h.name for h in behind), "db1"]
+        invoke("provision", "--env", "lab", "--hosts", ",".join(touched), check=True)
+        for h in touched:
+            ssh(h, "systemctl reload nftables")
         assert haproxy_status("app1") == "UP"
