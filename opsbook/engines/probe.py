@@ -138,6 +138,12 @@ class ProbeResults:
                 1 for u in self.missing_acknowledged_writes if self.acknowledged.get(u) == name)
         return figures
 
+    def failures(self, limit: int = 5) -> list[tuple[tuple[str, str], int]]:
+        """The most frequent (phase, failure description) pairs with their counts."""
+        counts = Counter((s.phase, s.error or f"HTTP {s.status}") for s in self.samples
+                         if s.outcome in {FAILED, CLIENT_ERROR})
+        return counts.most_common(limit)
+
     def errors(self, limit: int = 10) -> list[tuple[str, int]]:
         """The most frequent failure descriptions with their counts."""
         counts = Counter((s.error or f"HTTP {s.status}") for s in self.samples
@@ -181,6 +187,9 @@ class ProbeResults:
         max_failed_requests, max_p99_ms, max_client_errors (default 0),
         max_missing_acknowledged_writes (default 0; an unverified run fails)."""
         reasons = self._check(self.overall(), slo, "whole run")
+        if any("failed requests" in r or "answered 4xx" in r for r in reasons):
+            reasons.append("what failed: " + "; ".join(
+                f"{n} x {what} (during {phase})" for (phase, what), n in self.failures()))
         limit = slo.get("max_missing_acknowledged_writes", 0)
         if self.missing_acknowledged_writes is None:
             why = self.verify_error or "probe not stopped"

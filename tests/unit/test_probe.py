@@ -71,6 +71,8 @@ def test_taking_the_service_away_mid_probe_counts_failures_in_that_phase(bl_api_
     ok, reasons = report.within(SLO)
     assert not ok
     assert any("failed requests" in r for r in reasons)
+    # The refusal says what failed and when, for whoever reads it without the record.
+    assert any(r.startswith("what failed: ") and "ConnectError" in r and "(during outage)" in r for r in reasons)
     assert report.phase_within("before", SLO) == (True, [])
     assert report.phase_within("after", SLO) == (True, [])
     assert not report.phase_within("outage", SLO)[0]
