@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 from opsbook.core.errors import OpsbookError
@@ -34,7 +35,10 @@ class TunnelFailed(OpsbookError):
     pass
 
 
-def _die_with_parent() -> None:   # runs in the child before exec: SIGTERM when opsbook dies
+# Runs in the child before exec: SIGTERM when opsbook dies. The kernel sends it when the *thread*
+# that started the child ends, so forward() is for the main thread (operations call it there, in
+# admin_conninfo, before any worker threads take the conninfo string).
+def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -64,6 +68,9 @@ def ssh_command(env: Env, host: str, forward: str) -> list[str]:
 
 def forward(env: Env, address: str, port: int, via: str = "app", timeout: float = 20.0) -> int:
     """A local port on 127.0.0.1 that reaches `address`:`port` through one of `via`'s hosts."""
+    if threading.current_thread() is not threading.main_thread():
+        raise TunnelFailed("a port forward is opened from the main thread only (its end is tied to the "
+                           "thread that starts it); make the conninfo before starting worker threads.")
     key = (env.name, address, port)
     known = _open.get(key)
     if known and known[0].poll() is None:
