@@ -314,7 +314,9 @@ def _record_responses(conn: psycopg.Connection, schema: Schema, responses: list[
         " WHERE c.course_uuid = n.course_uuid"
         " RETURNING c.course_uuid, c.next_sequence_number - n.n AS first) "
         f"INSERT INTO course_events ({', '.join(columns)}) SELECT {', '.join(values)} "
-        "FROM unnest(%s::uuid[], %s::uuid[], %s::int[], %s::jsonb[]) AS t(e, c, k, d) "
+        # The events' data as a binary jsonb[] (%b): psycopg's text array format escapes every quote
+        # of every document in Python, which was a sixth of a write's CPU in the service.
+        "FROM unnest(%s::uuid[], %s::uuid[], %s::int[], %b::jsonb[]) AS t(e, c, k, d) "
         "JOIN bumped b ON b.course_uuid = t.c",
         [list(counts), list(counts.values()), event_uuids, course_uuids, offsets, data],
     )
