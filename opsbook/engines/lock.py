@@ -196,10 +196,10 @@ class FileLockStore:
 
 
 def _aws_client(service: str, region: str | None, endpoint_url: str | None, profile: str | None = None):
-    import boto3
+    from opsbook.engines.aws import boto_session
 
     # The environment's credentials profile (opsbook_aws_profile), the one its account was checked with.
-    return boto3.Session(profile_name=profile or None).client(service, region_name=region, endpoint_url=endpoint_url)
+    return boto_session(profile or None).client(service, region_name=region, endpoint_url=endpoint_url)
 
 
 def _error_code(e: Exception) -> str:

@@ -205,14 +205,15 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        import boto3
         from botocore.config import Config
+
+        from opsbook.engines.aws import boto_session
 
         # Short timeouts and few retries: an unreachable store should say so in seconds, before
         # anything runs, not after botocore's default backoff.
         config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"})
         # The environment's credentials profile (opsbook_aws_profile), the one its account was checked with.
-        session = boto3.Session(profile_name=profile or None)
+        session = boto_session(profile or None)
         self._s3 = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def __repr__(self) -> str:
