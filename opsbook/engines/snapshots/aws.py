@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from opsbook.engines import aws
-from opsbook.engines.snapshots.base import DrillVerdict, Snapshot, SnapshotError
+from opsbook.engines.snapshots.base import DrillVerdict, Snapshot, SnapshotError, newest_first
 
 TAG_RECORD = "opsbook:record"
 TAG_REASON = "opsbook:reason"
@@ -174,7 +174,7 @@ class AwsSnapshots:
             raws = [s for p in pages for s in p["DBSnapshots"]]
         snaps = [self._snapshot(r) for r in raws]
         mine = [s for s in snaps if s.source == db.id or s.ours]
-        return sorted(mine, key=lambda s: s.created or "", reverse=True)
+        return newest_first(mine)
 
     # -- taking --------------------------------------------------------------------------------
     def take(self, *, record_id: str, reason: str, log: Callable[[str], None] = print,

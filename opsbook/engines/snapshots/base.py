@@ -123,6 +123,13 @@ class Retention:
         return "\n".join(lines)
 
 
+def newest_first(snapshots: Iterable[Snapshot]) -> list[Snapshot]:
+    """Newest first. Services give creation times to the second: of two taken in the same second,
+    opsbook's own comes first (a drill with no snapshot named takes the first available one, and a
+    snapshot opsbook just took is the one meant; AWS takes its automated one as it makes a database)."""
+    return sorted(snapshots, key=lambda s: (s.created or "", s.ours, s.id), reverse=True)
+
+
 def retention(snapshots: Iterable[Snapshot], *, keep: int | None, max_age: timedelta | None,
               protected: dict[str, str] | None = None, now: datetime | None = None) -> Retention:
     """Which of opsbook's own available snapshots a retention pass deletes: beyond the `keep` newest,
