@@ -433,6 +433,7 @@ class _TableJob:
     result: ApplyResult
     lock: Any = field(default_factory=threading.Lock)
     done: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)   # set: each worker ends after its batch
 
 
 def _apply_table(  # noqa: PLR0917 - one table's share of apply
@@ -462,9 +463,15 @@ def _apply_table(  # noqa: PLR0917 - one table's share of apply
             c.execute("SET session_replication_role = replica")
             _mask_range(c, job, *bounds)
 
-    # Every range runs to its end; the first range's error (in order) is raised once all are done.
+    # The first range's error (in order) is raised; on it, or on an interrupt (Ctrl-C, SIGTERM), every
+    # other worker ends after the batch it is in (each batch commits on its own), instead of running its
+    # whole range while the operator waits.
     with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-        list(pool.map(work, ranges))
+        try:
+            list(pool.map(work, ranges))
+        except BaseException:
+            job.stop.set()
+            raise
     return job.done
 
 
@@ -481,7 +488,7 @@ def _mask_range(conn: Any, job: _TableJob, lo: Any, hi: Any) -> None:
     digests = "".join(f", encode(hmac(convert_to(t.{_ident(f)}::text, 'UTF8'), %(secret)s::bytea, 'sha256'), "
                       "'hex')" for f in job.fakes)
     last = None
-    while True:
+    while not job.stop.is_set():
         params: dict[str, Any] = {"secret": job.secret, "n": job.batch_size}
         where = []
         if last is not None:

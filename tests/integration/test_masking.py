@@ -8,6 +8,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import signal
+import threading
+import time
 import uuid
 
 import psycopg
@@ -233,3 +237,27 @@ def test_the_wrong_database_is_refused(local_pg):
 def test_a_short_secret_is_refused(source, clones, rules):
     with pytest.raises(masking.MaskingError, match="at least 16 random bytes"):
         masking.apply(clones(), rules, b"short")
+
+
+def test_ctrl_c_stops_every_worker_after_its_batch(source, clones, rules):
+    """An operator's Ctrl-C while a table is masked in several ranges at once: apply ends at once with
+    the interrupt, each worker after the batch it was in, not after its whole range."""
+    clone = clones()
+    said: list[str] = []
+
+    def progress(message: str) -> None:
+        said.append(message)
+        if len(said) == 1:   # after the first batch committed: the operator presses Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        masking.apply(clone, rules, SECRET, batch_size=5, workers=2, progress=progress)
+    assert time.monotonic() - started < 20
+    assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+    after = len(said)
+    time.sleep(0.5)
+    assert len(said) == after   # nothing masks on behind the operator's back
+    total = rows(clone, "SELECT count(*) FROM course_events")[0][0]
+    assert not any(m.startswith("course_events: ") and m.endswith(f"{total:,}/{total:,} rows masked") for m in said)
+    assert sum(1 for m in said if m.startswith("course_events: ")) < total // 5 // 4, said[-3:]
