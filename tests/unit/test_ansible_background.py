@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 
 import pytest
 
@@ -58,7 +59,9 @@ def test_a_failure_names_the_task_and_host(local_env):
 
 def test_leaving_the_block_early_stops_it(local_env):
     env, books, tmp = local_env
-    book = _book(books, "slow.yml", f"    - name: Sleep\n      ansible.builtin.command: sleep 300\n"
+    # A sleep no other process on the machine runs (pgrep below looks at every process).
+    sleep = f"sleep 300.{uuid.uuid4().int % 10**9:09d}"
+    book = _book(books, "slow.yml", f"    - name: Sleep\n      ansible.builtin.command: {sleep}\n"
                                     f"      changed_when: false\n    - name: Never reached\n"
                                     f"      ansible.builtin.command: touch {tmp / 'late'}\n"
                                     f"      args:\n        creates: {tmp / 'late'}\n")
@@ -75,5 +78,5 @@ def test_leaving_the_block_early_stops_it(local_env):
     run = started[0]
     assert run.proc.poll() is not None, "ansible-playbook outlived the block"
     time.sleep(0.5)
-    assert subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, check=False).returncode != 0
+    assert subprocess.run(["pgrep", "-f", sleep], capture_output=True, check=False).returncode != 0
     assert not (tmp / "late").exists()
