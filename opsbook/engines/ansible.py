@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from opsbook.core.errors import OpsbookError
@@ -227,6 +228,25 @@ def fingerprint(env: Env) -> str:
     for name, value in sorted(env.secret_values().items()):
         h.update(f"{name}={value}\0".encode())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How Ansible's ssh connection reaches one host, from the inventory: for whatever else opsbook runs
+    over SSH to it (a port forward, a reachability check), so it takes the same path (ProxyJump too)."""
+
+    user: str | None
+    key_file: str | None   # absolute: the inventory's is relative to the repository
+    common_args: str
+    port: int
+
+
+def ssh_settings(env: Env, host: str) -> SshSettings:
+    key = env.host_var(host, "ansible_ssh_private_key_file", None)
+    return SshSettings(user=env.host_var(host, "ansible_user", None) or None,
+                       key_file=str(ROOT / str(key)) if key else None,
+                       common_args=str(env.host_var(host, "ansible_ssh_common_args", "") or ""),
+                       port=int(env.host_var(host, "ansible_port", 22) or 22))
 
 
 def raw(env: Env, pattern: str, command: str) -> dict[str, tuple[int, str] | None]:

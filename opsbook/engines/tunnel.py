@@ -50,18 +50,17 @@ def _free_port() -> int:
 
 def ssh_command(env: Env, host: str, forward: str) -> list[str]:
     """ssh forwarding `forward` (-L's argument) through `host`, as Ansible connects to it."""
-    def var(name: str, default: object = "") -> str:
-        return str(env.host_var(host, name, default) or "")
+    from opsbook.engines.ansible import ssh_settings
 
-    key = var("ansible_ssh_private_key_file")
+    ssh = ssh_settings(env, host)
     return [
         "ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
         # Its own connection: never a client of a master Ansible keeps open (first -o wins in ssh).
         "-o", "ControlMaster=no", "-o", "ControlPath=none",
-        *shlex.split(var("ansible_ssh_common_args")),
-        *(["-i", str(ROOT / key)] if key else []),
-        *(["-l", var("ansible_user")] if var("ansible_user") else []),
-        "-p", var("ansible_port", 22) or "22",
+        *shlex.split(ssh.common_args),
+        *(["-i", ssh.key_file] if ssh.key_file else []),
+        *(["-l", ssh.user] if ssh.user else []),
+        "-p", str(ssh.port),
         "-L", forward, env.host(host).address,
     ]
 

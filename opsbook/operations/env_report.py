@@ -11,6 +11,7 @@ import shlex
 import subprocess
 from typing import Any
 
+from opsbook.engines import ansible
 from opsbook.engines import database as database_engine
 
 OK, UNREACHABLE, NOT_PROBED = "ok", "unreachable", "not probed"
@@ -57,15 +58,12 @@ def hosts(env, *, probe: bool = True, timeout: float = 5.0) -> list[dict[str, An
             row.update(ssh=NOT_PROBED, detail="")
         else:
             try:
-                key = env.host_var(h.name, "ansible_ssh_private_key_file", None)
-                args = env.host_var(h.name, "ansible_ssh_common_args", "")
-                user = env.host_var(h.name, "ansible_user", None)
-                port = int(env.host_var(h.name, "ansible_port", 22))
+                ssh = ansible.ssh_settings(env, h.name)   # as Ansible reaches it (a ProxyJump too)
             except Exception as e:  # noqa: BLE001 - an unresolvable variable is a finding, not a crash
                 row.update(ssh=UNREACHABLE, detail=f"inventory: {e}")
             else:
-                row.update(ssh_check(h.address, user=user, key_file=key, common_args=args, port=port,
-                                     timeout=timeout))
+                row.update(ssh_check(h.address, user=ssh.user, key_file=ssh.key_file, common_args=ssh.common_args,
+                                     port=ssh.port, timeout=timeout))
         rows.append(row)
     return rows
 
