@@ -186,8 +186,9 @@ class ProbeResults:
         """Whole-run gate: (ok, reasons). ``slo`` as in the inventory's ``opsbook_release_slo``:
         max_failed_requests, max_p99_ms, max_client_errors (default 0),
         max_missing_acknowledged_writes (default 0; an unverified run fails)."""
-        reasons = self._check(self.overall(), slo, "whole run")
-        if any("failed requests" in r or "answered 4xx" in r for r in reasons):
+        overall = self.overall()
+        reasons = self._check(overall, slo, "whole run")
+        if reasons and overall["failed"] + overall["client_errors"]:
             reasons.append("what failed: " + "; ".join(
                 f"{n} x {what} (during {phase})" for (phase, what), n in self.failures()))
         limit = slo.get("max_missing_acknowledged_writes", 0)
