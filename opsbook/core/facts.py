@@ -6,6 +6,7 @@ import getpass
 import os
 import socket
 import subprocess
+from datetime import UTC, datetime
 
 from opsbook.core.paths import ROOT
 
@@ -57,3 +58,12 @@ def uncommitted_changes(path: str) -> bytes:
     except OSError:
         diff = b""
     return diff + status.encode()
+
+
+def time_key(now: datetime | None = None) -> str:
+    """`20260130-101500123` (UTC, to the millisecond): the time part of the names opsbook gives the
+    things it makes and later keeps or deletes by age (clones, snapshots), so that names sort in the
+    order they were made. To the second only, two made in the same second sorted by the random part
+    after it, and a prune could keep the older one (seen in CI at 2100137)."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%d-%H%M%S}{now.microsecond // 1000:03d}"

@@ -244,7 +244,7 @@ class _Btrfs:
         self.engine, self.dbname = path.engine, data["service_database"]
         self.step = _Steps(data["steps"], out)
         self.rules = masking.load(Path(data["masking_file"]))
-        self.name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{data['record'].rsplit('-', 1)[-1]}"
+        self.name = f"{facts.time_key()}-{data['record'].rsplit('-', 1)[-1]}"
         self.private = ""
 
     def run(self) -> None:

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.engines import aws
 from opsbook.engines.snapshots.aws import AwsSnapshots
@@ -96,10 +97,10 @@ class AuroraClone:
 
 
 def clone_id(target: str, now: datetime | None = None) -> str:
-    """`opsbook-staging-clone-20260130-101500-3fa9`: RDS rules (a letter first; letters, digits, single
+    """`opsbook-staging-clone-20260130-101500123-3fa9`: RDS rules (a letter first; letters, digits, single
     hyphens; at most 63), sortable by time."""
     now = now or datetime.now(UTC)
-    text = f"opsbook-{target}-clone-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    text = f"opsbook-{target}-clone-{facts.time_key(now)}-{secrets.token_hex(2)}"
     return re.sub(r"-+", "-", re.sub(r"[^A-Za-z0-9-]", "-", text))[:63].rstrip("-")
 
 

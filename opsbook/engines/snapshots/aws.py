@@ -27,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from opsbook.core import facts
 from opsbook.engines import aws
 from opsbook.engines.snapshots.base import DrillVerdict, Snapshot, SnapshotError, newest_first
 
@@ -59,10 +60,10 @@ def tag_value(text: str) -> str:
 
 
 def snapshot_id(env_name: str, now: datetime | None = None) -> str:
-    """`opsbook-staging-20260130-101500-3fa9`: RDS rules (a letter first; letters, digits and single
+    """`opsbook-staging-20260130-101500123-3fa9`: RDS rules (a letter first; letters, digits and single
     hyphens; at most 255), sortable by time, unique enough for an operator to quote."""
     now = now or datetime.now(UTC)
-    text = f"opsbook-{env_name}-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    text = f"opsbook-{env_name}-{facts.time_key(now)}-{secrets.token_hex(2)}"
     return re.sub(r"-+", "-", re.sub(r"[^A-Za-z0-9-]", "-", text))
 
 
