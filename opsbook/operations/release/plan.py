@@ -26,7 +26,8 @@ PHASES: dict[str, str] = {
     "stage": "unpack the artifact into releases/<version> on every app host (offline venv); it starts "
              "beside preflight and the expand migrations, so its time is only what was left to wait for",
     "rolling switch": "per batch: drain, switch `current`, restart, health and /version, re-enable; "
-                      "the probe's figures for the batch must meet the SLO",
+                      "the probe's figures for the batch must meet the SLO (a rollback, which has no stage "
+                      "phase, first stages the release in the same Ansible run on any host that lacks it)",
     "verify": "the host checks preflight leaves out, of what a release changes (testinfra): each app host "
               "serves the release, its service runs and answers, and every backend is UP in the load "
               "balancer; the probe's traffic meanwhile is what users feel after the change",
@@ -36,9 +37,10 @@ PHASES: dict[str, str] = {
 RELEASE_PHASES = tuple(PHASES)
 # A rollback is the way out of a bad release: it changes no schema and converges nothing, and no
 # host check that has nothing to do with serving the previous version (a drifted file, another
-# environment's database host) may stand in its way. Verify checks what it changed.
+# environment's database host) may stand in its way. Verify checks what it changed. The release it
+# returns to is nearly always still staged: the rolling switch's own run stages it where it is not.
 ROLLBACK_PHASES = tuple(p for p in PHASES if p not in ("provision", "preflight", "safety point",
-                                                       "expand migrations"))
+                                                       "expand migrations", "stage"))
 
 
 def batches_of(hosts: list[str], size: str | int) -> list[list[str]]:

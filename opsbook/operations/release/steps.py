@@ -400,9 +400,28 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo,
         with run.phase("provision"):
             _converge(env, run)
     held.renew()
-    # Staging only unpacks the release beside the one serving, so it runs beside preflight and the
-    # expand migrations (checks and the database; neither needs it nor is touched by it). It is
-    # waited for, its output shown, before any host is switched; leaving early stops it.
+    if "stage" in plan.phases:
+        _before_the_switch(env, plan, art, run, held=held)
+    elif run.live_probe is None and any(plan.current.values()):
+        _start_probe(run, env, "before", required=True)
+    with run.phase("rolling switch"):
+        # A plan without its own stage phase (a rollback) stages in the switch's run, where missing.
+        _rolling_switch(env, plan, run, held=held, probe=run.live_probe, slo=slo, keep=keep,
+                        stage=None if "stage" in plan.phases else art)
+    # Verify: the checks of what a release changes (`converges`: each app host serves the release,
+    # its service runs and answers, every backend is UP), on the whole fleet, not only the hosts
+    # switched. The others ran in preflight, before anything changed, and the release changes
+    # nothing they check; together the two are every host check (`invoke check` runs them all).
+    # The probe's "verify" is the traffic after the change (checks change nothing on the hosts).
+    with run.phase("verify"):
+        hostchecks.run_host_checks(env, extra=["-m", "converges"])
+
+
+def _before_the_switch(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held) -> None:
+    """A release's phases before its rolling switch. Staging only unpacks the release beside the one
+    serving, so it runs beside preflight and the expand migrations (checks and the database; neither
+    needs it nor is touched by it). It is waited for, its output shown, before any host is switched;
+    leaving early stops it."""
     with ansible.start_playbook(env, "stage.yml", what=f"staging {plan.target}", extra_vars={
             "opsbook_release_version": plan.target, "opsbook_release_artifact": str(art.path)}) as staging:
         if "preflight" in plan.phases:
@@ -421,25 +440,20 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo,
         with run.phase("stage"):
             staging.wait()
         run.staged_s = staging.seconds
-    with run.phase("rolling switch"):
-        _rolling_switch(env, plan, run, held=held, probe=run.live_probe, slo=slo, keep=keep)
-    # Verify: the checks of what a release changes (`converges`: each app host serves the release,
-    # its service runs and answers, every backend is UP), on the whole fleet, not only the hosts
-    # switched. The others ran in preflight, before anything changed, and the release changes
-    # nothing they check; together the two are every host check (`invoke check` runs them all).
-    # The probe's "verify" is the traffic after the change (checks change nothing on the hosts).
-    with run.phase("verify"):
-        hostchecks.run_host_checks(env, extra=["-m", "converges"])
 
 
-def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: contextlib.ExitStack) -> None:
+def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: contextlib.ExitStack,
+                    stage: artifact.Artifact | None = None) -> None:
     """Every batch in one ansible-playbook run (switch.yml with opsbook_gate_dir): when a batch is
     switched the playbook writes which hosts it switched; opsbook judges the batch's gate and
     writes the verdict, and the next batch only reads its hosts until the verdict is `passed`
     (anything else stops the playbook before it drains one). One run instead of one per batch: no
     Ansible start-up or new SSH connections between batches, and the next batch's reads overlap
     the gate. After the last batch the same run waits for the verdict on the whole release and
-    marks it good when told (run.switching); `keep` holds it (and its gate files) until then."""
+    marks it good when told (run.switching); `keep` holds it (and its gate files) until then.
+
+    With `stage` (a rollback), the same run first stages the release on every host that lacks it
+    (one stat where it is there): no Ansible run of its own for what is nearly always there already."""
     gates = Path(keep.enter_context(tempfile.TemporaryDirectory(prefix="opsbook-gate-")))
     held.renew()   # the lease is verified before any host of the first batch is touched
     lb = rotation_for(env)   # haproxy drains and re-enables inside switch.yml; an ALB around each batch
@@ -453,7 +467,8 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: c
             "opsbook_switch_hosts": [h for b in plan.batches for h in b],
             "opsbook_switch_batches": [len(b) for b in plan.batches],
             "opsbook_gate_dir": str(gates),
-            "opsbook_gate_names": [b[0] for b in plan.batches]}))
+            "opsbook_gate_names": [b[0] for b in plan.batches],
+            **({"opsbook_release_artifact": str(stage.path)} if stage is not None else {})}))
     run.switching = _Switching(switching, gates)
     for i, batch in enumerate(plan.batches, 1):
         entry = run.batches[-1]
@@ -462,6 +477,12 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: c
             try:
                 switching.wait()
             except PlaybookFailed as e:
+                if stage is not None and not (gates / STAGED).exists():
+                    # Staging failed: no host was drained by the playbook (nothing to return).
+                    run.in_flight = None
+                    entry.update(result="failed staging", seconds=round(time.monotonic() - run.batch_t0, 1))
+                    raise ReleaseFailed(f"staging {plan.target} on the hosts that lacked it failed, before any "
+                                        f"host was switched: {e}") from e
                 entry.update(result="failed health", seconds=round(time.monotonic() - run.batch_t0, 1))
                 raise ReleaseFailed(f"batch {i} ({', '.join(batch)}) failed: {e}") from e
             raise ReleaseFailed(f"batch {i} ({', '.join(batch)}): switch.yml ended without switching it")
@@ -487,6 +508,7 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: c
     run.switching.switched = True
 
 
+STAGED = "@staged"   # switch.yml's staging play writes <gate dir>/@staged when every host has the release
 RELEASE_VERDICT = "@release"   # switch.yml's last play waits for <gate dir>/@release.verdict (no host has an @)
 
 
