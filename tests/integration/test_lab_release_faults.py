@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from opsbook.core.paths import ROOT
 from opsbook.engines import artifact
@@ -35,7 +36,7 @@ def last_record(env, kind: str) -> dict:
     return entries[-1]
 
 
-def test_release_under_probe_then_rollback_with_zero_failed_requests(lab_env, fleet):
+def test_release_under_probe_then_rollback_with_zero_failed_requests_staging_where_missing(lab_env, fleet):
     a, b = fleet
     proc = invoke("release", "--env", "lab", "--version", b, check=True)
     assert "plan: release" in proc.stdout
@@ -50,6 +51,26 @@ def test_release_under_probe_then_rollback_with_zero_failed_requests(lab_env, fl
     notebook = store_for(lab_env).get(rec["notebook"])
     assert b'"image/png"' in notebook   # the latency/errors plot is in the record
 
+    # The rollback stages in its rolling switch's run where the release is missing. First a host where
+    # staging cannot work (a file where the release's directory goes): the rollback ends before any
+    # host is drained, says so, and changes nothing.
+    root = yaml.safe_load((lab_env.path / "group_vars" / "app" / "main.yml").read_text())["app_root"]
+    ssh("app3", f"rm -rf {root}/releases/{a}")
+    ssh("app2", f"rm -rf {root}/releases/{a} && touch {root}/releases/{a}")
+    try:
+        failed = invoke("rollback", "--env", "lab")
+    finally:
+        ssh("app2", f"rm -f {root}/releases/{a}")
+    out = failed.stdout + failed.stderr
+    assert failed.returncode != 0, out[-3000:]
+    assert "before any host was switched" in out, out[-3000:]
+    assert set(served(lab_env).values()) == {b}
+    assert all(haproxy_status(h.name) == "UP" for h in lab_env.hosts("app"))
+    assert lock_for(lab_env).holder() is None
+    rb = last_record(lab_env, "rollback")
+    assert rb["outcome"] == "failed"
+    assert "staging" in rb["figures"]["reason"]
+
     proc = invoke("rollback", "--env", "lab", check=True)
     assert f"rollback bl-api {a}" in proc.stdout
     assert set(served(lab_env).values()) == {a}
@@ -57,6 +78,8 @@ def test_release_under_probe_then_rollback_with_zero_failed_requests(lab_env, fl
     assert rb["outcome"] == "succeeded"
     assert rb["figures"]["failed_requests"] == 0
     assert rb["figures"]["missing_acknowledged_writes"] == 0
+    for host in ("app2", "app3"):   # staged again where it was missing
+        assert ssh(host, f"test -e {root}/releases/{a}/venv/.opsbook-complete && echo staged") == "staged"
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(lab_env, fleet):
