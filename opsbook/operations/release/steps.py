@@ -401,7 +401,7 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo,
             _converge(env, run)
     held.renew()
     if "stage" in plan.phases:
-        _before_the_switch(env, plan, art, run, held=held)
+        _before_the_switch(env, plan, art, run, held=held, keep=keep)
     elif run.live_probe is None and any(plan.current.values()):
         _start_probe(run, env, "before", required=True)
     with run.phase("rolling switch"):
@@ -417,7 +417,8 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo,
         hostchecks.run_host_checks(env, extra=["-m", "converges"])
 
 
-def _before_the_switch(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held) -> None:
+def _before_the_switch(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held,
+                       keep: contextlib.ExitStack) -> None:
     """A release's phases before its rolling switch. Staging only unpacks the release beside the one
     serving, so it runs beside preflight and the expand migrations (checks and the database; neither
     needs it nor is touched by it). It is waited for, its output shown, before any host is switched;
@@ -437,9 +438,31 @@ def _before_the_switch(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *
                 _expand(env, art, run)
         if run.live_probe is None and any(plan.current.values()):
             _start_probe(run, env, "stage", required=True)
+        # The switch's Ansible run starts now, while staging finishes; it touches nothing until told.
+        _start_switching(env, plan, run, keep, early=True)
         with run.phase("stage"):
             staging.wait()
         run.staged_s = staging.seconds
+
+
+def _start_switching(env: Env, plan: Plan, run: Run, keep: contextlib.ExitStack, *,
+                     stage: artifact.Artifact | None = None, early: bool = False) -> None:
+    """Start the rolling switch's ansible-playbook (run.switching); `keep` holds it and its gate files.
+    `early`: it starts while the release is still being staged (Ansible's start-up, about 1.5 s, is
+    then off the release's path) and reads no host before opsbook's START_VERDICT says `passed`."""
+    gates = Path(keep.enter_context(tempfile.TemporaryDirectory(prefix="opsbook-gate-")))
+    switching = keep.enter_context(ansible.start_playbook(
+        env, "switch.yml", limit=",".join(h for b in plan.batches for h in b), what=f"{plan.kind} rolling switch",
+        echo=True, extra_vars={
+            "opsbook_release_version": plan.target,
+            # The plan's order (hosts serving nothing first), not the inventory's.
+            "opsbook_switch_hosts": [h for b in plan.batches for h in b],
+            "opsbook_switch_batches": [len(b) for b in plan.batches],
+            "opsbook_gate_dir": str(gates),
+            "opsbook_gate_names": [b[0] for b in plan.batches],
+            **({"opsbook_switch_start_gate": True} if early else {}),
+            **({"opsbook_release_artifact": str(stage.path)} if stage is not None else {})}))
+    run.switching = _Switching(switching, gates)
 
 
 def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: contextlib.ExitStack,
@@ -454,22 +477,15 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: c
 
     With `stage` (a rollback), the same run first stages the release on every host that lacks it
     (one stat where it is there): no Ansible run of its own for what is nearly always there already."""
-    gates = Path(keep.enter_context(tempfile.TemporaryDirectory(prefix="opsbook-gate-")))
     held.renew()   # the lease is verified before any host of the first batch is touched
     lb = rotation_for(env)   # haproxy drains and re-enables inside switch.yml; an ALB around each batch
     _begin_batch(run, probe, 1, plan.batches[0])
     lb.drain(plan.batches[0])
-    switching = keep.enter_context(ansible.start_playbook(
-        env, "switch.yml", limit=",".join(h for b in plan.batches for h in b), what=f"{plan.kind} rolling switch",
-        echo=True, extra_vars={
-            "opsbook_release_version": plan.target,
-            # The plan's order (hosts serving nothing first), not the inventory's.
-            "opsbook_switch_hosts": [h for b in plan.batches for h in b],
-            "opsbook_switch_batches": [len(b) for b in plan.batches],
-            "opsbook_gate_dir": str(gates),
-            "opsbook_gate_names": [b[0] for b in plan.batches],
-            **({"opsbook_release_artifact": str(stage.path)} if stage is not None else {})}))
-    run.switching = _Switching(switching, gates)
+    if run.switching is None:
+        _start_switching(env, plan, run, keep, stage=stage)
+    else:   # started while the release was staged; it waits for this word before it reads a host
+        _verdict(run.switching.gates, START_VERDICT, "passed")
+    switching, gates = run.switching.playbook, run.switching.gates
     for i, batch in enumerate(plan.batches, 1):
         entry = run.batches[-1]
         switched = _switched(switching, gates / f"{batch[0]}.switched")
@@ -509,6 +525,7 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: c
 
 
 STAGED = "@staged"   # switch.yml's staging play writes <gate dir>/@staged when every host has the release
+START_VERDICT = "@start"   # an early-started switch.yml reads no host before <gate dir>/@start.verdict is `passed`
 RELEASE_VERDICT = "@release"   # switch.yml's last play waits for <gate dir>/@release.verdict (no host has an @)
 
 
