@@ -54,8 +54,9 @@ def test_marks_the_release_and_keeps_current_the_newest_good_and_the_newest_othe
     assert out["marked"] is True
     assert out["changed"] is True
     releases, artifacts = left(root)
-    # current (1.0.7, also the newest good now) + the 2 newest others (1.0.6, 1.0.5)
-    assert releases == ["1.0.5", "1.0.6", "1.0.7"]
+    # current (1.0.7, also the newest good now), the newest other good one (1.0.1: a rollback's
+    # target) and the 2 newest others (1.0.6, 1.0.5)
+    assert releases == ["1.0.1", "1.0.5", "1.0.6", "1.0.7"]
     assert artifacts == [f"bl-api-{n}.tar.gz" for n in releases]
     assert (root / "releases" / "1.0.7" / ".opsbook-good").is_file()
 
@@ -70,6 +71,26 @@ def test_a_rollback_target_keeps_the_newest_good_release_it_is_not(tmp_path):
     mark(root, "1.0.1", keep=2)
     releases, _ = left(root)
     assert releases == ["1.0.1", "1.0.4", "1.0.5"]   # current, newest good, 1 newest other
+
+
+def test_a_release_marked_good_again_is_the_newest_good_and_keeps_the_one_before(tmp_path):
+    """An old release released again (its directory is old, its mark too): once it is marked good
+    again, the release a rollback would return to is the one good before it, whatever its age."""
+    names = [f"1.0.{i}" for i in range(7)]
+    root = host(tmp_path, names, current="1.0.0", good=["1.0.0", "1.0.3", "1.0.5"])
+    out = mark(root, "1.0.0", keep=2)
+    assert out["marked"] is True                  # its mark renewed: the newest now
+    releases, _ = left(root)
+    assert releases == ["1.0.0", "1.0.5", "1.0.6"]   # current, the good one before it, 1 newest other
+    marks = {n: (root / "releases" / n / ".opsbook-good").stat().st_mtime for n in ("1.0.0", "1.0.5")}
+    assert marks["1.0.0"] > marks["1.0.5"]
+    # The next release (1.0.6) marked good: 1.0.0 is what a rollback returns to, and it stays.
+    (root / "current").unlink()
+    (root / "current").symlink_to(root / "releases" / "1.0.6")
+    mark(root, "1.0.6", keep=1)
+    assert left(root)[0] == ["1.0.0", "1.0.6"]
+    assert mark(root, "1.0.6", keep=1) == {"changed": False, "marked": False, "removed": [],
+                                           "artifacts_removed": []}
 
 
 def test_a_second_run_changes_nothing_and_keeps_the_first_marks_time(tmp_path):
