@@ -342,3 +342,56 @@ def test_a_record_the_store_refuses_is_kept_here_and_uploaded_by_the_next_run(tm
     assert [e["id"] for e in store.ledger()] == [entry["id"], second["id"]]
     assert not kept.exists()
     assert b"the bucket is gone" in store.get(f"records/{entry['id']}/notebook.ipynb")
+
+
+def _gone(pid: int) -> bool:
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:   # gone, or a zombie its parent has not reaped yet (it runs nothing)
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_kernel_started_ahead_runs_the_record_with_its_preload_and_is_stopped_after(tmp_path):
+    # A release starts its record's kernel when it begins (runner.WarmKernel): the record must run in
+    # that kernel, after the preload, and the kernel must not outlive the release.
+    write_runbook(tmp_path / "rb", "pid", INJECTED,
+                  "import os, sys\nprint('pid', os.getpid(), 'preloaded', getattr(sys, 'opsbook_warm', None))")
+    store = LocalStore(tmp_path / "records")
+    with runbooks.WarmKernel("import sys\nsys.opsbook_warm = 'yes'") as kernel:
+        pid = kernel.km.provisioner.pid
+        entry = runbooks.run("pid", LAB, store=store, secrets={}, runbooks_dir=tmp_path / "rb", progress=False,
+                             log=lambda _m: None, kernel=kernel)
+        assert kernel.take() is None   # one run per kernel: a second would see the first one's state
+    printed = store.get(entry["notebook"]).decode()
+    assert f"pid {pid} preloaded yes" in printed
+    assert entry["outcome"] == "succeeded"
+    assert _gone(pid), "the kernel started ahead outlived its block"
+
+
+def test_a_kernel_started_ahead_that_died_or_was_not_used_changes_nothing(tmp_path):
+    import os
+    import signal
+
+    write_runbook(tmp_path / "rb", "pid", INJECTED, "import os\nprint('pid', os.getpid())")
+    store = LocalStore(tmp_path / "records")
+    with runbooks.WarmKernel() as kernel:
+        dead = kernel.km.provisioner.pid
+        os.kill(dead, signal.SIGKILL)
+        assert _gone(dead)
+        entry = runbooks.run("pid", LAB, store=store, secrets={}, runbooks_dir=tmp_path / "rb", progress=False,
+                             log=lambda _m: None, kernel=kernel)
+    assert entry["outcome"] == "succeeded"
+    printed = store.get(entry["notebook"]).decode()
+    assert "pid " in printed
+    assert f"pid {dead}" not in printed   # the run started a kernel of its own
+
+    with runbooks.WarmKernel("import pandas") as unused:
+        pid = unused.km.provisioner.pid
+    assert _gone(pid), "an unused kernel started ahead outlived its block"

@@ -199,6 +199,8 @@ def _ipc_kernel_manager(directory: Path):
 
     jupyter_client's default is TCP on loopback, unencrypted: any local user could read a
     runbook's traffic (connection strings, outputs), and ipykernel warns about it on every start.
+    It keeps the clients it hands out (`clients`): nbclient does not stop the channels of a client
+    it made for a kernel it was given (WarmKernel), so the kernel's owner stops them.
     """
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
@@ -212,10 +214,87 @@ def _ipc_kernel_manager(directory: Path):
         def _default_ip(self) -> str:
             return str(directory / "kernel")
 
+        def client(self, **kwargs: Any) -> Any:
+            made = super().client(**kwargs)
+            self.__dict__.setdefault("clients", []).append(made)
+            return made
+
     return IPCKernelManager
 
 
-def _execute(path: Path, injected: dict[str, Any], progress: bool):
+class WarmKernel:
+    """A runbook kernel started ahead of the run that will use it, for an operation that writes its
+    record when it ends (a release): the kernel's start (about a second of CPU) and the imports
+    named in `preload` happen while the operation waits on hosts, not after its last step. One run
+    uses it (`run(..., kernel=...)`); leaving the `with` block shuts it down, used or not. If it has
+    died by then, the run starts a kernel of its own as usual.
+
+    jupyter_client's AsyncKernelManager, the class papermill's engine (nbclient) uses, started and
+    stopped through jupyter_core's run_sync: the same per-thread event loop nbclient runs on, so
+    nbclient can adopt the kernel (its `km`); nbclient then leaves it running, and it is ours to stop.
+    The preload is one silent request (no history, no output in the record): the record's own cells
+    still import what they use, and find it loaded."""
+
+    def __init__(self, preload: str = ""):
+        self.preload = preload
+        self.km: Any = None
+        self.used = False
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._kc: Any = None
+
+    def __enter__(self) -> WarmKernel:
+        from jupyter_core.utils import run_sync
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="opsbook-kernel-")
+        try:
+            self.km = _ipc_kernel_manager(Path(self._tmp.name))(kernel_name=KERNEL)
+            run_sync(self.km.start_kernel)(cwd=str(ROOT))   # returns once the process is launched
+            if self.preload:
+                self._kc = self.km.client()
+                self._kc.start_channels()
+                self._kc.execute(self.preload, silent=True, store_history=False)   # queued until it listens
+        except Exception:   # noqa: BLE001 - a warm kernel is an optimisation: the run starts its own
+            self._stop()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop()
+
+    def take(self) -> Any:
+        """The kernel manager for one run, or None (not started, died, or used already)."""
+        from jupyter_core.utils import run_sync
+
+        if self.km is None or self.used:
+            return None
+        try:
+            alive = run_sync(self.km.is_alive)()
+        except Exception:  # noqa: BLE001 - a kernel we cannot ask about is not used
+            alive = False
+        if not alive:
+            return None
+        self.used = True
+        return self.km
+
+    def _stop(self) -> None:
+        from jupyter_core.utils import run_sync
+
+        self._kc = None
+        if self.km is not None:
+            for client in self.km.__dict__.get("clients", []):   # ours (the preload's) and nbclient's
+                with contextlib.suppress(Exception):
+                    client.stop_channels()
+            with contextlib.suppress(Exception):
+                if run_sync(self.km.is_alive)():
+                    run_sync(self.km.shutdown_kernel)(now=True)   # cleans its resources too
+                else:
+                    run_sync(self.km.cleanup_resources)()
+            self.km = None   # its connection file and sockets go with the directory below
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmKernel | None = None):
     """Execute with papermill into a scratch file; return (notebook, error or None, interrupt or None)."""
     import nbformat
     import papermill
@@ -224,6 +303,7 @@ def _execute(path: Path, injected: dict[str, Any], progress: bool):
     error, interrupted = None, None
     with tempfile.TemporaryDirectory(prefix="opsbook-run-") as tmp:
         out_path = Path(tmp) / path.name
+        warm = kernel.take() if kernel is not None else None
         try:
             papermill.execute_notebook(
                 str(path),
@@ -234,6 +314,7 @@ def _execute(path: Path, injected: dict[str, Any], progress: bool):
                 cwd=str(ROOT),  # the kernel imports the opsbook that is running (opsbook.ROOT)
                 progress_bar=progress,
                 kernel_manager_class=_ipc_kernel_manager(Path(tmp)),
+                **({"km": warm} if warm is not None else {}),   # nbclient adopts a started kernel
             )
         except PapermillExecutionError as e:
             error = f"cell {e.exec_count}: {e.ename}: {e.evalue}"
@@ -261,6 +342,7 @@ def run(
     runbooks_dir: Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    kernel: WarmKernel | None = None,
 ) -> dict[str, Any]:
     """Run a runbook for an environment and store its record. Returns the ledger entry.
 
@@ -269,7 +351,8 @@ def run(
     knows. Raises RunbookError (nothing ran, nothing stored) or RunbookFailed (record stored).
 
     `started` is for an operation that records itself once it has ended (a release): the ledger's
-    start and duration then cover the operation, not only the rendering of its record.
+    start and duration then cover the operation, not only the rendering of its record; it may also
+    have started the record's `kernel` (WarmKernel) while it ran.
     """
     import nbformat
 
@@ -298,7 +381,7 @@ def run(
     log(f"running runbook {name} for {env_name} as record {record_id}")
     start = started or _now()
     t0 = time.monotonic()
-    nb, error, interrupted = _execute(path, injected, progress)
+    nb, error, interrupted = _execute(path, injected, progress, kernel)
     end = _now()
     duration = (end - start).total_seconds()
     outcome = "failed" if error else "succeeded"

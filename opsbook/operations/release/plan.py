@@ -30,7 +30,8 @@ PHASES: dict[str, str] = {
                       "phase, first stages the release in the same Ansible run on any host that lacks it)",
     "verify": "the host checks preflight leaves out, of what a release changes (testinfra): each app host "
               "serves the release, its service runs and answers, and every backend is UP in the load "
-              "balancer; the probe's traffic meanwhile is what users feel after the change",
+              "balancer (they start when the last batch takes traffic, beside its gate: this phase is "
+              "what is left of them); the probe's traffic meanwhile is what users feel after the change",
     "probe read-back": "every write the service acknowledged during the release is read back",
     "mark good": "mark the release good on every host (retention never deletes it)",
 }

@@ -12,6 +12,12 @@ from opsbook.core.errors import OpsbookError
 from opsbook.operations.release.guardrails import notes as guardrail_notes
 from opsbook.operations.release.plan import PHASES
 
+# What runbooks/release.ipynb imports: a release starts its record's kernel when it begins and has
+# it import these while the release runs (runner.WarmKernel); the record's cells find them loaded.
+KERNEL_PRELOAD = ("import pandas, IPython.display\n"
+                  "import opsbook.engines.records.guard, opsbook.engines.records.figures\n"
+                  "import opsbook.operations.release.record")
+
 
 class ReleaseFailed(OpsbookError):
     """The release (or rollback) this record describes failed; the record says where and why."""

@@ -25,7 +25,7 @@ from opsbook.engines.records import runner
 from opsbook.engines.records.store import new_record_id
 from opsbook.engines.rotation import rotation_for
 from opsbook.operations.release.plan import PHASES, Plan
-from opsbook.operations.release.record import ReleaseFailed
+from opsbook.operations.release.record import KERNEL_PRELOAD, ReleaseFailed
 
 # The probe's phases that change nothing users see: what they feel then is the baseline a slow
 # service is judged against (`ProbeResults.baseline_slo`), with no wait of its own. (Staging only
@@ -110,6 +110,20 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
               scale_gate=scale_gate)
     slo = probes.slo_for(env)
     lock = locks.lock_for(env)
+    # The record's kernel starts now and imports what the record uses while the release waits on hosts.
+    with runner.WarmKernel(KERNEL_PRELOAD) as kernel:
+        _execute_run(env, plan, art, run, lock=lock, slo=slo, wait=wait, replan=replan, kernel=kernel)
+    if run.outcome != "succeeded":
+        raise ReleaseFailed(f"{plan.kind} of {plan.target} to {env.name} {run.outcome}: {run.reason}. "
+                            f"Record {run.record_id} has the details; `invoke status --env {env.name}` shows "
+                            f"what each host serves now.")
+    log(f"{plan.kind} of {plan.target} to {env.name} succeeded in {time.monotonic() - run.t0:.0f}s "
+        f"(record {run.record_id})")
+    return plan.target
+
+
+def _execute_run(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, lock, slo, wait: int, replan,
+                 kernel: runner.WarmKernel) -> None:
     with interrupts.interruptible():
         try:
             with lock.hold(f"{plan.kind} {plan.target} (record {run.record_id})", wait=wait, on_wait=log) as held:
@@ -130,14 +144,7 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
             run.reason = run.reason or f"{type(e).__name__}: {e}"
             run.detail = run.detail or str(e)
     with interrupts.shielded():
-        _write_record(env, run)
-    if run.outcome != "succeeded":
-        raise ReleaseFailed(f"{plan.kind} of {plan.target} to {env.name} {run.outcome}: {run.reason}. "
-                            f"Record {run.record_id} has the details; `invoke status --env {env.name}` shows "
-                            f"what each host serves now.")
-    log(f"{plan.kind} of {plan.target} to {env.name} succeeded in {time.monotonic() - run.t0:.0f}s "
-        f"(record {run.record_id})")
-    return plan.target
+        _write_record(env, run, kernel)
 
 
 def _replanned(before: Plan, after: Plan) -> Plan:
@@ -404,17 +411,21 @@ def _steps(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held, slo,
         _before_the_switch(env, plan, art, run, held=held, keep=keep)
     elif run.live_probe is None and any(plan.current.values()):
         _start_probe(run, env, "before", required=True)
-    with run.phase("rolling switch"):
-        # A plan without its own stage phase (a rollback) stages in the switch's run, where missing.
-        _rolling_switch(env, plan, run, held=held, probe=run.live_probe, slo=slo, keep=keep,
-                        stage=None if "stage" in plan.phases else art)
     # Verify: the checks of what a release changes (`converges`: each app host serves the release,
     # its service runs and answers, every backend is UP), on the whole fleet, not only the hosts
     # switched. The others ran in preflight, before anything changed, and the release changes
     # nothing they check; together the two are every host check (`invoke check` runs them all).
+    # They start when the last batch takes traffic, beside its gate (every host is switched and
+    # enabled then; the gate mostly waits): the verify phase is what is left of them after the gate.
     # The probe's "verify" is the traffic after the change (checks change nothing on the hosts).
+    verify = hostchecks.Background(env, extra=["-m", "converges"])
+    keep.callback(verify.stop)   # a release that ends before judging them stops them
+    with run.phase("rolling switch"):
+        # A plan without its own stage phase (a rollback) stages in the switch's run, where missing.
+        _rolling_switch(env, plan, run, held=held, probe=run.live_probe, slo=slo, keep=keep,
+                        stage=None if "stage" in plan.phases else art, at_last_gate=verify.start)
     with run.phase("verify"):
-        hostchecks.run_host_checks(env, extra=["-m", "converges"])
+        verify.wait()
 
 
 def _before_the_switch(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, held,
@@ -466,7 +477,7 @@ def _start_switching(env: Env, plan: Plan, run: Run, keep: contextlib.ExitStack,
 
 
 def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: contextlib.ExitStack,
-                    stage: artifact.Artifact | None = None) -> None:
+                    stage: artifact.Artifact | None = None, at_last_gate=None) -> None:
     """Every batch in one ansible-playbook run (switch.yml with opsbook_gate_dir): when a batch is
     switched the playbook writes which hosts it switched; opsbook judges the batch's gate and
     writes the verdict, and the next batch only reads its hosts until the verdict is `passed`
@@ -476,7 +487,8 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: c
     marks it good when told (run.switching); `keep` holds it (and its gate files) until then.
 
     With `stage` (a rollback), the same run first stages the release on every host that lacks it
-    (one stat where it is there): no Ansible run of its own for what is nearly always there already."""
+    (one stat where it is there): no Ansible run of its own for what is nearly always there already.
+    `at_last_gate()` is called when the last batch takes traffic, before its gate is judged."""
     held.renew()   # the lease is verified before any host of the first batch is touched
     lb = rotation_for(env)   # haproxy drains and re-enables inside switch.yml; an ALB around each batch
     _begin_batch(run, probe, 1, plan.batches[0])
@@ -508,6 +520,8 @@ def _rolling_switch(env: Env, plan: Plan, run: Run, *, held, probe, slo, keep: c
             raise ReleaseFailed(f"batch {i}: Ansible switched {', '.join(switched)}, the plan said "
                                 f"{', '.join(batch)}; the release stopped before the next batch")
         lb.enable(batch)   # the gate judges the batch's hosts taking traffic
+        if i == len(plan.batches) and at_last_gate is not None:
+            at_last_gate()
         verdict = _judge_batch(env, run, i, batch, held=held, probe=probe, slo=slo)
         if verdict != "passed":
             _verdict(gates, batch[0], verdict)
@@ -614,13 +628,14 @@ def _judge_batch(env: Env, run: Run, i: int, batch: list[str], *, held, probe, s
     return "passed"
 
 
-def _write_record(env: Env, run: Run) -> None:
+def _write_record(env: Env, run: Run, kernel: runner.WarmKernel | None = None) -> None:
     data = run.data()
     with tempfile.TemporaryDirectory(prefix="opsbook-release-") as tmp:
         path = Path(tmp) / "release.json"
         path.write_text(json.dumps(data, indent=2, default=str))
         try:
-            runner.run("release", env, {"release_data": str(path)}, record_id=run.record_id, started=run.started)
+            runner.run("release", env, {"release_data": str(path)}, record_id=run.record_id, started=run.started,
+                       kernel=kernel)
         except runner.RunbookFailed:
             if run.outcome == "succeeded":
                 raise
