@@ -11,7 +11,7 @@ each a release of a version the fleet does not serve yet, after a release that c
 2. the lab with app hosts up to N: an inventory of its own (environment `labscale`, a copy of the
    lab's with app4.. added at the next addresses of the lab's subnet, found through
    OPSBOOK_INVENTORY_PATH: the repository's inventories are not touched), whose extra hosts
-   `invoke lab.up` creates and `invoke provision` converges (db1 must admit them); a release of A,
+   the lab engine's `up` creates and `invoke provision` converges (db1 must admit them); a release of A,
    then the measured one of B with `--batch N/batches`.
 
 Prints each measured release's wall time, its record's phases and batches, failed requests and
@@ -129,7 +129,8 @@ def main() -> None:
     try:
         print(f"[bench] {args.hosts} app hosts (adding {', '.join(added)}): lab.up, release {a} (converges every "
               f"host; not measured), then {b} in {args.batches} batches", flush=True)
-        invoke("lab.up", "--env", SCALED, extra_env=scaled_env)
+        os.environ.update(scaled_env)
+        labs.up(load(SCALED))   # `invoke lab.up` manages the default lab; this creates the extra hosts
         # Every host, db1 included: its firewall and pg_hba must admit the new app hosts (a release
         # converges a database host only when it was never provisioned).
         invoke("provision", "--env", SCALED, extra_env=scaled_env)
