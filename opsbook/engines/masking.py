@@ -25,10 +25,14 @@ value's HMAC: the same person gets the same fake name everywhere in one refresh)
   no migration creates (raw `sql:` steps are invisible to this; the database check at apply time is
   the authority for what they made). `migrate.lint` runs it.
 - `check_database`: the same against a real database's catalog, before anything is changed.
-- `apply`: anonymize a database in place, table by table in keyset batches of the primary key (each
-  batch its own transaction, so a big table is never one huge transaction), with progress. Triggers
-  and foreign-key checks are off for these updates (`session_replication_role = replica`): a hashed
-  key and the key it references change alike, and no application trigger rewrites a masked value.
+- `apply`: anonymize a database in place, table by table in batches of adjacent heap blocks, in the
+  order of the table's file (each batch its own transaction, so a big table is never one huge
+  transaction), with progress; a guard on each row version's xmin masks every row exactly once
+  (a new version written ahead of the batches is skipped), the indexes that can be made again from
+  their definitions are dropped while their table is masked and built after it, and the schema is
+  compared before and after. Triggers and foreign-key checks are off for these updates
+  (`session_replication_role = replica`): a hashed key and the key it references change alike, and
+  no application trigger rewrites a masked value.
 - `verify`: every value of every masked column (and every string inside a masked jsonb column) in
   the source is collected and looked for in the clone's masked columns and in every string leaf of
   its masked jsonb columns; any value found is a leak, reported with where.
@@ -393,18 +397,37 @@ def apply(
                       maintenance_work_mem=maintenance_work_mem)
 
 
+# A database setting (not part of its schema) that says masking started on it and has not finished:
+# set before the first change, reset once every table is masked and the schema compared.
+STARTED_MARK = "opsbook.masking_started"
+
+
+def _refuse_half_masked(conn: Any) -> None:
+    """A database an earlier run began to mask and did not finish is refused: its masked rows would
+    be masked again (a hash of a hash), and it may lack the indexes that run dropped."""
+    mark = conn.execute(
+        "SELECT split_part(c, '=', 2) FROM pg_db_role_setting s, unnest(s.setconfig) AS c "
+        "WHERE s.setrole = 0 AND s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND c LIKE %s", (STARTED_MARK + "=%",)).fetchone()
+    if mark:
+        raise MaskingError(f"refusing to mask: an earlier masking of this database began ({mark[0]}) and did not "
+                           "finish, so part of it is masked already and masking it again would hash hashes. "
+                           "Nothing was changed. Discard it and mask a fresh clone.")
+
+
 def _apply(conninfo: str, masking: Masking, secret: bytes, *, batch_size: int, workers: int,
            say: Callable[[str], None], order: str, rebuild_indexes: bool, maintenance_work_mem: str) -> ApplyResult:
     import psycopg
+    import psycopg.sql
 
     from opsbook.engines.snapshots.manifest import schema_objects
 
     result = ApplyResult()
     started = time.monotonic()
     with psycopg.connect(conninfo, autocommit=True, application_name="opsbook-masking") as conn:
-
         cols = check_database(conn, masking)
         refuse_unhashable(masking, cols)
+        _refuse_half_masked(conn)
         schema_before = schema_objects(conn)
         created = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgcrypto')"
                                ).fetchone()[0]
@@ -413,6 +436,9 @@ def _apply(conninfo: str, masking: Masking, secret: bytes, *, batch_size: int, w
         # Every row version older than this xid is the source's; every newer one this run wrote (the
         # clone has no other writer): the guard that no row is masked twice (`_mask_blocks`).
         since = int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+        database = _ident(conn.execute("SELECT current_database()").fetchone()[0])
+        mark = f"xid {since} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+        conn.execute(f"ALTER DATABASE {database} SET {STARTED_MARK} = {psycopg.sql.Literal(mark).as_string(conn)}")
         try:
             for table, rules in masking.masked(cols).items():
                 result.tables[table] = _apply_table(
@@ -428,6 +454,7 @@ def _apply(conninfo: str, masking: Masking, secret: bytes, *, batch_size: int, w
                              if schema_before.get(k) != schema_after.get(k))
             raise MaskingError("masking left the clone's schema different from what it was: " + ", ".join(changed)
                                + ". The clone is masked but is not a copy of its source's schema; discard it.")
+        conn.execute(f"ALTER DATABASE {database} RESET {STARTED_MARK}")   # masked, whole
     result.seconds = time.monotonic() - started
     say(f"masked {sum(result.tables.values()):,} row(s) in {len(result.tables)} table(s), {result.batches} "
         f"batch(es), {result.seconds:.1f} s ({result.rows_per_s:,.0f} rows/s)")
@@ -646,11 +673,21 @@ def _build_indexes(conninfo: str, indexes: list[_Index], workers: int, maintenan
             raise
 
 
-# Why physical order (measured: bench/clone_bench.py and README's "Staging refresh" figures). In key
-# order every batch of a table keyed by random uuids (course_events) touched ~10,000 random heap pages
-# and dirtied each; on a btrfs clone (copy-on-write, checksummed, on a loop device) writing those pages
-# back at random cost most of the time: 2,900 rows/s where ext4 did 21,000-30,000. A batch of adjacent
-# blocks reads and dirties each page once, in file order, and a table is walked once from start to end.
+# Why physical order, and what else was tried (each on a btrfs clone of 1 GB of course_events, 1.83M
+# rows, the clone host a loop-mounted btrfs image as bench/clone_bench.py makes it; this 2-core machine
+# was busy with another session's test suite, so figures within ~30 % of each other are noise):
+# - key order (the method before): every batch of a table keyed by random uuids touched ~10,000 random
+#   heap pages and dirtied each; written back at random through btrfs (copy-on-write, checksummed) on a
+#   loop device, 2,854 rows/s (ext4: 21,000-30,000);
+# - physical order, indexes kept: 13,300 rows/s; with shared_buffers 1 GB (a restart of the clone)
+#   21,900, the random pages left being the indexes'; max_wal_size 8 GB and checkpoint_timeout 1 h on
+#   top: 21,300 (no gain, 1.1 GB more of the clone's own space);
+# - physical order, indexes dropped and built again (below): 29,600-39,200 rows/s in all with batches of
+#   2,000, 10,000 or 50,000 rows and with 1 or 2 workers (no difference out of the noise: 10,000 keeps
+#   transactions short and progress frequent);
+# - btrfs `nodatacow` (chattr +C) would not help: every block of a fresh clone is shared with the
+#   standby's snapshot, and btrfs copies a shared block on its first write whatever the flag; it would
+#   also turn off data checksums. The mount is `noatime` with btrfs' defaults.
 _XID_WRAP = 1 << 32
 
 

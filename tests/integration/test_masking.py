@@ -126,6 +126,8 @@ def test_a_masked_clone_keeps_no_source_value_and_joins_still_match(source, clon
     # what is kept is kept; the extension masking needed is gone again
     assert rows(clone, "SELECT count(*) FROM course_events WHERE data->>'exercise_uuid' IS NULL")[0][0] == 1
     assert rows(clone, "SELECT count(*) FROM pg_extension WHERE extname = 'pgcrypto'")[0][0] == 0
+    # finished: the database no longer says a masking began on it
+    assert rows(clone, "SELECT count(*) FROM pg_db_role_setting")[0][0] == 0
 
 
 def test_fake_names_and_emails_are_deterministic_and_nulls_stay(source, clones, rules):
@@ -271,6 +273,11 @@ def test_an_interrupt_stops_every_worker_after_its_batch(source, clones, rules, 
     with psycopg.connect(clone, autocommit=True) as conn:   # no worker still runs a statement
         assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'opsbook-masking' "
                             "AND state = 'active'").fetchone()[0] == 0
+    # masking the half-masked clone again would hash the hashes: refused, nothing changed
+    before = rows(clone, "SELECT event_uuid, student_uuid, data FROM course_events ORDER BY 1")
+    with pytest.raises(masking.MaskingError, match="an earlier masking of this database began"):
+        masking.apply(clone, rules, SECRET)
+    assert rows(clone, "SELECT event_uuid, student_uuid, data FROM course_events ORDER BY 1") == before
 
 
 def test_an_interrupt_while_indexes_are_built_again_cancels_the_builds(source, clones, rules):
