@@ -429,16 +429,16 @@ def _apply(conninfo: str, masking: Masking, secret: bytes, *, batch_size: int, w
         refuse_unhashable(masking, cols)
         _refuse_half_masked(conn)
         schema_before = schema_objects(conn)
-        created = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgcrypto')"
-                               ).fetchone()[0]
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
-        conn.execute("SET session_replication_role = replica")
         # Every row version older than this xid is the source's; every newer one this run wrote (the
         # clone has no other writer): the guard that no row is masked twice (`_mask_blocks`).
         since = int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
         database = _ident(conn.execute("SELECT current_database()").fetchone()[0])
         mark = f"xid {since} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
         conn.execute(f"ALTER DATABASE {database} SET {STARTED_MARK} = {psycopg.sql.Literal(mark).as_string(conn)}")
+        created = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgcrypto')"
+                               ).fetchone()[0]
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+        conn.execute("SET session_replication_role = replica")
         try:
             for table, rules in masking.masked(cols).items():
                 result.tables[table] = _apply_table(
