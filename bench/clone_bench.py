@@ -4,7 +4,8 @@ and `CREATE DATABASE ... TEMPLATE`; then masking throughput and a drill's manife
 
     python bench/clone_bench.py                 # 1 GB, then 5 GB of course_events, in one run
     python bench/clone_bench.py --sizes 1       # 1 GB only
-    python bench/clone_bench.py --mask-at 1     # mask only at 1 GB (masking 5 GB takes hours here, see README)
+    python bench/clone_bench.py --mask-at 1     # mask only at 1 GB
+    python bench/clone_bench.py --sizes 1 --mask-at 1 --old-mask-seconds 0   # the old method to the end too
 
 Starts a local Postgres 15 (the source), applies the app's migrations, and for each size in turn
 loads record_response events until course_events holds about that many GB (10^9 bytes,
@@ -15,8 +16,11 @@ caught up: the steady state a standby is in between refreshes):
                  standby on a loop-mounted btrfs image; measured twice, time to a usable database
   manifest       the source's manifest, then the clone's with the same chunk boundaries (what a
                  restore drill does), compared: MB/s of the second read, differences found
-  masking        app/masking.yml applied to the clone (the refresh's mask step): rows/s, and the
-                 space the clone then holds alone (btrfs exclusive bytes)
+  masking        app/masking.yml applied to a clone (the refresh's mask step) by the method before
+                 (keyset batches of the primary key, indexes maintained: `order="key"`, stopped after
+                 --old-mask-seconds, its rows/s over that prefix) and, on a second clone of the same
+                 point, by masking.apply's own (physical order, indexes built again): rows/s of each,
+                 their ratio, and the space the masked clone then holds alone (btrfs exclusive bytes)
   dump/restore   pg_dump -Fd -j 2 into a directory on this machine's disk, pg_restore -j 2 into a
                  new database of the same cluster (indexes and constraints included)
   template       CREATE DATABASE ... TEMPLATE (PostgreSQL 15: a full block copy, WAL-logged)
@@ -127,7 +131,39 @@ def template(src) -> float:
     return took
 
 
-def measure(src, host: BtrfsClones, gb: float, work: Path, row: dict, *, mask: bool) -> None:
+class _Enough(Exception):
+    """The old method has run long enough to know its rate."""
+
+
+def mask_old(dsn: str, seconds: float) -> float:
+    """rows/s of the masking method before (keyset batches of the primary key, indexes maintained),
+    over its first `seconds` (0: to the end). The rate is steady after its first batches: every batch
+    dirties ~10,000 random heap pages (course_events' key is a random uuid)."""
+    started = time.monotonic()
+    last = [0]
+    tick = every(30, lambda line: say(f"    {line}"))
+
+    def progress(line: str) -> None:
+        tick(line)
+        if line.startswith("course_events: ") and line.endswith(" rows masked"):
+            last[0] = int(line.split(": ")[1].split("/", maxsplit=1)[0].replace(",", ""))
+            if seconds and time.monotonic() - started > seconds:
+                raise _Enough
+
+    try:
+        done = masking.apply(dsn, masking.load(APP / "masking.yml"), secrets.token_bytes(32), order="key",
+                             rebuild_indexes=False, progress=progress)
+    except _Enough:
+        took = time.monotonic() - started
+        say(f"  masking by the method before (key order, indexes maintained): {last[0]:,} rows in {took:.1f} s "
+            f"({last[0] / took:,.0f} rows/s), stopped after {seconds:g} s")
+        return last[0] / took
+    say(f"  masking by the method before (key order, indexes maintained): {sum(done.tables.values()):,} rows in "
+        f"{done.seconds:.1f} s ({done.rows_per_s:,.0f} rows/s)")
+    return done.rows_per_s
+
+
+def measure(src, host: BtrfsClones, gb: float, work: Path, row: dict, *, mask: bool, old_seconds: float) -> None:
     settle(src, host)
     row["cow_s"] = []
     clone = None
@@ -148,15 +184,22 @@ def measure(src, host: BtrfsClones, gb: float, work: Path, row: dict, *, mask: b
     row["manifest_mb_s"] = f["mb_per_s"]
     say(f"  manifest of the clone with the source's boundaries: {f['bytes'] / 1e6:,.0f} MB in {f['seconds']:.1f} s "
         f"({f['mb_per_s']:.0f} MB/s); {len(diffs)} difference(s) from the source's")
-    row["mask_rows_s"] = None
+    row["mask_rows_s"] = row["old_mask_rows_s"] = None
     if mask:
+        host.discard(clone.name)   # each method masks its own clone of the same point
+        _, old = cow(src, host, f"bench-{gb:g}gb-old")
+        row["old_mask_rows_s"] = mask_old(host.conninfo(old.private_port, DB), old_seconds)
+        host.discard(old.name)
+        _, clone = cow(src, host, f"bench-{gb:g}gb-new")
+        dsn = host.conninfo(clone.private_port, DB)
         done = masking.apply(dsn, masking.load(APP / "masking.yml"), secrets.token_bytes(32),
                              progress=every(30, lambda line: say(f"    {line}")))
         row["mask_rows_s"] = done.rows_per_s
         use = host.usage(clone.name)
-        say(f"  masking: {sum(done.tables.values()):,} rows in {done.seconds:.1f} s ({done.rows_per_s:,.0f} rows/s); "
-            f"the clone now holds {use['exclusive_bytes'] / 1e6:,.0f} MB of its own of {use['total_bytes'] / 1e6:,.0f} "
-            f"MB")
+        say(f"  masking (physical order, indexes built again): {sum(done.tables.values()):,} rows in "
+            f"{done.seconds:.1f} s ({done.rows_per_s:,.0f} rows/s); the clone now holds "
+            f"{use['exclusive_bytes'] / 1e6:,.0f} MB of its own of {use['total_bytes'] / 1e6:,.0f} MB")
+        say(f"  masking, this method / the method before, same run: {done.rows_per_s / row['old_mask_rows_s']:.1f}x")
     host.discard(clone.name)
     row["dump_s"], row["restore_s"] = dump_restore(src, work)
     row["template_s"] = template(src)
@@ -172,6 +215,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,5", help="GB of course_events to measure at, rising, comma-separated")
     ap.add_argument("--work", default=tempfile.gettempdir(), help="where the clusters, image and dumps go")
     ap.add_argument("--mask-at", default=None, help="sizes at which to mask the clone (default: every size; 'none')")
+    ap.add_argument("--old-mask-seconds", type=float, default=180,
+                    help="stop the masking method before after this long (0: to the end; about 10 min at 1 GB)")
     args = ap.parse_args()
     sizes = [float(x) for x in args.sizes.split(",")]
     mask_at = sizes if args.mask_at is None else [float(x) for x in args.mask_at.split(",") if x not in ("", "none")]
@@ -202,7 +247,7 @@ def main() -> None:
                 t0 = time.monotonic()
                 host.ensure_standby(src.source())
                 say(f"  standby set up (pg_basebackup, once per source): {time.monotonic() - t0:.1f} s")
-            measure(src, host, gb, work, row, mask=gb in mask_at)
+            measure(src, host, gb, work, row, mask=gb in mask_at, old_seconds=args.old_mask_seconds)
             rows.append(row)
     finally:
         host.remove_all(src.source())
@@ -211,15 +256,22 @@ def main() -> None:
     report(rows)
 
 
+def mask_figures(r: dict) -> str:
+    if r["mask_rows_s"] is None:
+        return "not run"
+    return (f"{r['old_mask_rows_s']:,.0f} / {r['mask_rows_s']:,.0f} rows/s "
+            f"({r['mask_rows_s'] / r['old_mask_rows_s']:.1f}x)")
+
+
 def report(rows: list[dict]) -> None:
     say("\n| course_events | database | cow clone (usable) | pg_dump -j2 | pg_restore -j2 | dump+restore | TEMPLATE | "
-        "masking | manifest compare |")
+        "masking (before / now) | manifest compare |")
     say("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         say(f"| {r['gb']:g} GB ({r['rows']:,} rows) | {r['db_mb']:,.0f} MB | "
             f"{' / '.join(f'{s:.2f}' for s in r['cow_s'])} s | {r['dump_s']:.1f} s | {r['restore_s']:.1f} s | "
             f"{r['dump_s'] + r['restore_s']:.1f} s | {r['template_s']:.1f} s | "
-            f"{'not run' if r['mask_rows_s'] is None else format(r['mask_rows_s'], ',.0f') + ' rows/s'} | "
+            f"{mask_figures(r)} | "
             f"{r['manifest_mb_s']:.0f} MB/s |")
     if len(rows) >= 2:
         small, big = rows[0], rows[-1]

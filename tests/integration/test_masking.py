@@ -97,8 +97,11 @@ def test_a_masked_clone_keeps_no_source_value_and_joins_still_match(source, clon
     said = []
     result = masking.apply(clone, rules, SECRET, batch_size=700, workers=1, progress=said.append)
     assert result.tables == {"course_events": 2001, "learners": 300}
-    assert result.batches == 3 + 1  # 2001 events in batches of 700, 300 learners in one
-    assert "course_events: 1,400/2,001 rows masked" in said
+    assert result.batches == 3 + 1  # 2001 events in batches of about 700 (in blocks), 300 learners in one
+    counts = [m for m in said if m.startswith("course_events: ") and m.endswith(" rows masked")]
+    assert len(counts) == 3, counts
+    assert counts[-1] == "course_events: 2,001/2,001 rows masked"
+    assert "course_events: 3 index(es) built again" in " ".join(said)
 
     assert masking.verify(source, clone, rules) == []
 
@@ -123,6 +126,8 @@ def test_a_masked_clone_keeps_no_source_value_and_joins_still_match(source, clon
     # what is kept is kept; the extension masking needed is gone again
     assert rows(clone, "SELECT count(*) FROM course_events WHERE data->>'exercise_uuid' IS NULL")[0][0] == 1
     assert rows(clone, "SELECT count(*) FROM pg_extension WHERE extname = 'pgcrypto'")[0][0] == 0
+    # finished: the database no longer says a masking began on it
+    assert rows(clone, "SELECT count(*) FROM pg_db_role_setting")[0][0] == 0
 
 
 def test_fake_names_and_emails_are_deterministic_and_nulls_stay(source, clones, rules):
@@ -239,16 +244,17 @@ def test_a_short_secret_is_refused(source, clones, rules):
         masking.apply(clones(), rules, b"short")
 
 
-def test_ctrl_c_stops_every_worker_after_its_batch(source, clones, rules):
-    """An operator's Ctrl-C while a table is masked in several ranges at once: apply ends at once with
-    the interrupt, each worker after the batch it was in, not after its whole range."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_stops_every_worker_after_its_batch(source, clones, rules, signum):
+    """An operator's Ctrl-C (or a SIGTERM) while a table is masked by several workers at once: apply
+    ends at once with the interrupt, each worker after the batch it was in, not after the table."""
     clone = clones()
     said: list[str] = []
 
     def progress(message: str) -> None:
         said.append(message)
-        if len(said) == 1:   # after the first batch committed: the operator presses Ctrl-C
-            os.kill(os.getpid(), signal.SIGINT)
+        if message.endswith("rows masked") and sum(m.endswith("rows masked") for m in said) == 1:
+            os.kill(os.getpid(), signum)   # after the first batch committed: the operator presses Ctrl-C
 
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
@@ -259,5 +265,133 @@ def test_ctrl_c_stops_every_worker_after_its_batch(source, clones, rules):
     time.sleep(0.5)
     assert len(said) == after   # nothing masks on behind the operator's back
     total = rows(clone, "SELECT count(*) FROM course_events")[0][0]
-    assert not any(m.startswith("course_events: ") and m.endswith(f"{total:,}/{total:,} rows masked") for m in said)
-    assert sum(1 for m in said if m.startswith("course_events: ")) < total // 5 // 4, said[-3:]
+    counts = [m for m in said if m.startswith("course_events: ") and m.endswith("rows masked")]
+    assert counts
+    assert not any(m.endswith(f"{total:,}/{total:,} rows masked") for m in counts)
+    assert len(counts) < total // 5 // 4, said[-3:]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # apply's handler is gone again
+    with psycopg.connect(clone, autocommit=True) as conn:   # no worker still runs a statement
+        assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'opsbook-masking' "
+                            "AND state = 'active'").fetchone()[0] == 0
+    # masking the half-masked clone again would hash the hashes: refused, nothing changed
+    before = rows(clone, "SELECT event_uuid, student_uuid, data FROM course_events ORDER BY 1")
+    with pytest.raises(masking.MaskingError, match="an earlier masking of this database began"):
+        masking.apply(clone, rules, SECRET)
+    assert rows(clone, "SELECT event_uuid, student_uuid, data FROM course_events ORDER BY 1") == before
+
+
+def test_an_interrupt_while_indexes_are_built_again_cancels_the_builds(source, clones, rules):
+    """The indexes dropped while a table is masked are built again after it, each one statement: an
+    interrupt cancels the builds in flight instead of waiting for them."""
+    clone = clones()
+    with psycopg.connect(clone, autocommit=True) as conn:   # an index that takes 0.05 s a row to build (15 s)
+        conn.execute("CREATE FUNCTION slow_id(x uuid) RETURNS uuid IMMUTABLE LANGUAGE plpgsql AS "
+                     "'BEGIN PERFORM pg_sleep(0.05); RETURN x; END'")
+        conn.execute("CREATE INDEX learners_slow_idx ON learners (slow_id(student_uuid))")
+    said: list[str] = []
+
+    def progress(message: str) -> None:
+        said.append(message)
+        if message == "learners: 300/300 rows masked":
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        masking.apply(clone, rules, SECRET, progress=progress)
+    assert time.monotonic() - started < 10, said
+    assert "learners: 3 index(es) dropped while it is masked, built again after it: learners_email_key, " \
+           "learners_pkey, learners_slow_idx" in said
+    with psycopg.connect(clone, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'opsbook-masking' "
+                            "AND state = 'active'").fetchone()[0] == 0
+
+
+def _free_space_ahead(clone: str) -> None:
+    """Delete every other event in the second half of the heap and vacuum: the free space map then
+    offers those blocks, so an update in the first half writes its new row version ahead, into a block
+    a later batch reads."""
+    with psycopg.connect(clone, autocommit=True) as conn:
+        blocks = conn.execute("SELECT pg_relation_size('course_events') / 8192").fetchone()[0]
+        conn.execute("DELETE FROM course_events WHERE ctid >= %s::tid AND sequence_number %% 2 = 0",
+                     (f"({blocks // 2},0)",))
+        conn.execute("VACUUM course_events")
+
+
+def _hashed_once(source: str, clone: str) -> None:
+    src = dict(rows(source, "SELECT event_uuid::text, student_uuid::text FROM course_events "
+                            "WHERE kind = 'record_response'"))
+    got = rows(clone, "SELECT event_uuid::text, student_uuid::text, data->>'student_uuid' FROM course_events "
+                      "WHERE kind = 'record_response'")
+    assert len(got) > 1000
+    wrong = [(e, s) for e, s, d in got if not s == d == expected_hash(src[e])]
+    assert not wrong, f"{len(wrong)} of {len(got)} rows not hashed exactly once, e.g. {wrong[:2]}"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_no_row_is_masked_twice_when_its_new_version_lands_ahead(source, clones, rules, workers):
+    clone = clones()
+    _free_space_ahead(clone)
+    size_before = rows(clone, "SELECT pg_relation_size('course_events')")[0][0]
+    result = masking.apply(clone, rules, SECRET, batch_size=50, workers=workers)
+    # new versions went into the freed blocks ahead (the table grew by less than it would have)
+    assert rows(clone, "SELECT pg_relation_size('course_events')")[0][0] < 2 * size_before
+    assert result.tables["course_events"] == rows(clone, "SELECT count(*) FROM course_events")[0][0]
+    _hashed_once(source, clone)
+    assert masking.verify(source, clone, rules) == []
+
+
+def test_without_the_guard_rows_would_be_masked_twice(source, clones, rules, monkeypatch):
+    """The same clone without the guard against this run's own row versions: rows are masked twice,
+    and apply refuses the clone (more rows masked than the table held)."""
+    clone = clones()
+    _free_space_ahead(clone)
+    monkeypatch.setattr(masking, "_not_ours", lambda: "true")
+    with pytest.raises(masking.MaskingError, match=r"course_events: [\d,]+ row\(s\) masked, but it held"):
+        masking.apply(clone, rules, SECRET, batch_size=50, workers=1)
+
+
+def test_a_batch_run_again_masks_nothing_the_second_time(source, clones, rules, monkeypatch):
+    """A batch whose commit was lost and is retried (run twice): the second run finds only versions
+    this run wrote and masks none of them."""
+    clone = clones()
+    again: list[int] = []
+    once = masking._mask_blocks
+
+    def twice(conn, job, a, b):
+        n = once(conn, job, a, b)
+        again.append(once(conn, job, a, b))
+        return n
+
+    monkeypatch.setattr(masking, "_mask_blocks", twice)
+    result = masking.apply(clone, rules, SECRET, batch_size=100, workers=2)
+    assert result.tables == {"course_events": 2001, "learners": 300}
+    assert again
+    assert set(again) == {0}
+    _hashed_once(source, clone)
+    assert masking.verify(source, clone, rules) == []
+
+
+def test_the_clone_keeps_its_source_schema_and_what_cannot_be_rebuilt_is_kept(source, clones, rules):
+    """Indexes dropped while a table is masked are built again exactly; those whose definition does
+    not say everything (referenced by a foreign key, commented) stay and are maintained."""
+    from opsbook.engines.snapshots.manifest import schema_objects
+
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE badges_awarded (learner bigint REFERENCES learners (id))")
+        conn.execute("CREATE INDEX learners_phone_idx ON learners (phone) WHERE phone IS NOT NULL")
+        conn.execute("COMMENT ON INDEX learners_phone_idx IS 'support looks people up by phone'")
+        conn.execute("CREATE UNIQUE INDEX course_events_trial_idx ON course_events ((data->>'trial_uuid')) "
+                     "INCLUDE (created_at) WITH (fillfactor = 80)")
+        expected = schema_objects(conn)
+    path = rules.path
+    path.write_text(path.read_text() + '  badges_awarded:\n    learner: {keep: "a surrogate key"}\n')
+    clone = clones()
+    said: list[str] = []
+    masking.apply(clone, masking.load(path), SECRET, progress=said.append)
+    assert "course_events: 4 index(es) dropped while it is masked, built again after it: " \
+           "course_events_course_sequence_key, course_events_pkey, course_events_student_uuid_idx, " \
+           "course_events_trial_idx" in said
+    assert "learners: 1 index(es) dropped while it is masked, built again after it: learners_email_key" in said
+    with psycopg.connect(clone, autocommit=True) as conn:
+        assert schema_objects(conn) == expected
+    assert masking.verify(source, clone, masking.load(path)) == []
