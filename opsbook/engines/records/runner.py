@@ -232,15 +232,14 @@ class WarmKernel:
     jupyter_client's AsyncKernelManager, the class papermill's engine (nbclient) uses, started and
     stopped through jupyter_core's run_sync: the same per-thread event loop nbclient runs on, so
     nbclient can adopt the kernel (its `km`); nbclient then leaves it running, and it is ours to stop.
-    The preload is one silent request (no history, no output in the record): the record's own cells
-    still import what they use, and find it loaded."""
+    The preload is run by the kernel as it starts (ipykernel's `exec_lines`: no history, no output in
+    the record): the record's own cells still import what they use, and find it loaded."""
 
     def __init__(self, preload: str = ""):
         self.preload = preload
         self.km: Any = None
         self.used = False
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self._kc: Any = None
 
     def __enter__(self) -> WarmKernel:
         from jupyter_core.utils import run_sync
@@ -248,13 +247,14 @@ class WarmKernel:
         self._tmp = tempfile.TemporaryDirectory(prefix="opsbook-kernel-")
         try:
             self.km = _ipc_kernel_manager(Path(self._tmp.name))(kernel_name=KERNEL)
-            run_sync(self.km.start_kernel)(cwd=str(ROOT))   # returns once the process is launched
-            if self.preload:
-                self._kc = self.km.client()
-                self._kc.start_channels()
-                self._kc.execute(self.preload, silent=True, store_history=False)   # queued until it listens
-        except Exception:   # noqa: BLE001 - a warm kernel is an optimisation: the run starts its own
+            # ipykernel runs `exec_lines` while it starts, before it answers anyone: no client of ours
+            # talks to the kernel nbclient adopts. Returns once the process is launched.
+            lines = [f"--IPKernelApp.exec_lines={line}" for line in self.preload.splitlines() if line.strip()]
+            run_sync(self.km.start_kernel)(cwd=str(ROOT), extra_arguments=lines)
+        except BaseException as e:   # a warm kernel is an optimisation: the run starts its own
             self._stop()
+            if not isinstance(e, Exception):   # an interrupt while it started: stopped, and passed on
+                raise
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -278,9 +278,8 @@ class WarmKernel:
     def _stop(self) -> None:
         from jupyter_core.utils import run_sync
 
-        self._kc = None
         if self.km is not None:
-            for client in self.km.__dict__.get("clients", []):   # ours (the preload's) and nbclient's
+            for client in self.km.__dict__.get("clients", []):   # nbclient's
                 with contextlib.suppress(Exception):
                     client.stop_channels()
             with contextlib.suppress(Exception):
