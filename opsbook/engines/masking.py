@@ -367,12 +367,16 @@ def apply(
     conninfo: str, masking: Masking, secret: bytes, *, batch_size: int = DEFAULT_BATCH,
     workers: int = DEFAULT_WORKERS, progress: Callable[[str], None] | None = None, order: str = "physical",
     rebuild_indexes: bool = True, maintenance_work_mem: str = DEFAULT_MAINTENANCE_WORK_MEM,
+    progress_every: float = 0.0,
 ) -> ApplyResult:
     """Anonymize the database at `conninfo` in place (a clone: never the source, and nobody else
     writing to it). Refuses before any change when the database has a column the file does not
     decide. Each batch commits on its own; a run that stops half-way leaves earlier batches masked
     and the rest not: rerun on a fresh clone (masking a masked value again would hash the hash).
     `workers` connections mask a table at once.
+
+    `progress` gets every line; a table's `n/total rows masked` count (one per batch: thousands) at
+    most once every `progress_every` seconds, and its last one always.
 
     `order` is how a table is walked: "physical" (the default: block ranges of the heap in file
     order, each row version older than this run masked once, see `_mask_blocks`) or "key" (keyset
@@ -394,7 +398,7 @@ def apply(
     with interruptible():
         return _apply(conninfo, masking, secret, batch_size=batch_size, workers=workers,
                       say=progress or (lambda _m: None), order=order, rebuild_indexes=rebuild_indexes,
-                      maintenance_work_mem=maintenance_work_mem)
+                      maintenance_work_mem=maintenance_work_mem, progress_every=progress_every)
 
 
 # A database setting (not part of its schema) that says masking started on it and has not finished:
@@ -416,7 +420,8 @@ def _refuse_half_masked(conn: Any) -> None:
 
 
 def _apply(conninfo: str, masking: Masking, secret: bytes, *, batch_size: int, workers: int,
-           say: Callable[[str], None], order: str, rebuild_indexes: bool, maintenance_work_mem: str) -> ApplyResult:
+           say: Callable[[str], None], order: str, rebuild_indexes: bool, maintenance_work_mem: str,
+           progress_every: float) -> ApplyResult:
     import psycopg
     import psycopg.sql
 
@@ -443,7 +448,8 @@ def _apply(conninfo: str, masking: Masking, secret: bytes, *, batch_size: int, w
             for table, rules in masking.masked(cols).items():
                 result.tables[table] = _apply_table(
                     conninfo, conn, table, rules, cols[table], secret, batch_size, workers, say, result, order=order,
-                    since=since, rebuild_indexes=rebuild_indexes, maintenance_work_mem=maintenance_work_mem)
+                    since=since, rebuild_indexes=rebuild_indexes, maintenance_work_mem=maintenance_work_mem,
+                    progress_every=progress_every)
         finally:
             conn.execute("RESET session_replication_role")
             if created:  # leave the schema as it was: a clone's schema hash must match its source's
@@ -501,6 +507,8 @@ class _TableJob:
     blocks: int = 0                      # the heap's blocks when the table's masking started
     step: int = 1                        # blocks per batch
     next_block: int = 0                  # the next batch's first block (taken under `lock`)
+    progress_every: float = 0.0          # seconds between two count lines (a table's last always said)
+    said_at: float = float("-inf")       # when the last count line was said
     lock: Any = field(default_factory=threading.Lock)
     done: int = 0
     stop: threading.Event = field(default_factory=threading.Event)   # set: each worker ends after its batch
@@ -515,16 +523,21 @@ class _TableJob:
             return a, self.next_block
 
     def masked(self, n: int) -> None:
+        """A batch of `n` rows is masked: counted, and said unless one was said less than
+        `progress_every` seconds ago (the table's last count is always said)."""
         with self.lock:
             self.done += n
             self.result.batches += 1
-            self.say(f"{self.table}: {self.done:,}/{self.total:,} rows masked")
+            now = time.monotonic()
+            if self.done >= self.total or now - self.said_at >= self.progress_every:
+                self.said_at = now
+                self.say(f"{self.table}: {self.done:,}/{self.total:,} rows masked")
 
 
 def _apply_table(  # noqa: PLR0917 - one table's share of apply
     conninfo: str, conn: Any, table: str, rules: dict[str, Rule], types: dict[str, str], secret: bytes,
     batch_size: int, workers: int, say: Callable[[str], None], result: ApplyResult, *, order: str, since: int,
-    rebuild_indexes: bool, maintenance_work_mem: str,
+    rebuild_indexes: bool, maintenance_work_mem: str, progress_every: float = 0.0,
 ) -> int:
     """Mask one table with `workers` connections (threads: psycopg releases the GIL while Postgres
     works): in physical order, each worker takes the next block range in turn; in key order, the
@@ -540,7 +553,8 @@ def _apply_table(  # noqa: PLR0917 - one table's share of apply
                            "earlier tables are masked, this one is not. Give it a primary key.")
     total = conn.execute(f"SELECT count(*) FROM {_ident(table)}").fetchone()[0]
     sets, fakes = _assignments(table, rules, types)
-    job = _TableJob(table, pk, sets, fakes, rules, secret, batch_size, total, say, result, since=since)
+    job = _TableJob(table, pk, sets, fakes, rules, secret, batch_size, total, say, result, since=since,
+                    progress_every=progress_every)
     dropped: list[_Index] = []
     if physical:
         # Blocks now: every row version older than `since` is in them (later blocks can only hold versions

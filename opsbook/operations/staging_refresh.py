@@ -43,7 +43,6 @@ clone itself is built and tested against moto; masking it needs a path into the 
 from __future__ import annotations
 
 import contextlib
-import re
 import secrets
 import shlex
 import time
@@ -304,7 +303,8 @@ class _Btrfs:
             row["result"] = f"dropped {', '.join(data['dropped_databases']) or 'none'}"
         with self.step("mask", f"{rules.path.name}: {len(data['masked_columns'])} column(s), a secret for this "
                                f"refresh") as row:
-            result = masking.apply(self.private, rules, secrets.token_bytes(32), progress=every(10, self.out))
+            result = masking.apply(self.private, rules, secrets.token_bytes(32), progress=self.out,
+                                   progress_every=10)
             data["masking"] = {"tables": result.tables, "rows": sum(result.tables.values()), "batches": result.batches,
                                "seconds": round(result.seconds, 2), "rows_per_s": round(result.rows_per_s)}
             row["result"] = f"{data['masking']['rows']:,} rows, {data['masking']['rows_per_s']:,} rows/s"
@@ -352,22 +352,6 @@ class _Btrfs:
         with self.step("prune", f"keep {self.path.keep} clone(s), never the serving one") as row:
             self.data["pruned"] = self.engine.prune(self.path.keep)
             row["result"] = f"deleted {', '.join(self.data['pruned']) or 'none'}"
-
-
-def every(seconds: float, out: Callable[[str], None]) -> Callable[[str], None]:
-    """`out`, but at most one progress line every `seconds` (masking reports every batch: thousands of
-    lines of `table: n/total rows masked`); a table's last one, and every other line (indexes dropped
-    and built again, the summary), always passes."""
-    last = [0.0]
-
-    def say(line: str) -> None:
-        m = re.search(r": ([\d,]+)/([\d,]+) rows masked$", line)
-        if m is None or m.group(1) == m.group(2) or time.monotonic() - last[0] >= seconds:
-            out(line)
-            if m is not None:
-                last[0] = time.monotonic()
-
-    return say
 
 
 def _refuse_leaks(leaks: list[str]) -> None:

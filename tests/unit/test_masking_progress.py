@@ -3,22 +3,22 @@ a table's last one, and every other line (indexes dropped and built again, the s
 
 from __future__ import annotations
 
-from opsbook.operations.staging_refresh import every
+from opsbook.engines import masking
 
 
 def test_progress_lines_are_thinned_but_nothing_else_is(monkeypatch):
-    import opsbook.operations.staging_refresh as sr
-
     now = [100.0]
-    monkeypatch.setattr(sr.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(masking.time, "monotonic", lambda: now[0])
     kept: list[str] = []
-    say = every(10, kept.append)
-    say("course_events: 3 index(es) dropped while it is masked, built again after it: a, b, c")
-    for n in range(1, 6):
-        say(f"course_events: {n * 100:,}/500 rows masked")
+    # One table's shared state, as apply makes it, saying its counts at most every 10 s.
+    job = masking._TableJob("course_events", [], [], [], {}, b"", 100, 500, kept.append, masking.ApplyResult(),
+                            progress_every=10)
+    kept.append("course_events: 3 index(es) dropped while it is masked, built again after it: a, b, c")
+    for _ in range(1, 6):
+        job.masked(100)
         now[0] += 4
-    say("course_events: 3 index(es) built again in 1.2 s")
-    say("masked 500 row(s) in 1 table(s), 5 batch(es), 20.0 s (25 rows/s)")
+    kept.append("course_events: 3 index(es) built again in 1.2 s")
+    kept.append("masked 500 row(s) in 1 table(s), 5 batch(es), 20.0 s (25 rows/s)")
     assert kept == [
         "course_events: 3 index(es) dropped while it is masked, built again after it: a, b, c",
         "course_events: 100/500 rows masked",
@@ -27,3 +27,4 @@ def test_progress_lines_are_thinned_but_nothing_else_is(monkeypatch):
         "course_events: 3 index(es) built again in 1.2 s",
         "masked 500 row(s) in 1 table(s), 5 batch(es), 20.0 s (25 rows/s)",
     ]
+    assert job.result.batches == 5
