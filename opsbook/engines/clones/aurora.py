@@ -35,18 +35,15 @@ by :meth:`AuroraClones.prune`, never the one published.
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.engines import aws
-from opsbook.engines.snapshots.aws import AwsSnapshots
+from opsbook.engines.snapshots.aws import AwsSnapshots, rds_name
 from opsbook.engines.snapshots.base import PathNotBuilt
 
 ROLE_PREFIX = "db-clone-"
@@ -99,9 +96,7 @@ class AuroraClone:
 def clone_id(target: str, now: datetime | None = None) -> str:
     """`opsbook-staging-clone-20260130-101500123-3fa9`: RDS rules (a letter first; letters, digits, single
     hyphens; at most 63), sortable by time."""
-    now = now or datetime.now(UTC)
-    text = f"opsbook-{target}-clone-{facts.time_key(now)}-{secrets.token_hex(2)}"
-    return re.sub(r"-+", "-", re.sub(r"[^A-Za-z0-9-]", "-", text))[:63].rstrip("-")
+    return rds_name(f"opsbook-{target}-clone", now, limit=63)
 
 
 def restore_request(source_arn: str, cid: str, *, subnet_group: str, security_group: str,

@@ -59,12 +59,18 @@ def tag_value(text: str) -> str:
     return _TAG_VALUE_BAD.sub("-", text)[:256]
 
 
-def snapshot_id(env_name: str, now: datetime | None = None) -> str:
-    """`opsbook-staging-20260130-101500123-3fa9`: RDS rules (a letter first; letters, digits and single
-    hyphens; at most 255), sortable by time, unique enough for an operator to quote."""
+def rds_name(prefix: str, now: datetime | None = None, limit: int = 255) -> str:
+    """`<prefix>-20260130-101500123-3fa9`: an identifier by RDS rules (a letter first; letters, digits
+    and single hyphens; at most `limit`), sortable by when it was made (facts.time_key), unique enough
+    for an operator to quote. Snapshots and clones are named by it."""
     now = now or datetime.now(UTC)
-    text = f"opsbook-{env_name}-{facts.time_key(now)}-{secrets.token_hex(2)}"
-    return re.sub(r"-+", "-", re.sub(r"[^A-Za-z0-9-]", "-", text))
+    text = f"{prefix}-{facts.time_key(now)}-{secrets.token_hex(2)}"
+    return re.sub(r"-+", "-", re.sub(r"[^A-Za-z0-9-]", "-", text))[:limit].rstrip("-")
+
+
+def snapshot_id(env_name: str, now: datetime | None = None) -> str:
+    """`opsbook-staging-20260130-101500123-3fa9` (rds_name; at most 255)."""
+    return rds_name(f"opsbook-{env_name}", now)
 
 
 def _iso(value: Any) -> str | None:
