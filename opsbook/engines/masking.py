@@ -270,10 +270,16 @@ def check_database(conn: Any, masking: Masking) -> dict[str, dict[str, str]]:
 TEXT_TYPE_RE = re.compile(r"^(text|citext|character varying|character)(\((\d+)\))?$")
 
 
+def _hmac_hex_sql(value: str) -> str:
+    """SQL for the hex HMAC-SHA256 of `value` (text) with the refresh's secret (%(secret)s): what
+    `hash` stores and what seeds a fake value, so a value maps alike everywhere."""
+    return f"encode(hmac(convert_to({value}, 'UTF8'), %(secret)s::bytea, 'sha256'), 'hex')"
+
+
 def _hash_sql(value: str, out_type: str) -> str:
     """SQL for the HMAC of `value` (text) with the secret (%(secret)s) as `out_type`: a uuid for a
     uuid, hex (cut to the column's length, if it has one) for text."""
-    hexed = f"encode(hmac(convert_to({value}, 'UTF8'), %(secret)s::bytea, 'sha256'), 'hex')"
+    hexed = _hmac_hex_sql(value)
     if out_type == "uuid":
         return f"left({hexed}, 32)::uuid"
     m = TEXT_TYPE_RE.match(out_type)
@@ -296,7 +302,7 @@ def refuse_unhashable(masking: Masking, cols: dict[str, dict[str, str]]) -> None
 
 def _key_hash_sql(value: str) -> str:
     """A jsonb string value hashed: a uuid stays uuid-shaped, anything else becomes hex."""
-    hexed = f"encode(hmac(convert_to({value}, 'UTF8'), %(secret)s::bytea, 'sha256'), 'hex')"
+    hexed = _hmac_hex_sql(value)
     return f"(CASE WHEN {value} ~ '{UUID_RE}' THEN left({hexed}, 32)::uuid::text ELSE {hexed} END)"
 
 
@@ -732,8 +738,7 @@ def _mask_blocks(conn: Any, job: _TableJob, a: int, b: int) -> int:
     with conn.transaction():
         if not job.fakes:
             return conn.execute(f"UPDATE {table} AS t SET {', '.join(job.sets)} WHERE {where}", params).rowcount
-        digests = ", ".join(f"encode(hmac(convert_to(t.{_ident(f)}::text, 'UTF8'), %(secret)s::bytea, 'sha256'), "
-                            "'hex')" for f in job.fakes)
+        digests = ", ".join(_hmac_hex_sql(f"t.{_ident(f)}::text") for f in job.fakes)
         found = conn.execute(f"SELECT t.ctid::text, {digests} FROM {table} AS t WHERE {where}", params).fetchall()
         if not found:
             return 0
@@ -759,8 +764,7 @@ def _mask_range(conn: Any, job: _TableJob, lo: Any, hi: Any) -> None:
     def value(prefix: str) -> str:
         return "ROW(" + ", ".join(f"%({prefix}{i})s::{t}" for i, (_, t) in enumerate(pk)) + ")"
 
-    digests = "".join(f", encode(hmac(convert_to(t.{_ident(f)}::text, 'UTF8'), %(secret)s::bytea, 'sha256'), "
-                      "'hex')" for f in job.fakes)
+    digests = "".join(", " + _hmac_hex_sql(f"t.{_ident(f)}::text") for f in job.fakes)
     last = None
     while not job.stop.is_set():
         params: dict[str, Any] = {"secret": job.secret, "n": job.batch_size}
