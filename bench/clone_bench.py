@@ -53,7 +53,6 @@ from opsbook.engines import masking  # noqa: E402
 from opsbook.engines.clones.btrfs import BtrfsClones, Settings  # noqa: E402
 from opsbook.engines.clones.runner import LocalRunner  # noqa: E402
 from opsbook.engines.snapshots import manifest  # noqa: E402
-from opsbook.operations.staging_refresh import every  # noqa: E402
 from tests.fixtures.biglearn import apply_app_schema, load_course_events  # noqa: E402
 from tests.fixtures.clones import start_source  # noqa: E402
 from tests.fixtures.postgres import PG_BIN, _as_postgres, _free_port  # noqa: E402
@@ -141,10 +140,9 @@ def mask_old(dsn: str, seconds: float) -> float:
     dirties ~10,000 random heap pages (course_events' key is a random uuid)."""
     started = time.monotonic()
     last = [0]
-    tick = every(30, lambda line: say(f"    {line}"))
 
-    def progress(line: str) -> None:
-        tick(line)
+    def progress(line: str) -> None:   # a count at most every 10 s (masking's progress_every)
+        say(f"    {line}")
         if line.startswith("course_events: ") and line.endswith(" rows masked"):
             last[0] = int(line.split(": ")[1].split("/", maxsplit=1)[0].replace(",", ""))
             if seconds and time.monotonic() - started > seconds:
@@ -152,7 +150,7 @@ def mask_old(dsn: str, seconds: float) -> float:
 
     try:
         done = masking.apply(dsn, masking.load(APP / "masking.yml"), secrets.token_bytes(32), order="key",
-                             rebuild_indexes=False, progress=progress)
+                             rebuild_indexes=False, progress=progress, progress_every=10)
     except _Enough:
         took = time.monotonic() - started
         say(f"  masking by the method before (key order, indexes maintained): {last[0]:,} rows in {took:.1f} s "
@@ -193,7 +191,7 @@ def measure(src, host: BtrfsClones, gb: float, work: Path, row: dict, *, mask: b
         _, clone = cow(src, host, f"bench-{gb:g}gb-new")
         dsn = host.conninfo(clone.private_port, DB)
         done = masking.apply(dsn, masking.load(APP / "masking.yml"), secrets.token_bytes(32),
-                             progress=every(30, lambda line: say(f"    {line}")))
+                             progress=lambda line: say(f"    {line}"), progress_every=30)
         row["mask_rows_s"] = done.rows_per_s
         use = host.usage(clone.name)
         say(f"  masking (physical order, indexes built again): {sum(done.tables.values()):,} rows in "
