@@ -18,14 +18,27 @@ from opsbook.core.errors import OpsbookError
 
 
 def operator_errors(fn: Callable) -> Callable:
-    """Turn OpsbookError into a clean non-zero exit with the operator message (no traceback)."""
+    """Turn OpsbookError into a clean non-zero exit with the operator message (no traceback), and an
+    interrupt (SIGINT, SIGTERM or SIGHUP) that no operation took in hand (one that came before the
+    operation began: while it loaded, planned or checked its guardrails) into a sentence, instead of
+    Invoke's silent exit 1 (SIGINT) or a silent death (SIGTERM, SIGHUP).
+    Operations that change things take their own interrupts and end in order (a release puts hosts
+    back and writes its record), so what reaches here stopped before or outside such a step."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        from opsbook.engines.interrupts import describe, interruptible
+
         try:
-            return fn(*args, **kwargs)
+            with interruptible():   # SIGTERM and SIGHUP end a task as Ctrl-C does, never silently
+                return fn(*args, **kwargs)
         except OpsbookError as e:
             raise Exit(f"error: {e}", code=1) from None
+        except KeyboardInterrupt as e:
+            raise Exit(f"error: {fn.__name__.replace('_', '.')} {describe(e)} outside any step that ends in order: "
+                       f"it stopped where it was (a release or rollback that had not taken the lock yet changed "
+                       f"nothing). `invoke status --env ENV` shows the environment as it is; run the task again "
+                       f"to finish it.", code=130) from None
 
     return wrapper
 
