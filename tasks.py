@@ -27,13 +27,15 @@ def operator_errors(fn: Callable) -> Callable:
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from opsbook.engines.interrupts import describe, interruptible
+        from opsbook.engines.interrupts import Stopped, describe, interruptible
 
         try:
             with interruptible():   # SIGTERM and SIGHUP end a task as Ctrl-C does, never silently
                 return fn(*args, **kwargs)
         except OpsbookError as e:
             raise Exit(f"error: {e}", code=1) from None
+        except Stopped as e:   # it ended in order and says how
+            raise Exit(f"error: {e}", code=130) from None
         except KeyboardInterrupt as e:
             raise Exit(f"error: {fn.__name__.replace('_', '.')} {describe(e)} outside any step that ends in order: "
                        f"it stopped where it was (a release or rollback that had not taken the lock yet changed "

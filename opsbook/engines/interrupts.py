@@ -25,6 +25,11 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted by {self.signal}")
 
 
+class Stopped(KeyboardInterrupt):
+    """An operation was interrupted and has ended in order (what it changed is put back or recorded);
+    its text is the whole message for the operator."""
+
+
 def describe(e: BaseException) -> str:
     return str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT (Ctrl-C)"
 

@@ -395,3 +395,58 @@ def test_a_kernel_started_ahead_that_died_or_was_not_used_changes_nothing(tmp_pa
     with runbooks.WarmKernel("import pandas") as unused:
         pid = unused.km.provisioner.pid
     assert _gone(pid), "an unused kernel started ahead outlived its block"
+
+
+# An interrupt while a runbook's cell runs: the kernel gets it (as Jupyter's "interrupt" does), so the
+# cell's own clean-up runs (a scaling check puts back the hosts it took out of the load balancer), no
+# further cell starts, the record says `interrupted`, and the process ends with the runner's message.
+_RUN_IN_A_CHILD = """
+import sys
+from pathlib import Path
+from opsbook.core.inventory import load
+from opsbook.engines.interrupts import Stopped, interruptible
+from opsbook.engines.records import runner
+from opsbook.engines.records.store import LocalStore
+book, records, marker = map(Path, sys.argv[1:4])
+try:
+    with interruptible():
+        runner.run("holds", load("lab"), {"marker": str(marker)}, store=LocalStore(records), secrets={},
+                   runbooks_dir=book, progress=False, log=lambda m: print(m, flush=True))
+except Stopped as e:
+    print("STOPPED:", e, flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_an_interrupt_reaches_the_running_cell_whose_clean_up_runs(tmp_path, signum):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    book = tmp_path / "runbooks"
+    write_runbook(
+        book, "holds", INJECTED + 'marker: str = ""  # where the cell notes what it took and put back',
+        "import pathlib, time\nm = pathlib.Path(marker)\nm.write_text('taken\\n')\n"
+        "try:\n    time.sleep(120)\nfinally:\n    m.write_text(m.read_text() + 'put back\\n')",
+        "pathlib.Path(marker).write_text(pathlib.Path(marker).read_text() + 'next cell ran\\n')",
+    )
+    records, marker = tmp_path / "records", tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", _RUN_IN_A_CHILD, str(book), str(records), str(marker)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and marker.read_text() == "taken\n") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.read_text() == "taken\n", "the cell never started"
+        child.send_signal(getattr(signal, signum))
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, out
+    assert marker.read_text() == "taken\nput back\n"          # its clean-up ran; the next cell did not
+    assert f"interrupted by {signum}" in out, out
+    [entry] = LocalStore(records).ledger()
+    assert entry["outcome"] == "interrupted"
+    assert "clean-up ran" in entry["error"]

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -293,6 +296,58 @@ class WarmKernel:
             self._tmp = None
 
 
+class _StopBeforeCell(Exception):
+    """Raised by the cell-start hook once an interrupt has been passed to the kernel: no further cell runs."""
+
+
+class _ForwardedInterrupts:
+    """While a runbook runs in a kernel of its own, the first SIGINT, SIGTERM or SIGHUP is passed to the
+    kernel as SIGINT, as Jupyter's "interrupt" does: the running cell gets a KeyboardInterrupt, so its own
+    `finally` and `with` blocks put back what they changed (a scaling check's hosts taken out of the load
+    balancer, a migration's half-done batch), and no further cell starts. Before, the interrupt went to
+    this process alone (jupyter_client starts kernels in their own session, so even a terminal's Ctrl-C
+    does not reach them), and stopping the kernel killed the cell mid-way: its clean-up never ran. A
+    second signal stops at once, as before. Only in the main thread, and only for a kernel this run
+    started itself (a release writes its record from a pre-started kernel, shielded from signals)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, km: Any):
+        provisioner = getattr(km, "provisioner", None)
+        # The kernel's process group (jupyter_client starts it as a session leader), as its own interrupt uses.
+        self.pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _ForwardedInterrupts:
+        if self.pgid is not None and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        from opsbook.engines.interrupts import Interrupted
+
+        if self.signum is not None:   # the second: stop now
+            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+        self.signum = signum
+        with contextlib.suppress(OSError):
+            os.killpg(self.pgid, signal.SIGINT)
+
+    def before_cell(self, **_kwargs: Any) -> None:
+        if self.signum is not None:
+            raise _StopBeforeCell
+
+    def interrupt(self) -> KeyboardInterrupt:
+        from opsbook.engines.interrupts import Interrupted
+
+        return KeyboardInterrupt() if self.signum == signal.SIGINT else Interrupted(self.signum)
+
+
 def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmKernel | None = None):
     """Execute with papermill into a scratch file; return (notebook, error or None, interrupt or None)."""
     import nbformat
@@ -300,9 +355,14 @@ def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmK
     from papermill.exceptions import PapermillExecutionError
 
     error, interrupted = None, None
-    with tempfile.TemporaryDirectory(prefix="opsbook-run-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="opsbook-run-") as tmp, contextlib.ExitStack() as stack:
         out_path = Path(tmp) / path.name
-        warm = kernel.take() if kernel is not None else None
+        if kernel is None:   # a kernel of this run's own, started here so that interrupts can reach it
+            kernel = stack.enter_context(WarmKernel())
+            forwarded = stack.enter_context(_ForwardedInterrupts(kernel.km))
+        else:
+            forwarded = _ForwardedInterrupts(None)
+        warm = kernel.take()
         try:
             papermill.execute_notebook(
                 str(path),
@@ -313,14 +373,21 @@ def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmK
                 cwd=str(ROOT),  # the kernel imports the opsbook that is running (opsbook.ROOT)
                 progress_bar=progress,
                 kernel_manager_class=_ipc_kernel_manager(Path(tmp)),
+                on_cell_start=forwarded.before_cell,
                 **({"km": warm} if warm is not None else {}),   # nbclient adopts a started kernel
             )
-        except PapermillExecutionError as e:
-            error = f"cell {e.exec_count}: {e.ename}: {e.evalue}"
+        except (PapermillExecutionError, _StopBeforeCell) as e:
+            if forwarded.signum is not None:
+                interrupted = forwarded.interrupt()
+                error = (f"interrupted by {signal.Signals(forwarded.signum).name}: the running cell was stopped "
+                         f"and its clean-up ran; no further cell was run")
+            else:
+                error = f"cell {e.exec_count}: {e.ename}: {e.evalue}"
         except KeyboardInterrupt as e:
             error, interrupted = "interrupted by the operator", e
         except Exception as e:  # noqa: BLE001 - any failure of a started run (dead kernel, timeout) is recorded
             error = f"{type(e).__name__}: {e}"
+        stack.close()   # this run's own kernel stops, and the handlers before it are back
         # papermill writes the output (with its error banner on failure) as soon as it starts;
         # if it failed before that, the record is the source notebook.
         nb = nbformat.read(out_path if out_path.exists() else path, as_version=4)
@@ -418,8 +485,11 @@ def run(
         log(f"the record store {store.url} refused record {record_id} ({type(e).__name__}: {e}); it is kept on "
             f"this machine at {kept}, and the next opsbook command that reaches the store uploads it")
     if interrupted is not None:
+        from opsbook.engines.interrupts import Stopped, describe
+
         log(f"interrupted; record {record_id} stored: {where}")
-        raise interrupted
+        raise Stopped(f"runbook {name} for {env_name} {error or describe(interrupted)}. Its record {record_id} says "
+                      f"what it did: {where}")
     if outcome != "succeeded":
         raise RunbookFailed(
             f"runbook {name} failed for {env_name}: {entry['error']}\n"
