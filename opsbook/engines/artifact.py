@@ -108,6 +108,12 @@ def default_version() -> str:
 
 
 def find(version: str) -> Artifact:
+    # Checked before the version is used in a path or shown in a command to copy: a "version" like
+    # `1.0;rm -rf /` must not come back as a command line an operator might paste.
+    if not VERSION_RE.match(version):
+        raise ArtifactError(f"{version!r} is not a release version: start with a digit; letters, digits, "
+                            f". + _ - only (`invoke build` names them like 1.2.0+g1a2b3c4). No host was touched. "
+                            f"Versions that exist: {', '.join(available()) or 'none built yet'}.")
     path = artifact_path(version)
     if not path.exists():
         raise ArtifactError(

@@ -15,3 +15,41 @@ def test_bad_batch_sizes_are_refused_and_good_ones_split_the_fleet():
     for bad in ("0", "-1", "abc", "0%", "150%", "", "2.5"):
         with pytest.raises(OpsbookError, match="neither a positive number of hosts nor a percentage"):
             batches_of(hosts, bad)
+
+
+# --- bad input is refused before anything is built, read or touched ----------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch": "0"}, "neither a positive number"),
+    ({"batch": "-1"}, "neither a positive number"),
+    ({"wait": -5}, "--wait -5"),
+    ({"version": "1.0;rm -rf /"}, "is not a release version"),
+    ({"version": "../../etc/passwd"}, "is not a release version"),
+])
+def test_bad_release_input_is_refused_before_a_build(monkeypatch, kwargs, message):
+    from opsbook.core.errors import OpsbookError
+    from opsbook.core.inventory import load
+    from opsbook.engines import artifact
+    from opsbook.operations import release as rel
+
+    def no_build(*_a, **_k):
+        raise AssertionError("built an artifact for input that is refused")
+
+    monkeypatch.setattr(artifact, "build", no_build)
+    with pytest.raises(OpsbookError) as e:
+        rel.release(load("lab"), **kwargs)
+    assert message in str(e.value)
+    assert "invoke build --version" not in str(e.value)   # never a command line made of hostile input
+    if "version" not in kwargs:
+        assert "Nothing was changed" in str(e.value)
+
+
+def test_bad_rollback_input_is_refused_before_the_fleet_is_read(monkeypatch):
+    from opsbook.core.errors import OpsbookError
+    from opsbook.core.inventory import load
+    from opsbook.engines import fleet
+    from opsbook.operations import release as rel
+
+    monkeypatch.setattr(fleet, "served_versions", lambda *_a, **_k: pytest.fail("read the fleet"))
+    for kwargs in ({"batch": "abc"}, {"wait": -1}):
+        with pytest.raises(OpsbookError, match="Nothing was changed"):
+            rel.rollback(load("lab"), **kwargs)

@@ -18,7 +18,7 @@ from opsbook.engines import artifact, fleet, scale_gate
 from opsbook.engines.records import ledger
 from opsbook.engines.records.store import store_for
 from opsbook.operations.release import guardrails
-from opsbook.operations.release.plan import Plan, batches_of, make_plan
+from opsbook.operations.release.plan import Plan, batches_of, check_batch, make_plan
 from opsbook.operations.release.record import ReleaseFailed
 from opsbook.operations.release.steps import execute, log
 
@@ -35,6 +35,7 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
     there (guardrails.py). `skip_scale_check` / `skip_rehearsal` with a `reason` override them; the
     record says so."""
     guardrails.check_overrides(skip_rehearsal=skip_rehearsal, skip_scale_check=skip_scale_check, reason=reason)
+    _check_input(batch, wait)   # before anything is built or read
     art = artifact.find(version) if version else artifact.build()
     read = ledger.Ledgers(env)   # both gates read staging's ledger (for prod): once
     gate = scale_gate.check_release(env, art.version, art.sha256, skip_reason=reason if skip_scale_check else None,
@@ -60,6 +61,7 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
 def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_run: bool = False,
              wait: int = 0) -> str:
     """Roll `env` back to the newest earlier good release (or `to`). No database change."""
+    _check_input(batch, wait)
     current = fleet.served_versions(env)
     target = to or previous_good(env, exclude={v for v in current.values() if v})
     if not target:
@@ -72,6 +74,13 @@ def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_r
         log("dry run: nothing was locked or changed")
         return target
     return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="rollback", batch=batch))
+
+
+def _check_input(batch: str | None, wait: int) -> None:
+    check_batch(batch)
+    if wait < 0:
+        raise OpsbookError(f"--wait {wait}: give the seconds to wait for another operation's lock, 0 or more "
+                           f"(0: do not wait). Nothing was changed.")
 
 
 def previous_good(env: Env, exclude: set[str]) -> str | None:

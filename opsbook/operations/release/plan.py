@@ -44,6 +44,13 @@ ROLLBACK_PHASES = tuple(p for p in PHASES if p not in ("provision", "preflight",
                                                        "expand migrations", "stage"))
 
 
+def check_batch(size: str | int | None) -> None:
+    """Refuse a batch size that is neither a positive number of hosts nor a percentage (None: the
+    inventory's); a release checks it before it builds or touches anything."""
+    if size is not None:
+        batches_of(["a host"], size)
+
+
 def batches_of(hosts: list[str], size: str | int) -> list[list[str]]:
     """Split hosts into batches of `size` hosts, or of a percentage of the fleet ("25%")."""
     text = str(size).strip()
