@@ -45,6 +45,20 @@ def operator_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def local_port(value) -> int | None:
+    """--port as given (None: the task's default), refused unless it is a port number."""
+    if value is None:
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise Exit(f"error: --port {value!r} is not a port: give 1 to 65535 (or leave it out for the default). "
+                   f"Nothing was started.", code=1)
+    return port
+
+
 def load_env(c, env: str | None):
     """The environment a task acts on: --env, else invoke.yaml's `opsbook.env`. Loaded once, here.
     An AWS environment's account is checked here, before the task touches anything (STS
@@ -476,6 +490,7 @@ def records_serve(c, env=None, port=None, bind=None):
     """Serve a local records site on 127.0.0.1 (read-only; Ctrl-C stops it)."""
     from opsbook.operations import records_site as site
 
+    port = local_port(port)
     site.serve(load_env(c, env), port=port, bind=bind or "127.0.0.1")
 
 
@@ -493,7 +508,7 @@ def notebook(c, port=None):
     """Start JupyterLab on 127.0.0.1 with the project's kernel and print its URL (runbooks there change nothing)."""
     from opsbook.operations import jupyter
 
-    jupyter.notebook(int(port) if port else None)
+    jupyter.notebook(local_port(port))
 
 
 # --- release lock -----------------------------------------------------------------------
