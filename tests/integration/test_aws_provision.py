@@ -278,17 +278,24 @@ def test_destroying_prod_needs_a_reason_and_its_name_typed_back(aws_inventory, a
 def test_generated_secrets_never_reach_a_file_not_even_ansibles_temporary_ones(aws_inventory, aws, tmp_path,
                                                                                monkeypatch):
     """The secrets layer alone, with Ansible's temporary directory for module files placed where no
-    directory can be made (under a regular file: even root gets ENOTDIR): the run only succeeds if
-    every module gets its arguments (the generated values) on stdin. The controller's own temporary
-    directory is kept to the test and searched for the values afterwards."""
+    directory can be made (under a regular file: even root gets ENOTDIR): no AnsiballZ_*.py holding
+    the arguments (the generated values) can be written there. The play runs its modules in memory
+    (Mitogen, which then takes its working directories from the system's temporary directories, here
+    kept to the test too; without Mitogen, pipelining: arguments on stdin). The controller's own
+    temporary directory is kept to the test, and everything under it is searched for the values
+    afterwards."""
     from opsbook.engines import ansible
 
     env = aws_inventory("staging")
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     local = tmp_path / "ansible-local"
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
     monkeypatch.setenv("ANSIBLE_REMOTE_TEMP", str(blocker / "tmp"))
     monkeypatch.setenv("ANSIBLE_LOCAL_TEMP", str(local))
+    monkeypatch.setenv("ANSIBLE_SYSTEM_TMPDIRS", str(system_tmp))
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
     recap = ansible.run_playbook(env, "provision-aws.yml", extra_vars={"opsbook_env_name": env.name},
                                  tags="aws_env_secrets")
     assert recap["localhost"]["changed"] == 1   # one loop task, two secrets
