@@ -17,7 +17,7 @@ from typing import Any
 from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
-from opsbook.engines import ansible, artifact, database, hostchecks, interrupts
+from opsbook.engines import ansible, artifact, database, fleet, hostchecks, interrupts
 from opsbook.engines import lock as locks
 from opsbook.engines import probe as probes
 from opsbook.engines.ansible import PlaybookFailed
@@ -237,12 +237,35 @@ def _put_back(env: Env, plan: Plan, run: Run) -> None:
         try:
             ansible.run_playbook(env, "rotation.yml", what="putting answering hosts back in the load balancer")
             rotation_for(env).put_back()   # an ALB's answering hosts (haproxy's: rotation.yml above)
-            run.put_back = "every app host that answers /ping is enabled in the load balancer"
+            run.put_back = _rotation_after_put_back(env)
         except Exception as e:  # noqa: BLE001 - the record says what could not be done
             run.put_back = f"could not put every host back in the load balancer: {e}"
+        if run.put_back != PUT_BACK:
             log(run.put_back)
     if arrived:
         log("a further interrupt arrived while hosts were put back; it was held until they were")
+
+
+PUT_BACK = "every app host that answers /ping is enabled in the load balancer"
+
+
+def _rotation_after_put_back(env: Env) -> str:
+    """What putting hosts back left, read back from each haproxy, not assumed: rotation.yml skips a load
+    balancer it cannot reach (so that the others are still done), and a host it could not enable stays
+    in MAINT. (Found by killing lb1 in the middle of a release: the record said every answering host
+    was back in rotation.) An ALB's put-back raises when it cannot be done."""
+    if env.var("opsbook_lb_kind", "haproxy") != "haproxy":
+        return PUT_BACK
+    seen = fleet.rotation(env)
+    silent = sorted({lb for by_lb in seen.values() for lb, s in by_lb.items() if s == "unknown"})
+    held = sorted(h for h, by_lb in seen.items() if any(s.startswith("MAINT") for s in by_lb.values()))
+    if not silent and not held:
+        return PUT_BACK
+    said = ([f"load balancer {', '.join(silent)} did not answer: no host could be put back there"] if silent
+            else []) + ([f"still out of rotation (MAINT): {', '.join(held)}"] if held else [])
+    return (f"{'; '.join(said)}. `invoke status --env {env.name}` shows how each load balancer sees each host; "
+            f"once it answers, the next release (or `ansible-playbook playbooks/rotation.yml`) puts every "
+            f"answering host back")
 
 
 def _probe_figures(results) -> dict[str, Any]:
