@@ -53,3 +53,23 @@ def test_bad_rollback_input_is_refused_before_the_fleet_is_read(monkeypatch):
     for kwargs in ({"batch": "abc"}, {"wait": -1}):
         with pytest.raises(OpsbookError, match="Nothing was changed"):
             rel.rollback(load("lab"), **kwargs)
+
+
+# --- what putting hosts back left is read back, not assumed -------------------------------------
+@pytest.mark.parametrize(("seen", "said"), [
+    ({"app1": {"lb1": "UP"}, "app2": {"lb1": "DOWN"}}, None),                 # a host that does not answer stays out
+    ({"app1": {"lb1": "unknown"}, "app2": {"lb1": "unknown"}}, "load balancer lb1 did not answer"),
+    ({"app1": {"lb1": "UP"}, "app2": {"lb1": "MAINT"}}, "still out of rotation (MAINT): app2"),
+])
+def test_the_put_back_says_what_the_load_balancers_show(monkeypatch, seen, said):
+    from opsbook.core.inventory import load
+    from opsbook.engines import fleet
+    from opsbook.operations.release import steps
+
+    monkeypatch.setattr(fleet, "rotation", lambda _env: seen)
+    text = steps._rotation_after_put_back(load("lab"))
+    if said is None:
+        assert text == steps.PUT_BACK
+    else:
+        assert said in text
+        assert "every app host that answers" not in text
