@@ -86,7 +86,7 @@ class Cluster:
         subprocess.run(as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
                                     "-E", "UTF8"]), check=True, capture_output=True)
         # The lab role's settings (roles/postgres/defaults) plus the caller's; durability left at its defaults.
-        opts = [f"listen_addresses=127.0.0.1", f"port={self.port}", f"unix_socket_directories={self.base}",
+        opts = ["listen_addresses=127.0.0.1", f"port={self.port}", f"unix_socket_directories={self.base}",
                 "max_connections=200", "shared_buffers=256MB", *settings]
         subprocess.run(as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data),
                                     "-o", " ".join(f"-c {o}" for o in opts), "-l", str(self.base / "log"),
@@ -187,10 +187,10 @@ def main() -> None:
         print(f"mix {args.mix}, {args.rate:g} responses/s offered for {args.seconds:g} s, "
               f"pg {args.pg or 'defaults'}", flush=True)
         for rnd in range(1, args.rounds + 1):
-            for name, (g, courses, env) in services.items():
-                a0, p0, t0 = tree_cpu(g.proc.pid), tree_cpu(cluster.pid), time.monotonic()
+            for name, (g, courses, _env) in services.items():
+                a0, p0 = tree_cpu(g.proc.pid), tree_cpu(cluster.pid)
                 ok, errors, p99 = drive(g.url, args.mix, args.rate, args.seconds, courses)
-                a1, p1, t1 = tree_cpu(g.proc.pid), tree_cpu(cluster.pid), time.monotonic()
+                a1, p1 = tree_cpu(g.proc.pid), tree_cpu(cluster.pid)
                 app_ms, pg_ms = (a1 - a0) / ok * 1000, (p1 - p0) / ok * 1000
                 figures[name].append((app_ms, pg_ms))
                 print(f"round {rnd} {name:>10}: {ok:6d} ok {errors:3d} err  app {app_ms:6.3f} s/1000req  "
