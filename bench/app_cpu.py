@@ -2,7 +2,7 @@
 
     ./run python bench/app_cpu.py --variant base=main --variant new=. [--mix biglearn] [--rate 1500]
                                   [--seconds 20] [--rounds 3] [--workers 2] [--threads 8]
-                                  [--pg SETTING=VALUE ...] [--env-of new:BL_API_THREADS=4]
+                                  [--pg SETTING=VALUE ...] [--env-of new:BL_API_THREADS=4] [--contract-of new]
 
 Everything runs on loopback: one throwaway, durable Postgres 15 cluster under /tmp (fsync, full_page_writes
 and synchronous_commit on; --pg adds settings), and per variant a fresh database with app/migrations
@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--workers", default="2")
     ap.add_argument("--threads", default="8")
     ap.add_argument("--courses", type=int, default=50)
+    ap.add_argument("--contract-of", action="append", default=[],
+                    help="name: that variant's database also gets the migrations' contract phase")
     ap.add_argument("--pg", action="append", default=[], help="extra postgres setting KEY=VALUE")
     args = ap.parse_args()
 
@@ -179,6 +181,10 @@ def main() -> None:
             app_dir = export_app(ref, work)
             conninfo = cluster.database()
             apply_pending(conninfo, ROOT / "app" / "migrations", log=lambda _m: None)
+            if name in args.contract_of:
+                from opsbook.engines.migrations.engine import run as migrate  # the fleet: this one gunicorn
+
+                migrate(conninfo, ROOT / "app" / "migrations", "contract", fleet_versions={"local": "1.1.0"})
             g = Gunicorn(app_dir, conninfo, env, work / f"{name}.log")
             courses = [str(uuid.uuid4()) for _ in range(args.courses)]
             drive(g.url, args.mix, args.rate / 3, 4, courses)   # warm-up: pools filled, courses created

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -328,7 +329,7 @@ def _insert_new(conn: psycopg.Connection, schema: Schema, new: list[dict[str, An
         course_uuids.append(r["course_uuid"])
         offsets.append(offset[r["course_uuid"]])   # its place among this batch's new events of its course
         offset[r["course_uuid"]] += 1
-        data.append(Jsonb(r))
+        data.append(Jsonb(r, dumps=orjson.dumps))   # validated: strings and booleans only
     types = schema.type_columns
     columns = ["event_uuid", "course_uuid", "sequence_number", *types, "data"]
     values = ["t.e", "t.c", "b.first + t.k", *(["'record_response'"] * len(types)), "t.d"]
