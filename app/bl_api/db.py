@@ -295,11 +295,11 @@ def _record_responses(conn: psycopg.Connection, schema: Schema, responses: list[
         locking = conn.execute(
             "SELECT course_uuid FROM courses WHERE course_uuid = ANY(%s::uuid[]) "
             "ORDER BY course_uuid FOR UPDATE",
-            [courses],
+            [_array(courses)],
         )
         # Only once those locks are held is "already recorded" a stable answer for these courses.
         existing = conn.execute(
-            "SELECT event_uuid FROM course_events WHERE event_uuid = ANY(%s::uuid[])", [all_uuids]
+            "SELECT event_uuid FROM course_events WHERE event_uuid = ANY(%s::uuid[])", [_array(all_uuids)]
         )
         locked = {str(row[0]) for row in locking.fetchall()}   # the first round trip (a flush, no sync)
         missing = [c for c in courses if c not in locked]
@@ -348,8 +348,17 @@ def _insert_new(conn: psycopg.Connection, schema: Schema, new: list[dict[str, An
         # of every document in Python, which was a sixth of a write's CPU in the service.
         "FROM unnest(%s::uuid[], %s::uuid[], %s::int[], %b::jsonb[]) AS t(e, c, k, d) "
         "JOIN bumped b ON b.course_uuid = t.c",
-        [list(counts), list(counts.values()), event_uuids, course_uuids, offsets, data],
+        [_array(counts), _array(map(str, counts.values())), _array(event_uuids), _array(course_uuids),
+         _array(map(str, offsets)), data],
     )
+
+
+def _array(items) -> str:
+    """A Postgres array literal of values that need no quoting: validated, lower-case UUIDs and decimal
+    integers (validation.py guarantees the UUIDs' form). Sent as one text parameter and cast in the query
+    (`%s::uuid[]`), it is what psycopg's list adapter would send, without its Python loop over every
+    element (a quarter of a write's CPU in the service, with the loop's type checks and escaping)."""
+    return "{" + ",".join(items) + "}"
 
 
 def _check_connection(conn: psycopg.Connection) -> None:
