@@ -157,16 +157,18 @@ class Database:
     def _run(self, work, timeout: float | None = None):
         """Run `work(conn)` on a pooled connection. When the connection turns out to be dead (the
         database dropped it an instant before the checkout looked at it: see _check_connection), the
-        work runs once more on another connection, as the pool's old round-trip check would have given.
-        Every caller's work may run twice: writes are idempotent (a response already recorded is
-        skipped; create_course repeats) and rolled back when they fail; reads have no effect."""
-        for attempt in (1, 2):
+        work runs again on another connection, as the pool's old round-trip check would have given: once
+        per pooled connection at most (after a restart every one of them may be dead). Every caller's work
+        may run more than once: writes are idempotent (a response already recorded is skipped;
+        create_course repeats) and rolled back when they fail; reads have no effect."""
+        attempts = self._max_size + 1
+        for attempt in range(1, attempts + 1):
             conn = None
             try:
                 with self.pool.connection(timeout=timeout) as conn:
                     return work(conn)
             except psycopg.OperationalError:
-                if attempt == 2 or conn is None or not conn.broken:
+                if attempt == attempts or conn is None or not conn.broken:
                     raise
                 log.info("a pooled connection was dropped by the database; retrying on another")
         raise AssertionError("unreachable")
