@@ -10,9 +10,13 @@ Error mapping an operator can rely on:
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
+import orjson
 from flask import Flask, jsonify
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from bl_api.config import Settings
@@ -25,16 +29,43 @@ log = logging.getLogger("bl_api")
 MAX_BODY_BYTES = 8 * 1024 * 1024   # 1000 responses are ~0.5 MB; anything far larger is a mistake
 
 
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON with orjson doing the encoding: the same bodies (compact, keys in insertion order,
+    a trailing newline, UUIDs as strings) for a fraction of the CPU. Anything orjson refuses (an integer
+    beyond 64 bits in an event's data, a type it does not know) goes through Flask's own encoder."""
+
+    sort_keys = False
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        if not kwargs:
+            try:
+                return orjson.dumps(obj).decode()
+            except TypeError:   # orjson.JSONEncodeError
+                pass
+        return super().dumps(obj, **kwargs)
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s) if not kwargs else json.loads(s, **kwargs)
+
+    def response(self, *args: Any, **kwargs: Any):
+        obj = self._prepare_response_obj(args, kwargs)
+        try:
+            body = orjson.dumps(obj)
+        except TypeError:
+            return super().response(obj)
+        return self._app.response_class(body + b"\n", mimetype=self.mimetype)
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app. The database pool opens on the first request, i.e. inside the worker."""
     settings = settings or Settings.from_env()
     app = Flask("bl_api")
+    app.json = JSONProvider(app)
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         BL_API_PING_TIMEOUT=settings.ping_timeout,
         BL_API_TEST_SLOW_HEADER=settings.test_slow_header,
     )
-    app.json.sort_keys = False
     app.extensions["bl_api_db"] = Database(
         settings.database_url, max_size=settings.pool_max, timeout=settings.pool_timeout,
         reconnect_timeout=settings.pool_reconnect_timeout,

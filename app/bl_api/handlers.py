@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
+import orjson
 from flask import Blueprint, current_app, jsonify, request
 
 from bl_api import running_version, validation
@@ -27,8 +27,10 @@ def _json_body() -> Any:
             [{"field": "Content-Type", "problem": "must be application/json"}], status=415
         )
     try:
-        return json.loads(request.get_data(cache=False))
-    # RecursionError: absurdly nested JSON must be a 400 too, never a 500.
+        # orjson: about a tenth of the standard library's cost per body; the same documents accepted,
+        # except numbers beyond 64 bits, NaN and Infinity, which no field takes anyway (still a 400).
+        return orjson.loads(request.get_data(cache=False))
+    # orjson.JSONDecodeError is a ValueError (too deep a nesting included); RecursionError kept in case.
     except (ValueError, RecursionError) as e:
         why = str(e)[:200] if isinstance(e, ValueError) else "nested too deeply"
         problems = [{"field": "(body)", "problem": f"is not valid JSON ({why})"}]

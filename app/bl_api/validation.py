@@ -37,7 +37,8 @@ class _Bad(Exception):
 
 
 def _uuid(value: Any) -> str:
-    if not isinstance(value, str) or not _UUID_RE.match(value):
+    # fullmatch: `$` also matches before a trailing newline, which let "<uuid>\n" through to the database.
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
         raise _Bad("must be a UUID string like 0b1e6c3a-7d5e-4a51-9f5e-2f0c7d3b9a11")
     return value.lower()
 

@@ -300,6 +300,26 @@ def test_same_response_sent_concurrently_to_two_courses_is_recorded_once(app, sc
         assert numbers == list(range(1, 1 + len(numbers)))
 
 
+def test_a_connection_dropped_after_the_checkout_looked_costs_a_retry_not_an_error(client, local_pg, schema_db,
+                                                                                   monkeypatch):
+    """The checkout's look at a pooled connection costs no round trip, so a connection the database drops
+    an instant later is only found dead by the request's first statement: the work runs once more on
+    another connection (here the look is switched off, so every dropped connection is found that way)."""
+    import bl_api.db
+
+    monkeypatch.setattr(bl_api.db, "_check_connection", lambda conn: None)
+    course = create_course(client)    # the pool (created now) keeps the connection
+    dbname = psycopg.conninfo.conninfo_to_dict(schema_db)["dbname"]
+    with psycopg.connect(local_pg, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [dbname])
+    responses = [{"response_uuid": new_uuid(), "course_uuid": course, "ecosystem_item_uuid": new_uuid(),
+                  "trial_uuid": new_uuid(), "student_uuid": new_uuid(), "exercise_uuid": new_uuid(),
+                  "is_correct": True, "is_real_response": True, "responded_at": "2024-03-01T12:00:00Z"}]
+    r = client.post("/record_responses", json={"responses": responses})
+    assert r.status_code == 200, r.json
+    assert client.get("/ping").status_code == 200
+
+
 def test_connections_dropped_by_the_database_are_replaced_without_errors(client, local_pg, schema_db):
     """After a database restart or failover the pool's old connections are dead; requests still succeed."""
     assert client.get("/ping").status_code == 200

@@ -78,6 +78,8 @@ CASES = [Case(*c) for c in [
      "course_uuid"),
     ("uuid-malformed", "POST", "/create_course", {"course_uuid": "not-a-uuid", "ecosystem_uuid": u()}, JSON,
      400, "course_uuid"),
+    ("uuid-with-trailing-newline", "POST", "/record_responses", record(response(student_uuid=u() + "\n")), JSON,
+     400, "responses[0].student_uuid"),
     ("uuid-without-hyphens", "POST", "/create_course",
      {"course_uuid": uuid.uuid4().hex, "ecosystem_uuid": u()}, JSON, 400, "course_uuid"),
     ("uuid-with-nul", "POST", "/create_course", {"course_uuid": u()[:-1] + "\x00", "ecosystem_uuid": u()},
