@@ -27,11 +27,17 @@ class Interrupted(KeyboardInterrupt):
 
 class Stopped(KeyboardInterrupt):
     """An operation was interrupted and has ended in order (what it changed is put back or recorded);
-    its text is the whole message for the operator."""
+    its text is the whole message for the operator, `.signal` the signal's name."""
+
+    def __init__(self, message: str, signal: str = "SIGINT"):
+        self.signal = signal
+        super().__init__(message)
 
 
 def describe(e: BaseException) -> str:
-    return str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT (Ctrl-C)"
+    if isinstance(e, Interrupted) or (isinstance(e, Stopped) and e.signal != "SIGINT"):
+        return f"interrupted by {e.signal}"
+    return "interrupted by SIGINT (Ctrl-C)"
 
 
 @contextmanager

@@ -381,6 +381,9 @@ def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmK
                 interrupted = forwarded.interrupt()
                 error = (f"interrupted by {signal.Signals(forwarded.signum).name}: the running cell was stopped "
                          f"and its clean-up ran; no further cell was run")
+                if isinstance(e, PapermillExecutionError) and e.ename != "KeyboardInterrupt":
+                    error = (f"interrupted by {signal.Signals(forwarded.signum).name}, and cell {e.exec_count} then "
+                             f"failed: {e.ename}: {e.evalue}; no further cell was run")
             else:
                 error = f"cell {e.exec_count}: {e.ename}: {e.evalue}"
         except KeyboardInterrupt as e:
@@ -489,7 +492,7 @@ def run(
 
         log(f"interrupted; record {record_id} stored: {where}")
         raise Stopped(f"runbook {name} for {env_name} {error or describe(interrupted)}. Its record {record_id} says "
-                      f"what it did: {where}")
+                      f"what it did: {where}", signal=getattr(interrupted, "signal", "SIGINT"))
     if outcome != "succeeded":
         raise RunbookFailed(
             f"runbook {name} failed for {env_name}: {entry['error']}\n"
