@@ -50,7 +50,9 @@ def interruptible() -> Iterator[None]:
     def handler(signum, _frame):
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in HANDLED}
+    # A signal ignored when the block starts stays ignored: under `nohup` (SIGHUP ignored) a hangup of
+    # the terminal must not stop the operation.
+    previous = {s: signal.signal(s, handler) for s in HANDLED if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -401,7 +401,11 @@ def test_a_kernel_started_ahead_that_died_or_was_not_used_changes_nothing(tmp_pa
 # cell's own clean-up runs (a scaling check puts back the hosts it took out of the load balancer), no
 # further cell starts, the record says `interrupted`, and the process ends with the runner's message.
 _RUN_IN_A_CHILD = """
+import signal
 import sys
+# As in an operator's terminal, whatever this test's own process inherited (a background job ignores SIGINT).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from pathlib import Path
 from opsbook.core.inventory import load
 from opsbook.engines.interrupts import Stopped, interruptible

@@ -14,9 +14,23 @@ from invoke.exceptions import Exit
 from tasks import operator_errors
 
 
+@pytest.fixture
+def python_takes_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt), whatever this process inherited: a process started
+    as a background job inherits SIGINT ignored, and then Python never installs it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_an_interrupt_before_any_step_is_said_and_exits_130(signum):
+def test_an_interrupt_before_any_step_is_said_and_exits_130(signum, python_takes_sigint):
     reached = []
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for s, h in handlers_before.items():
+        if h is signal.SIG_IGN:   # ignored (nohup): the task leaves it so, tested below; not this test's case
+            signal.signal(s, signal.SIG_DFL)
+            handlers_before[s] = signal.SIG_DFL
 
     @operator_errors
     def release(_c):
@@ -31,7 +45,23 @@ def test_an_interrupt_before_any_step_is_said_and_exits_130(signum):
     assert "invoke status" in e.value.message
     assert reached == []
     # the task's handlers are gone once it ended: the previous ones are back
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before
+
+
+def test_a_signal_ignored_before_the_task_stays_ignored():
+    """Under `nohup` SIGHUP is ignored: closing the terminal must not stop a task."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        @operator_errors
+        def scale_check(_c):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+            return "went on"
+
+        assert scale_check(None) == "went on"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_an_operator_error_is_still_a_plain_error():

@@ -321,7 +321,9 @@ class _ForwardedInterrupts:
 
     def __enter__(self) -> _ForwardedInterrupts:
         if self.pgid is not None and threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            # A signal this process ignores (SIGHUP under `nohup`, SIGINT in a background job) stays ignored.
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *_exc: object) -> None:
