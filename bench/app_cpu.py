@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,20 +32,15 @@ import psycopg
 
 from opsbook.engines import load
 from opsbook.engines.migrations import apply_pending
+from opsbook.engines.snapshots.pgbackrest import free_port, local_run_as  # the engine's own
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+    return [*local_run_as(), *cmd]
 
 
 def stat(pid: int) -> tuple[int, float] | None:
