@@ -40,41 +40,46 @@ def describe(e: BaseException) -> str:
     return "interrupted by SIGINT (Ctrl-C)"
 
 
+def interrupt_for(signum: int) -> KeyboardInterrupt:
+    """The exception a signal raises: KeyboardInterrupt for SIGINT (as Python's own), else Interrupted."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum)
+
+
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise Interrupted in the main thread while the block runs."""
+def handling(signals: tuple[int, ...], handler) -> Iterator[bool]:
+    """`handler` for `signals` while the block runs, the previous handlers back after it. Only in the
+    main thread (yields False elsewhere: nothing installed). A signal ignored when the block starts stays
+    ignored: under `nohup` (SIGHUP ignored) a hangup of the terminal must not stop an operation, nor may a
+    background job's SIGINT."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield False
         return
-
-    def handler(signum, _frame):
-        raise Interrupted(signum)
-
-    # A signal ignored when the block starts stays ignored: under `nohup` (SIGHUP ignored) a hangup of
-    # the terminal must not stop the operation.
-    previous = {s: signal.signal(s, handler) for s in HANDLED if signal.getsignal(s) is not signal.SIG_IGN}
+    previous = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
     try:
-        yield
+        yield True
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted in the main thread while the block runs."""
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    with handling(HANDLED, handler):
+        yield
 
 
 @contextmanager
 def shielded() -> Iterator[list[int]]:
     """Hold SIGINT, SIGTERM and SIGHUP back while the block runs; the signals that arrived are
     listed in the yielded list (the caller decides what to do once the block is done)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield []
-        return
     arrived: list[int] = []
 
     def hold(signum, _frame):
         arrived.append(signum)
 
-    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, *HANDLED)}
-    try:
+    with handling((signal.SIGINT, *HANDLED), hold):
         yield arrived
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

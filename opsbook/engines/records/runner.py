@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -317,25 +316,21 @@ class _ForwardedInterrupts:
         # The kernel's process group (jupyter_client starts it as a session leader), as its own interrupt uses.
         self.pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
         self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _ForwardedInterrupts:
-        if self.pgid is not None and threading.current_thread() is threading.main_thread():
-            # A signal this process ignores (SIGHUP under `nohup`, SIGINT in a background job) stays ignored.
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
-                              if signal.getsignal(s) is not signal.SIG_IGN}
+        from opsbook.engines.interrupts import handling
+
+        if self.pgid is not None:
+            self._stack.enter_context(handling(self.SIGNALS, self._handle))
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous = {}
+        self._stack.close()
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        from opsbook.engines.interrupts import Interrupted
-
         if self.signum is not None:   # the second: stop now
-            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+            raise self.interrupt(signum)
         self.signum = signum
         with contextlib.suppress(OSError):
             os.killpg(self.pgid, signal.SIGINT)
@@ -344,10 +339,10 @@ class _ForwardedInterrupts:
         if self.signum is not None:
             raise _StopBeforeCell
 
-    def interrupt(self) -> KeyboardInterrupt:
-        from opsbook.engines.interrupts import Interrupted
+    def interrupt(self, signum: int | None = None) -> KeyboardInterrupt:
+        from opsbook.engines.interrupts import interrupt_for
 
-        return KeyboardInterrupt() if self.signum == signal.SIGINT else Interrupted(self.signum)
+        return interrupt_for(signum or self.signum)
 
 
 def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmKernel | None = None):
