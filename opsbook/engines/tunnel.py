@@ -90,12 +90,14 @@ def forward(env: Env, address: str, port: int, via: str = "app", timeout: float 
                        f"(`invoke check --env {env.name}`) and that their group reaches the database.")
 
 
-def _start(env: Env, host: str, target: tuple[str, int], timeout: float, key: tuple) -> tuple[int, str]:
-    """(local port, "") once the forward through `host` to `target` accepts connections, or (0, why not)."""
-    (address, port), local = target, _free_port()
+def _start(env: Env, host: str, target: tuple[str, int] | str, timeout: float, key: tuple) -> tuple[int, str]:
+    """(local port, "") once the forward through `host` to `target` (an address and port, or the path of
+    a Unix socket on `host`) accepts connections, or (0, why not)."""
+    local = _free_port()
+    remote = target if isinstance(target, str) else f"{target[0]}:{target[1]}"
     # ssh's errors go to a file, not a pipe: nobody reads them while the forward lives.
     with tempfile.TemporaryFile(mode="w+") as errors:
-        proc = subprocess.Popen(ssh_command(env, host, f"127.0.0.1:{local}:{address}:{port}"), cwd=ROOT,
+        proc = subprocess.Popen(ssh_command(env, host, f"127.0.0.1:{local}:{remote}"), cwd=ROOT,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
                                 text=True, preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only, no locks
         deadline = time.monotonic() + timeout
@@ -108,6 +110,32 @@ def _start(env: Env, host: str, target: tuple[str, int], timeout: float, key: tu
         _close(proc)
         errors.seek(0)
         return 0, errors.read().strip()[-300:] or f"no forward within {timeout:.0f} s"
+
+
+def forward_socket(env: Env, host: str, path: str, timeout: float = 20.0) -> int:
+    """A local port on 127.0.0.1 that reaches the Unix socket `path` on `host` (e.g. a scratch
+    Postgres cluster that listens on no TCP address at all). The socket must exist when this is called:
+    ssh connects to it for each connection, so a port that accepts is not proof; the caller's first
+    connection is. Closed by :func:`close` or when the process ends."""
+    if threading.current_thread() is not threading.main_thread():
+        raise TunnelFailed("a port forward is opened from the main thread only (its end is tied to the "
+                           "thread that starts it); make the conninfo before starting worker threads.")
+    key = (env.name, f"{host}:{path}", 0)
+    known = _open.get(key)
+    if known and known[0].poll() is None:
+        return known[1]
+    local, why = _start(env, host, path, timeout, key)
+    if not local:
+        raise TunnelFailed(f"cannot forward a local port to {path} on {host} over SSH: {why}. Nothing was changed.")
+    return local
+
+
+def close(local: int) -> None:
+    """End the forward listening on local port `local` (no-op when there is none)."""
+    for key, (proc, port) in list(_open.items()):
+        if port == local:
+            _close(proc)
+            del _open[key]
 
 
 def _close(proc: subprocess.Popen) -> None:

@@ -173,8 +173,8 @@ def test_refusals_change_nothing_and_leave_no_record(world, envs, tmp_path):
     with pytest.raises(PathNotBuilt, match=r"lab names no clone host .*the lab's refresh path is not built: it needs "
                                            r"a second lab environment .*Nothing was changed"):
         sr.refresh(prod, Env("lab"), out=_quiet)
-    with pytest.raises(PathNotBuilt, match=r"srcremote's refresh host db2 is reached over SSH, and the runner .* is "
-                                           r"not built. Nothing was changed"):
+    with pytest.raises(PathNotBuilt, match=r"srcremote's refresh host db2 is reached over SSH, and the clone "
+                                           r"machinery .* never been set up or tried there.* Nothing was changed"):
         sr.refresh(prod, Env("srcremote"), out=_quiet)
 
     lines: list[str] = []

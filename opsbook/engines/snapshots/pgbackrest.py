@@ -2,8 +2,12 @@
 
 pgBackRest (Debian's 2.45) does the backing up, checksumming, WAL archiving and restoring; this
 module only drives its CLI (`--output=json` where it reads), writes its configuration, and runs the
-drill around it. Commands run as the cluster's OS user through `run_as` (locally `runuser -u
-postgres --`), because pgBackRest and Postgres refuse to work on a data directory as root.
+drill around it. Commands run on the cluster's host through a runner (``opsbook.engines.remote``:
+this machine, or an inventory host over SSH, as the lab's db1 is) as the cluster's OS user
+(`runuser -u postgres --`), because pgBackRest and Postgres refuse to work on a data directory as
+root. Connections to a cluster that listens on a Unix socket only (the drill's scratch cluster) go
+through the repository's `sockets` (locally the socket itself; on a remote host an SSH forward of
+that socket to a port on 127.0.0.1, ``opsbook.engines.tunnel.forward_socket``).
 
 **A manifest that describes exactly what the backup restores to.** A backup alone restores to its
 consistency point (the end of the backup), which is some instant of a live database nobody read.
@@ -40,12 +44,11 @@ passes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from opsbook.core.errors import OpsbookError
+from opsbook.engines.remote import CommandFailed, LocalRunner, Runner, read_file, write_file
 from opsbook.engines.snapshots import manifest as manifests
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -76,19 +80,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LocalSockets:
+    """How this machine reaches a cluster's Unix socket directory: directly."""
+
+    def conninfo(self, directory: Path, port: int) -> str:
+        return f"host={directory} port={port}"
+
+    def close(self, directory: Path, port: int) -> None:
+        pass
+
+
+_LOCAL_SOCKETS = LocalSockets()
+
+
 @dataclass(frozen=True)
 class Repository:
     """A pgBackRest stanza: the cluster it backs up and where its repository lives."""
 
     stanza: str
-    config: Path                       # the pgbackrest.conf this module wrote
+    config: Path                       # the pgbackrest.conf on the cluster's host
     pg_path: Path                      # the cluster's data directory
-    run_as: tuple[str, ...] = ()       # prefix that runs a command as the cluster's OS user
+    run_as: tuple[str, ...] = ()       # non-empty: commands run as the cluster's OS user (postgres)
+    runner: Runner | None = None       # where the commands run (None: this machine)
+    sockets: Any = None                # how a Unix socket directory on that host is reached (None: locally)
 
     @property
     def archive_command(self) -> str:
         """What the cluster's `archive_command` must be for this stanza."""
         return f"{PGBACKREST} --config={self.config} --stanza={self.stanza} archive-push %p"
+
+    @property
+    def host(self) -> Runner:
+        return self.runner or LocalRunner()
+
+    @property
+    def user(self) -> str | None:
+        """The OS user commands run as on the host (None: whoever runs them locally)."""
+        return "postgres" if (self.run_as or self.runner is not None) else None
+
+    @property
+    def reach(self):
+        return self.sockets or _LOCAL_SOCKETS
 
 
 def write_config(  # noqa: PLR0917 - one pgbackrest.conf's settings
@@ -138,21 +170,25 @@ class Backup:
 
 
 def _run(repo: Repository, *args: str, timeout: float = 3600) -> str:
-    cmd = [*repo.run_as, PGBACKREST, f"--config={repo.config}", f"--stanza={repo.stanza}", *args]
+    cmd = [PGBACKREST, f"--config={repo.config}", f"--stanza={repo.stanza}", *args]
+    where = repo.host
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
-    except FileNotFoundError as e:
-        raise BackupError("pgbackrest is not installed (./run installs Debian's pgbackrest); nothing "
-                          "was done") from e
-    except subprocess.TimeoutExpired as e:
-        raise BackupError(f"pgbackrest {args[0]} did not finish within {timeout:.0f} s and was stopped; "
-                          f"see its log under {repo.config.parent}. Rerun when the cause is fixed.") from e
-    if proc.returncode != 0:
-        said = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
-        raise BackupError(f"pgbackrest {args[0]} failed (exit {proc.returncode}): {said}. pgBackRest's own log is "
-                          f"under the log-path of {repo.config}; a backup that failed is never listed as one. Fix "
-                          "the cause and rerun.")
-    return proc.stdout
+        proc = where.run(cmd, user=repo.user, timeout=timeout, check=False)
+    except CommandFailed as e:
+        if e.code == -1:
+            raise BackupError(f"pgbackrest {args[0]} on {where.host} did not finish within {timeout:.0f} s and was "
+                              f"stopped; see its log under the log-path of {repo.config}. Rerun when the cause is "
+                              "fixed.") from e
+        raise BackupError(f"pgbackrest {args[0]} did not run: {e}") from e
+    if proc.code == 127:
+        raise BackupError(f"pgbackrest is not installed on {where.host} (./run installs Debian's pgbackrest here; the "
+                          "lab image has it from its recipe 4); nothing was done")
+    if proc.code != 0:
+        said = (proc.err.strip() or proc.out.strip())[-1500:]
+        raise BackupError(f"pgbackrest {args[0]} failed on {where.host} (exit {proc.code}): {said}. pgBackRest's own "
+                          f"log is under the log-path of {repo.config}; a backup that failed is never listed as one. "
+                          "Fix the cause and rerun.")
+    return proc.out
 
 
 def stanza_create(repo: Repository) -> None:
@@ -282,21 +318,48 @@ class Scratch:
     data: Path
     port: int
     run_as: tuple[str, ...]
+    runner: Runner | None = None       # the host it runs on (None: this machine)
+    sockets: Any = None                # how its socket directory is reached (None: locally)
+
+    @property
+    def host(self) -> Runner:
+        return self.runner or LocalRunner()
+
+    @property
+    def user(self) -> str | None:
+        return "postgres" if (self.run_as or self.runner is not None) else None
 
     @property
     def conninfo(self) -> str:
-        return f"host={self.base} port={self.port} user=postgres dbname=postgres"
+        return self.db("postgres")
 
     def db(self, name: str) -> str:
-        return f"host={self.base} port={self.port} user=postgres dbname={name}"
+        return f"{(self.sockets or _LOCAL_SOCKETS).conninfo(self.base, self.port)} user=postgres dbname={name}"
 
     def stop(self) -> None:
-        subprocess.run([*self.run_as, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"],
-                       capture_output=True, check=False, timeout=120)
+        # the host did not answer, or pg_ctl hung: remove() says nothing either way
+        with contextlib.suppress(CommandFailed):
+            self.host.run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"], user=self.user,
+                          check=False, timeout=120)
 
     def remove(self) -> None:
+        (self.sockets or _LOCAL_SOCKETS).close(self.base, self.port)
         self.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
+        _remove_dir(self.host, self.base)
+
+
+def _remove_dir(host: Runner, path: Path) -> None:
+    if isinstance(host, LocalRunner):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    with contextlib.suppress(CommandFailed):
+        host.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False, timeout=600)
+
+
+def _private_dir(repo: Repository, base: Path) -> None:
+    """Make `base` a 0700 directory owned by the cluster's user on the repository's host."""
+    owner = ["-o", "postgres", "-g", "postgres"] if repo.user and (repo.runner is not None or os.geteuid() == 0) else []
+    repo.host.run(["install", "-d", "-m", "0700", *owner, str(base)], timeout=60)
 
 
 @dataclass
@@ -327,11 +390,8 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
     """Restore `snap` into `base/data`, start it where only we can reach it, wait until it has
     replayed to the restore point and been promoted. Returns the cluster and its timings."""
 
-    base.mkdir(parents=True, exist_ok=True)
-    base.chmod(0o700)
+    _private_dir(repo, base)
     data = base / "data"
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
     times: dict[str, float] = {}
     t0 = time.monotonic()
     _run(repo, "restore", f"--set={snap.backup.id}", f"--pg1-path={data}", "--type=name",
@@ -339,11 +399,9 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
          timeout=timeout)
     times["restore"] = time.monotonic() - t0
     hba = base / "pg_hba.conf"
-    hba.write_text("local all all trust\n")
-    if os.geteuid() == 0:
-        shutil.chown(hba, "postgres", "postgres")
-    port = free_port()
-    scratch = Scratch(base, data, port, repo.run_as)
+    write_file(repo.host, str(hba), "local all all trust\n", user=repo.user)
+    port = free_port()   # names the socket file only: the cluster listens on no TCP port
+    scratch = Scratch(base, data, port, repo.run_as, repo.runner, repo.sockets)
     opts = (f"-c port={port} -c listen_addresses='' -c unix_socket_directories={base} "
             f"-c archive_mode=off -c archive_command='' -c hba_file={hba} -c cluster_name=opsbook-drill")
     try:
@@ -361,13 +419,11 @@ def _start_and_wait(scratch: Scratch, opts: str, point: str, timeout: float) -> 
     import psycopg
 
     base = scratch.base
-    proc = subprocess.run(
-        [*scratch.run_as, str(PG_BIN / "pg_ctl"), "-D", str(scratch.data), "-o", opts, "-l", str(base / "log"),
-         "-t", str(int(timeout)), "-w", "start"],
-        capture_output=True, text=True, check=False, timeout=timeout + 30,
-    )
-    if proc.returncode != 0:
-        log = (base / "log").read_text()[-1500:] if (base / "log").exists() else proc.stderr
+    proc = scratch.host.run(
+        [str(PG_BIN / "pg_ctl"), "-D", str(scratch.data), "-o", opts, "-l", str(base / "log"),
+         "-t", str(int(timeout)), "-w", "start"], user=scratch.user, check=False, timeout=timeout + 30)
+    if proc.code != 0:
+        log = (read_file(scratch.host, str(base / "log"), user=scratch.user) or proc.err)[-1500:]
         raise BackupError(f"the restored cluster did not start: {log.strip()}")
     deadline = time.monotonic() + timeout
     while True:
@@ -391,31 +447,37 @@ def databases(conninfo: str) -> list[str]:
 def amcheck(scratch: Scratch, dbname: str, *, timeout: float = 3600) -> tuple[bool, str]:
     """pg_amcheck over every relation of `dbname` (heap and btree indexes, every heap tuple looked
     up in its indexes). Installs the amcheck extension in the scratch copy only."""
-    cmd = [*scratch.run_as, str(PG_BIN / "pg_amcheck"), "-h", str(scratch.base), "-p", str(scratch.port),
+    cmd = [str(PG_BIN / "pg_amcheck"), "-h", str(scratch.base), "-p", str(scratch.port),
            "-U", "postgres", "--install-missing", "--heapallindexed", "--no-strict-names", "-d", dbname]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
-    said = (proc.stdout + proc.stderr).strip()
-    if proc.returncode == 0:
+    proc = scratch.host.run(cmd, user=scratch.user, check=False, timeout=timeout)
+    said = (proc.out + proc.err).strip()
+    if proc.code == 0:
         return True, said
-    if proc.returncode == 2:  # pg_amcheck: corruption found
+    if proc.code == 2:  # pg_amcheck: corruption found
         return False, said
-    raise BackupError(f"pg_amcheck could not run (exit {proc.returncode}): {said[-1000:]}")
+    raise BackupError(f"pg_amcheck could not run (exit {proc.code}): {said[-1000:]}")
 
 
 def drill(
-    repo: Repository, snap: Snapshot, dbname: str, *, scratch_dir: Path | None = None, keep: bool = False,
+    repo: Repository, snap: Snapshot, dbname: str, *, scratch_dir: Path | None = None,
+    scratch_parent: str | None = None, keep: bool = False,
     chunk_rows: int | None = None, workers: int = manifests.DEFAULT_WORKERS,
     before_verify: Callable[[Scratch], None] | None = None, progress: Callable[[str], None] | None = None,
 ) -> DrillResult:
     """Restore `snap` into a scratch cluster, recompute the manifest of `dbname` there, compare it
     with the one taken at the snapshot's point, run pg_amcheck, and time it all. Never raises for a
     failed check: the result says what failed, and a drill that could not verify does not pass.
-    `before_verify` sees the restored cluster before it is checked (tests tamper with it there)."""
+    `before_verify` sees the restored cluster before it is checked (tests tamper with it there).
+    The scratch cluster lives in `scratch_dir`, or a new directory under `scratch_parent` (default:
+    the host's temporary directory) on the repository's host."""
     say = progress or (lambda _m: None)
     result = DrillResult(snap.backup.id, snap.restore_point)
-    base = Path(scratch_dir or tempfile.mkdtemp(prefix="opsbook-drill-"))
     scratch = None
+    base = None
     try:
+        base = Path(scratch_dir) if scratch_dir else Path(repo.host.run(
+            ["mktemp", "-d", *(["-p", scratch_parent] if scratch_parent else ["-t"]), "opsbook-drill-XXXXXXXX"],
+            timeout=60).out.strip())
         say(f"restoring {snap.backup.id} to {snap.restore_point} into {base}")
         scratch, times = restore(repo, snap, base)
         result.seconds.update({k: round(v, 2) for k, v in times.items()})
@@ -439,7 +501,7 @@ def drill(
     finally:
         if scratch is not None and not keep:
             scratch.remove()
-        elif scratch is None and not keep:
-            shutil.rmtree(base, ignore_errors=True)
+        elif scratch is None and not keep and base is not None:
+            _remove_dir(repo.host, base)
     say(result.verdict)
     return result
