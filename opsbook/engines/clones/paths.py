@@ -41,7 +41,8 @@ LAB_NOT_BUILT = (
     "db1 that pg_hba.conf admits from db2, btrfs-progs in the lab image and a loop device mounted inside the "
     "privileged db2 container (not yet tried), and the clone machinery run there over SSH (the runner exists, "
     "opsbook/engines/remote.py; the machinery never ran through it). Nothing was changed. A clone host that "
-    "is the controller itself (ansible_connection: local) works today: set opsbook_refresh_host in {path}/group_vars/all/.")
+    "is the controller itself (ansible_connection: local) works today: set opsbook_refresh_host in "
+    "{path}/group_vars/all/.")
 
 
 @dataclass
