@@ -37,7 +37,7 @@ BASE_PACKAGES = [
 EXTRA_PACKAGES = [
     "postgresql-15", "postgresql-client-15", "haproxy", "python3-venv", "python3-psycopg2",
     "python3-apt", "curl", "socat", "procps", "less", "iputils-ping", "netcat-openbsd", "tzdata",
-    "locales", "rsync", "nftables",
+    "locales", "rsync", "nftables", "pgbackrest",
 ]
 IMAGE_RECIPE_VERSION = "3"   # bump when the bake steps below change
 
@@ -298,19 +298,25 @@ def up(env: Env, dry_run: bool = False) -> bool:
     for h in lab_hosts:
         info = infos[h.name]
         if info and _is_live(info):
-            if info.get("Image") and info.get("ImageName") not in (image, None):
-                log(f"{h.name}: runs an older image ({info.get('ImageName')}); `invoke lab.down && "
-                    f"invoke lab.up` moves it to {image}")
-            if h.name in answering:
+            older = info.get("ImageName") not in (image, None)
+            if h.name in answering and not older:
                 continue
-            # Running but not answering this checkout's key: made by another checkout, whose secrets
-            # (database passwords) it holds, or stale in a way podman cannot see (its pid was reused).
-            # Either way it is recreated from the image, like a replaced instance; a database host
-            # keeps its data volume, and the next release provisions it with this checkout's secrets.
-            log(f"{h.name}: running, but does not answer this checkout's SSH key (another checkout's lab, "
-                f"or stale); recreating it")
-            _remove(h.container)
-            info = None
+            if older:
+                # Like an instance replaced from a new AMI: what the roles expect to find installed
+                # (pgbackrest, ...) is in the new image only. A database host keeps its data volume.
+                log(f"{h.name}: runs an older image ({info.get('ImageName')}); recreating it from {image}"
+                    + (" (its data volume is kept)" if h.data_volume else ""))
+                _remove(h.container)
+                info = None
+            else:
+                # Running but not answering this checkout's key: made by another checkout, whose secrets
+                # (database passwords) it holds, or stale in a way podman cannot see (its pid was reused).
+                # Either way it is recreated from the image, like a replaced instance; a database host
+                # keeps its data volume, and the next release provisions it with this checkout's secrets.
+                log(f"{h.name}: running, but does not answer this checkout's SSH key (another checkout's lab, "
+                    f"or stale); recreating it")
+                _remove(h.container)
+                info = None
         if info:
             log(f"{h.name}: container exists but is not running; recreating it")
             _remove(h.container)

@@ -143,3 +143,19 @@ def _close(proc: subprocess.Popen) -> None:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+
+
+class SocketForwards:
+    """How the controller reaches a Unix socket directory on an inventory host (the pgBackRest
+    engine's `sockets`): a forwarded local port per socket, closed with :meth:`close`."""
+
+    def __init__(self, env: Env, host: str):
+        self.env, self.host = env, host
+
+    def conninfo(self, directory, port: int) -> str:
+        return f"host=127.0.0.1 port={forward_socket(self.env, self.host, f'{directory}/.s.PGSQL.{port}')}"
+
+    def close(self, directory, port: int) -> None:
+        known = _open.get((self.env.name, f"{self.host}:{directory}/.s.PGSQL.{port}", 0))
+        if known:
+            close(known[1])

@@ -272,12 +272,14 @@ def test_an_unknown_setting_is_refused():
         safety.decide(env="prod", setting="maybe", expand_pending=["m1"], can_take=True, snapshots=[], max_age=None)
 
 
-def test_the_lab_required_a_safety_point_is_refused_since_its_path_is_not_built(pair):
+def test_a_required_safety_point_is_refused_where_the_database_host_keeps_no_backups(pair):
     prod, _ = pair
     (prod.path / "group_vars" / "all" / "zz-z.yml").write_text("opsbook_release_snapshot: required\n")   # read last
+    (prod.path / "group_vars" / "db" / "zz-z.yml").write_text("postgres_backup: none\n")
     d = safety.decide_for(Env("labprod"), ["m1"])
     assert d.action == safety.REFUSE
-    assert "lab's snapshot path" in d.why
+    assert "db1 has postgres_backup: none" in d.why
+    assert "invoke snapshot --env labprod" in d.why
 
 
 def _rds_database(aws, env) -> str:

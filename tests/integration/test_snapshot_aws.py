@@ -159,14 +159,26 @@ def test_a_drill_of_an_aws_snapshot_says_not_verified_and_fails_with_a_record(aw
     assert drills[0]["figures"]["verdict"] == "NOT VERIFIED"
 
 
-def test_the_lab_is_refused_before_anything(tmp_path):
-    from opsbook.core.inventory import Env
+def test_a_lab_whose_database_host_keeps_no_backups_is_refused_before_anything(tmp_path, monkeypatch):
+    """No SSH, no lock, no record: the inventory alone says there is nothing to snapshot into."""
+    import shutil
 
-    lab = Env("lab")
-    for call in (lambda: snapshots.take(lab, reason="r"), lambda: snapshots.list_snapshots(lab),
-                 lambda: snapshots.drill(lab)):
-        with pytest.raises(base.PathNotBuilt, match=r"lab's snapshot path .* is not built yet. Nothing was done"):
+    from opsbook.core.inventory import INVENTORY_PATH_VARIABLE, Env
+    from opsbook.core.paths import ROOT
+
+    root = tmp_path / "inventories"
+    shutil.copytree(ROOT / "inventories" / "lab", root / "nobackups")
+    (root / "nobackups" / "group_vars" / "db" / "zz-test.yml").write_text("postgres_backup: none\n")
+    (root / "nobackups" / "group_vars" / "all" / "zz-test.yml").write_text(
+        f"opsbook_record_store: {tmp_path / 'records'}\n")
+    monkeypatch.setenv(INVENTORY_PATH_VARIABLE, str(root))
+    env = Env("nobackups")
+    for call in (lambda: snapshots.take(env, reason="r"), lambda: snapshots.list_snapshots(env),
+                 lambda: snapshots.drill(env)):
+        with pytest.raises(base.PathNotBuilt, match=r"database host db1 has postgres_backup: none, so its WAL is not "
+                                                    r"archived .* Nothing was done. Set postgres_backup: pgbackrest"):
             call()
+    assert not (tmp_path / "records").exists()
 
 
 def test_retention_rules_on_their_own():
@@ -223,7 +235,3 @@ def test_the_tasks_as_an_operator_runs_them(aws_inventory, aws, monkeypatch):
     assert drilled.returncode == 1
     assert "NOT VERIFIED" in drilled.stderr
 
-    lab = invoke("snapshot", "--env", "lab")
-    assert lab.returncode == 1
-    assert "the lab's snapshot path" in lab.stderr
-    assert "not built yet" in lab.stderr

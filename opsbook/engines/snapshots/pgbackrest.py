@@ -181,8 +181,9 @@ def _run(repo: Repository, *args: str, timeout: float = 3600) -> str:
                               "fixed.") from e
         raise BackupError(f"pgbackrest {args[0]} did not run: {e}") from e
     if proc.code == 127:
-        raise BackupError(f"pgbackrest is not installed on {where.host} (./run installs Debian's pgbackrest here; the "
-                          "lab image has it from its recipe 4); nothing was done")
+        raise BackupError(f"pgbackrest is not installed on {where.host} (./run installs Debian's pgbackrest here; "
+                          "the lab image has it: `invoke lab.up` recreates a host that runs an older image); nothing "
+                          "was done")
     if proc.code != 0:
         said = (proc.err.strip() or proc.out.strip())[-1500:]
         raise BackupError(f"pgbackrest {args[0]} failed on {where.host} (exit {proc.code}): {said}. pgBackRest's own "
@@ -398,12 +399,17 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
          f"--target={snap.restore_point}", "--target-action=promote", "--archive-mode=off",
          timeout=timeout)
     times["restore"] = time.monotonic() - t0
+    # A cluster whose configuration lives outside its data directory (Debian's /etc/postgresql/…, as on a
+    # lab db host) restores without postgresql.conf and pg_ident.conf: empty ones, the settings below.
+    repo.host.run(["/bin/sh", "-c", 'for f; do [ -e "$f" ] || : > "$f"; done', "sh", str(data / "postgresql.conf"),
+                   str(data / "pg_ident.conf")], user=repo.user, timeout=60)
     hba = base / "pg_hba.conf"
     write_file(repo.host, str(hba), "local all all trust\n", user=repo.user)
     port = free_port()   # names the socket file only: the cluster listens on no TCP port
     scratch = Scratch(base, data, port, repo.run_as, repo.runner, repo.sockets)
     opts = (f"-c port={port} -c listen_addresses='' -c unix_socket_directories={base} "
-            f"-c archive_mode=off -c archive_command='' -c hba_file={hba} -c cluster_name=opsbook-drill")
+            f"-c archive_mode=off -c archive_command='' -c hba_file={hba} -c cluster_name=opsbook-drill"
+            + "".join(f" -c {k}={v}" for k, v in _primary_minimums(repo, data).items()))
     try:
         _start_and_wait(scratch, opts, snap.restore_point, timeout)
     except BaseException:
@@ -412,6 +418,27 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
     times["usable"] = time.monotonic() - t0
     times["recovery"] = times["usable"] - times["restore"]
     return scratch, times
+
+
+# Recovery refuses to replay WAL with fewer of these than the primary had (its pg_control records them).
+_CONTROL_MINIMUMS = {
+    "max_connections": "max_connections setting", "max_worker_processes": "max_worker_processes setting",
+    "max_wal_senders": "max_wal_senders setting", "max_prepared_transactions": "max_prepared_xacts setting",
+    "max_locks_per_transaction": "max_locks_per_xact setting",
+}
+
+
+def _primary_minimums(repo: Repository, data: Path) -> dict[str, int]:
+    """The settings recovery needs at least as high as the backed-up cluster had, from the restored
+    pg_control (a cluster configured outside its data directory restores without them)."""
+    out = repo.host.run([str(PG_BIN / "pg_controldata"), str(data)], user=repo.user, check=False, timeout=60).out
+    found = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    values = {}
+    for setting, label in _CONTROL_MINIMUMS.items():
+        raw = found.get(label, "").strip()
+        if raw.isdigit():
+            values[setting] = int(raw)
+    return values
 
 
 def _start_and_wait(scratch: Scratch, opts: str, point: str, timeout: float) -> None:

@@ -1,0 +1,254 @@
+"""Snapshots of a lab environment's database: pgBackRest on its database host, over SSH.
+
+The machinery is ``opsbook.engines.snapshots.pgbackrest`` (backup, the restore point the manifest
+describes, the drill); this module points it at the environment's database host
+(``bl_api_db_host``, db1) through :class:`~opsbook.engines.remote.SshRunner`, and keeps what
+pgBackRest does not: which backups opsbook took, for which record and reason, and the manifest of
+each one's point.
+
+**Where things live** (the postgres role, ``postgres_backup: pgbackrest``, sets them up):
+
+- the repository: ``postgres_backup_repo`` on the database host (a lab db host keeps it on its data
+  volume, which outlives the container). It is on the same host as the database, so it proves that
+  a snapshot restores, not that it survives the loss of that host; an off-host repository
+  (another host, or object storage) is the next step and is not built;
+- WAL: archived into the repository by the cluster (``archive_command``), so a backup restores to
+  any later point, and the drill to the snapshot's own restore point;
+- opsbook's own record of a snapshot: ``<repo>/opsbook/<backup label>.json`` (env, record, reason,
+  restore point and its LSN, the write pause, and the manifest), written as ``postgres`` 0640 next to
+  the backup it describes. A backup without one was not taken by opsbook (or opsbook was killed
+  between the backup and its point): it is listed, never deleted by retention, and a drill of it says
+  NOT VERIFIED (there is no manifest to compare with).
+
+**The drill** restores into a scratch directory under the database host's data volume
+(``/var/lib/postgresql``), a cluster with archiving off, no TCP listener and a socket in a 0700
+directory; opsbook reads it through an SSH forward of that socket to a port on 127.0.0.1 of the
+controller (``tunnel.SocketForwards``). The service cannot reach it, it cannot push WAL into the
+repository, and it is stopped and removed when the drill ends, whatever the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from opsbook.core import facts
+from opsbook.engines.remote import CommandFailed, SshRunner, read_file, write_file
+from opsbook.engines.snapshots import manifest as manifests
+from opsbook.engines.snapshots import pgbackrest as pgbr
+from opsbook.engines.snapshots.base import DrillVerdict, PathNotBuilt, Snapshot, SnapshotError, newest_first
+from opsbook.engines.tunnel import SocketForwards
+
+CONFIG = Path("/etc/pgbackrest.conf")          # where the postgres role writes it (pgBackRest's default)
+SCRATCH_PARENT = "/var/lib/postgresql"        # the db host's data volume: room for a restored copy
+
+
+def _meta_dir(repo_path: str) -> str:
+    return f"{repo_path.rstrip('/')}/opsbook"
+
+
+# Reads every metadata file in one command (one SSH round trip for a whole list), without the
+# manifests: `list` needs the record and reason only. python3 is on every lab host (Ansible needs it).
+_READ_ALL = (
+    "import glob, json, os, sys\n"
+    "out = {}\n"
+    "for p in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):\n"
+    "    try:\n"
+    "        d = json.load(open(p))\n"
+    "    except (OSError, ValueError):\n"
+    "        continue\n"
+    "    d.pop('manifest', None)\n"
+    "    out[os.path.basename(p)[:-5]] = d\n"
+    "print(json.dumps(out))\n"
+)
+
+
+class LabSnapshots:
+    """take / list / delete / drill for one lab environment (see the module's docstring)."""
+
+    kind = "pgbackrest"
+
+    def __init__(self, env, *, runner=None):
+        self.env = env
+        self.db_host = str(env.var("bl_api_db_host"))
+        setting = env.host_var(self.db_host, "postgres_backup", "none")
+        if setting != "pgbackrest":
+            raise PathNotBuilt(
+                f"{env.name}'s database host {self.db_host} has postgres_backup: {setting}, so its WAL is not archived "
+                f"and there is no pgBackRest repository to snapshot into. Nothing was done. Set postgres_backup: "
+                f"pgbackrest for {self.db_host} in {env.path}/group_vars/db/ and converge it (`invoke provision --env "
+                f"{env.name} --hosts {self.db_host}`; the cluster restarts once to archive its WAL).")
+        self.stanza = str(env.host_var(self.db_host, "postgres_backup_stanza", "main"))
+        self.repo_path = str(env.host_var(self.db_host, "postgres_backup_repo", "/var/lib/postgresql/pgbackrest"))
+        version = env.host_var(self.db_host, "postgres_version", 15)
+        cluster = env.host_var(self.db_host, "postgres_cluster", "main")
+        self.runner = runner or SshRunner(env, self.db_host)
+        self.repo = pgbr.Repository(self.stanza, CONFIG, Path(f"/var/lib/postgresql/{version}/{cluster}"),
+                                    runner=self.runner, sockets=SocketForwards(env, self.db_host))
+        self.manifest_note = ""
+
+    # -- opsbook's metadata beside each backup -------------------------------------------------
+    def _meta_path(self, label: str) -> str:
+        return f"{_meta_dir(self.repo_path)}/{label}.json"
+
+    def _all_meta(self) -> dict[str, dict[str, Any]]:
+        r = self.runner.run(["python3", "-c", _READ_ALL, _meta_dir(self.repo_path)], user="postgres", timeout=60)
+        return json.loads(r.out or "{}")
+
+    def _meta(self, label: str) -> dict[str, Any] | None:
+        text = read_file(self.runner, self._meta_path(label), user="postgres")
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            return None
+
+    def _write_meta(self, label: str, meta: dict[str, Any]) -> None:
+        self.runner.run(["install", "-d", "-m", "0750", _meta_dir(self.repo_path)], user="postgres", timeout=60)
+        write_file(self.runner, self._meta_path(label), json.dumps(meta), user="postgres", mode="0640")
+
+    def _snapshot(self, b: pgbr.Backup, meta: dict[str, Any] | None) -> Snapshot:
+        ours = bool(meta) and meta.get("env") == self.env.name
+        has_point = bool(meta and meta.get("restore_point"))
+        return Snapshot(
+            id=b.id, kind=self.kind, source=f"{self.db_host} (stanza {self.stanza})",
+            status="available" if has_point else ("incomplete" if meta else "available"),
+            created=(meta or {}).get("point_at") or b.stopped,
+            size_gb=round(b.size / 1e9, 3), engine="postgres",
+            engine_version=str((meta or {}).get("server_version") or "") or None,
+            ours=ours, record_id=(meta or {}).get("record_id"), reason=(meta or {}).get("reason"))
+
+    # -- the interface ------------------------------------------------------------------------
+    def database(self):
+        return None
+
+    def can_take(self) -> tuple[bool, str]:
+        """Whether a snapshot can be taken now: the repository answers on the database host."""
+        try:
+            pgbr.list_backups(self.repo)
+        except (pgbr.BackupError, CommandFailed) as e:
+            return False, f"pgBackRest on {self.db_host} does not answer ({e})"
+        return True, ""
+
+    def list(self) -> list[Snapshot]:
+        """Every backup in the repository, newest first; opsbook's carry their record and reason."""
+        try:
+            backups = pgbr.list_backups(self.repo)
+            metas = self._all_meta() if backups else {}
+        except CommandFailed as e:
+            raise SnapshotError(f"cannot list {self.env.name}'s snapshots: {e}. Nothing was changed.") from None
+        return newest_first(self._snapshot(b, metas.get(b.id)) for b in backups)
+
+    def take(self, *, record_id: str, reason: str, log: Callable[[str], None] = print,
+             progress: list[dict[str, Any]] | None = None) -> Snapshot:
+        """A full backup, then the restore point the manifest describes (writes to user tables pause
+        for milliseconds), its manifest, and opsbook's metadata beside the backup. A point that cannot
+        be marked deletes the backup it made: nothing half-made is left to be mistaken for a snapshot."""
+        import time
+
+        from opsbook.engines.database import admin_conninfo
+
+        steps = progress if progress is not None else []
+        t0 = time.monotonic()
+
+        def say(step: str) -> None:
+            steps.append({"seconds": round(time.monotonic() - t0, 1), "status": step})
+            log(f"{self.env.name}: {step}")
+
+        say(f"full backup of {self.db_host} (stanza {self.stanza}) with pgBackRest")
+        b = pgbr.backup(self.repo, "full")
+        say(f"backup {b.id}: {b.size / 1e6:.1f} MB of database, {b.repo_size / 1e6:.1f} MB in the repository")
+        meta = {"env": self.env.name, "record_id": record_id, "reason": reason, "operator": facts.operator(),
+                "backup": b.id}
+        self._write_meta(b.id, meta)
+        name = f"opsbook-{record_id}"
+        say(f"restore point {name} and its manifest (writes pause while the point is marked)")
+        try:
+            lsn, pause_ms, m = pgbr.mark_point(admin_conninfo(self.env), name)
+            pgbr._run(self.repo, "check", timeout=300)   # archives the segment that holds the point
+        except BaseException as e:
+            self._forget(b.id, log)
+            if isinstance(e, Exception):
+                raise SnapshotError(f"{self.env.name}: backup {b.id} was taken but its restore point and manifest "
+                                    f"could not be ({type(e).__name__}: {e}); the backup was deleted again. The "
+                                    f"database was not changed. Retry `invoke snapshot --env {self.env.name}`.") from e
+            raise
+        tables = m.get("tables") or {}
+        meta.update({"restore_point": name, "restore_point_lsn": lsn, "write_pause_ms": pause_ms,
+                     "point_at": m.get("taken_at"), "server_version": m.get("server_version"),
+                     "database": m.get("database"), "manifest": m})
+        self._write_meta(b.id, meta)
+        rows = sum(int(t.get("rows") or 0) for t in tables.values())
+        self.manifest_note = (
+            f"manifest of {m.get('database')} at restore point {name} (LSN {lsn}; writes paused {pause_ms} ms): "
+            f"{len(tables)} tables, {rows} rows, {len(m.get('sequences') or {})} sequences, schema hash "
+            f"{(m.get('schema') or {}).get('hash', '?')[:16]}; read at "
+            f"{(m.get('figures') or {}).get('mb_per_s')} MB/s. "
+            f"Kept beside the backup in {self._meta_path(b.id)} on {self.db_host}; `invoke snapshot.drill --env "
+            f"{self.env.name} --snapshot {b.id}` restores the backup to that point and compares.")
+        say(f"snapshot {b.id} at {name}: {len(tables)} tables, {rows} rows; writes paused {pause_ms} ms")
+        return self._snapshot(b, meta)
+
+    def _forget(self, label: str, log: Callable[[str], None]) -> None:
+        """Delete a backup and its metadata (best effort; says what it could not)."""
+        try:
+            pgbr._run(self.repo, "expire", f"--set={label}", timeout=600)
+            self.runner.run(["rm", "-f", "--", self._meta_path(label)], user="postgres", timeout=60)
+        except (pgbr.BackupError, CommandFailed) as e:
+            log(f"{self.env.name}: could not delete the unfinished backup {label} ({e}); it is listed as "
+                f"`incomplete` and never drilled as a snapshot. Delete it with `pgbackrest --stanza={self.stanza} "
+                f"expire --set={label}` on {self.db_host}.")
+
+    def delete(self, snapshot: Snapshot, *, log: Callable[[str], None] = print) -> None:
+        """Delete one of opsbook's own snapshots of this environment (its metadata re-read here decides)."""
+        meta = self._meta(snapshot.id)
+        if not meta or meta.get("env") != self.env.name:
+            raise SnapshotError(f"backup {snapshot.id} was not taken by opsbook for {self.env.name} (no metadata of "
+                                f"its own says so); opsbook never deletes it. Nothing was deleted.")
+        pgbr._run(self.repo, "expire", f"--set={snapshot.id}", timeout=600)
+        self.runner.run(["rm", "-f", "--", self._meta_path(snapshot.id)], user="postgres", timeout=60)
+        log(f"{self.env.name}: deleted snapshot {snapshot.id} (taken {snapshot.created}, record {snapshot.record_id})")
+
+    def drill(self, snapshot_id: str | None = None, *, log: Callable[[str], None] = print,
+              before_verify: Callable[[pgbr.Scratch], None] | None = None) -> DrillVerdict:
+        """Restore the snapshot into a scratch cluster on the database host, recompute and compare its
+        manifest, run pg_amcheck, time it. `before_verify` (tests) sees the restored cluster first."""
+        snaps = self.list()
+        if snapshot_id:
+            found = [s for s in snaps if s.id == snapshot_id]
+            if not found:
+                known = ", ".join(s.id for s in snaps[:10]) or "none"
+                raise SnapshotError(f"no snapshot {snapshot_id!r} of {self.env.name} (its snapshots, newest first: "
+                                    f"{known}). Nothing was done. `invoke snapshot.list --env {self.env.name}` "
+                                    f"lists them.")
+            snap = found[0]
+        else:
+            usable = [s for s in snaps if s.ours and s.status == "available"]
+            if not usable:
+                return DrillVerdict(snapshot="", verified=False, passed=False,
+                                    problem=f"{self.env.name} has no snapshot taken by opsbook to drill (take one with "
+                                            f"`invoke snapshot --env {self.env.name}`).")
+            snap = usable[0]
+        meta = self._meta(snap.id) or {}
+        details: dict[str, Any] = {**snap.to_dict(), "restore_point": meta.get("restore_point")}
+        if not meta.get("manifest") or not meta.get("restore_point"):
+            return DrillVerdict(snapshot=snap.id, verified=False, passed=False, details=details,
+                                problem=f"backup {snap.id} has no restore point and manifest taken by opsbook, so "
+                                        f"nothing can say what its restored copy must hold.")
+        backup = next(b for b in pgbr.list_backups(self.repo) if b.id == snap.id)
+        ps = pgbr.Snapshot(backup, meta["restore_point"], meta.get("restore_point_lsn", ""),
+                           float(meta.get("write_pause_ms") or 0), meta["manifest"])
+        log(f"{self.env.name}: drilling snapshot {snap.id} (restore point {ps.restore_point}) on {self.db_host}")
+        result = pgbr.drill(self.repo, ps, meta["manifest"]["database"], scratch_parent=SCRATCH_PARENT,
+                            before_verify=before_verify, progress=lambda m: log(f"{self.env.name}: {m}"),
+                            workers=manifests.DEFAULT_WORKERS)
+        details.update({"seconds": result.seconds, "differences": result.differences[:50],
+                        "differences_total": len(result.differences), "amcheck": result.amcheck[-2000:],
+                        "database": meta["manifest"]["database"], "size_mb": round(backup.size / 1e6, 1)})
+        problem = result.problem
+        if result.verified and not result.passed:
+            found = result.differences[:3] + ([f"pg_amcheck: {result.amcheck[:300]}"] if result.amcheck else [])
+            problem = f"{len(result.differences)} difference(s) from the manifest: " + "; ".join(found)
+        return DrillVerdict(snapshot=snap.id, verified=result.verified, passed=result.passed, problem=problem,
+                            details=details)
