@@ -1,0 +1,105 @@
+"""Snapshots of the lab's database with pgBackRest on db1, over SSH, through the invoke tasks: a
+snapshot with its restore point and manifest, listed with the record that took it; a drill that
+restores it in a scratch cluster on db1, compares and passes; the same drill with one row tampered
+in the restored copy fails; an unknown snapshot is refused with the list; retention keeps the
+inventory's count; the scratch cluster is gone afterwards whatever the verdict."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from opsbook.engines.database import admin_conninfo
+from opsbook.engines.records.store import store_for
+from opsbook.engines.snapshots.lab import LabSnapshots
+from tests.fixtures.lab import ensure_database, invoke, ssh
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+@pytest.fixture
+def backed_up(lab_env):
+    """db1 archives its WAL into a pgBackRest stanza and the service database answers, whatever the
+    lab's state (a fresh lab has never been provisioned; an older checkout's db1 did not archive)."""
+    ensure_database(lab_env)
+    with psycopg.connect(admin_conninfo(lab_env), autocommit=True) as conn:
+        archiving = conn.execute("SHOW archive_mode").fetchone()[0] == "on"
+    stanza = ssh("db1", "test -f /var/lib/postgresql/pgbackrest/backup/main/backup.info && echo yes || echo no")
+    if not archiving or stanza != "yes":
+        invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
+    return lab_env
+
+
+def newest(env, runbook: str) -> dict:
+    return sorted((e for e in store_for(env).ledger() if e.get("runbook") == runbook), key=lambda e: e["start"])[-1]
+
+
+def scratch_dirs() -> str:
+    return ssh("db1", "ls -d /var/lib/postgresql/opsbook-drill-* 2>/dev/null || true")
+
+
+def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
+    env = backed_up
+    path = LabSnapshots(env)
+    before = {s.id for s in path.list() if s.ours}
+
+    taken = invoke("snapshot", "--env", "lab", "--reason", "suite: lab snapshot path", check=True)
+    entry = newest(env, "snapshot")
+    assert entry["outcome"] == "succeeded", entry.get("error")
+    sid = entry["figures"]["snapshot"]
+    assert sid in taken.stdout
+    assert entry["figures"]["manifest"].startswith("manifest of bl_api at restore point")   # not "none: ..."
+    ours = [s for s in path.list() if s.ours]
+    assert ours[0].id == sid
+    assert ours[0].status == "available"
+    assert ours[0].record_id == entry["id"]
+    assert ours[0].reason == "suite: lab snapshot path"
+
+    # Retention: the inventory keeps 3 of opsbook's own; what went is exactly what the record says it deleted.
+    keep = int(env.var("opsbook_snapshot_keep"))
+    assert len(ours) <= keep
+    deleted = set(entry["figures"]["deleted"])
+    assert (before | {sid}) - {s.id for s in ours} == deleted
+    assert len(before) + 1 <= keep or deleted
+
+    listed = invoke("snapshot.list", "--env", "lab", check=True)
+    assert sid in listed.stdout
+    assert f"record {entry['id']}" in listed.stdout
+
+    drilled = invoke("snapshot.drill", "--env", "lab", "--snapshot", sid)
+    assert drilled.returncode == 0, drilled.stdout[-3000:] + drilled.stderr[-3000:]
+    drill = newest(env, "restore_drill")
+    assert drill["outcome"] == "succeeded"
+    assert drill["figures"]["passed"] is True
+    assert drill["figures"]["snapshot"] == sid
+    assert drill["figures"]["differences"] == 0
+    assert drill["figures"]["usable_s"] > 0
+    assert scratch_dirs() == ""
+
+    # One row deleted from the restored copy (never from db1): the drill finds it and fails.
+    tampered: list[str] = []
+
+    def tamper(scratch) -> None:
+        with psycopg.connect(scratch.db("bl_api"), autocommit=True) as conn:
+            table = conn.execute("SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables "
+                                 "ORDER BY n_live_tup DESC, relname LIMIT 1").fetchone()[0]
+            conn.execute("SET session_replication_role = replica")   # no foreign key stops the tampering
+            gone = conn.execute(f"DELETE FROM {table} WHERE ctid = (SELECT ctid FROM {table} LIMIT 1)").rowcount
+            assert gone == 1, f"{table} has no row to tamper with"
+            tampered.append(table)
+
+    verdict = path.drill(sid, log=lambda _m: None, before_verify=tamper)
+    assert verdict.verified
+    assert not verdict.passed
+    assert verdict.verdict.startswith("FAILED: ")
+    assert f"table {tampered[0]}: " in verdict.problem
+    assert "rows expected" in verdict.problem
+    assert scratch_dirs() == ""
+    with psycopg.connect(admin_conninfo(env), autocommit=True) as conn:   # db1 itself untouched: it drills clean
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
+
+    unknown = invoke("snapshot.drill", "--env", "lab", "--snapshot", "20200101-000000F")
+    assert unknown.returncode == 1
+    assert "no snapshot '20200101-000000F' of lab" in unknown.stderr
+    assert sid in unknown.stderr
+    assert "Nothing was done" in unknown.stderr
