@@ -44,3 +44,20 @@ def test_service_database_exists(host, hostvars):
             "psql -Atc \"SELECT datname FROM pg_database WHERE datname = '%s'\"", hostvars["bl_api_db_name"]
         )
     assert out == hostvars["bl_api_db_name"]
+
+
+def test_wal_archiving_where_it_is_on_has_not_failed_since_it_last_worked(host):
+    """A cluster that archives its WAL (postgres_backup: pgbackrest) must be archiving: a failing
+    archive_command keeps every WAL segment in pg_wal until the disk is full, and no backup taken
+    since can be restored past its end."""
+    with host.sudo("postgres"):
+        mode, healthy, last_ok, last_failed, failed_wal = host.check_output(
+            "psql -AtF '|' -c \"SELECT current_setting('archive_mode'), "
+            "coalesce(last_failed_time < last_archived_time, last_failed_time IS NULL), "
+            "coalesce(last_archived_time::text, 'never'), coalesce(last_failed_time::text, ''), "
+            "coalesce(last_failed_wal, '') FROM pg_stat_archiver\"").split("|")
+    if mode == "off":
+        return
+    assert healthy == "t", (
+        f"WAL archiving fails: segment {failed_wal} failed at {last_failed}, the last success was {last_ok}; see "
+        f"/var/log/pgbackrest/ and `pgbackrest --stanza=main check` on this host")
