@@ -5,7 +5,8 @@
 - pgbackrest: backups of a cluster with pgBackRest and the restore drill (restore into a scratch
   cluster nobody else can reach, recompute the manifest, compare, pg_amcheck, time to usable)
 - base: the take / list / delete / drill interface every path offers, retention, ages
+- lab: pgBackRest on a lab environment's database host (db1) over SSH, with opsbook's metadata
 - aws: RDS DB snapshots and Aurora cluster snapshots of an AWS environment's database
-- paths: which path an environment has (the lab's, pgBackRest on db1 over SSH, is not built yet)
+- paths: which path an environment has
 - safety: a release's safety point (take one, use a recent one, or refuse)
 """

@@ -2,7 +2,7 @@
 back to.
 
 The inventory decides (``opsbook_release_snapshot``): ``required`` (staging, prod) or ``off`` (the
-lab, whose snapshot path is not built yet). When required and the plan has expand migrations, the
+lab, where releases come fast). When required and the plan has expand migrations, the
 release takes a snapshot first through the environment's snapshot path (its record names it);
 where taking one is not possible (no path for the environment, or its database is not in a state
 to be snapshotted), it goes ahead only on a snapshot younger than
