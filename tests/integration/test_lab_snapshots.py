@@ -6,22 +6,33 @@ inventory's count; the scratch cluster is gone afterwards whatever the verdict."
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
 
 from opsbook.engines.database import admin_conninfo
 from opsbook.engines.records.store import store_for
 from opsbook.engines.snapshots.lab import LabSnapshots
-from tests.fixtures.lab import ensure_database, invoke, ssh
+from tests.fixtures.lab import http_json, invoke, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
 @pytest.fixture
-def backed_up(lab_env):
-    """db1 archives its WAL into a pgBackRest stanza and the service database answers, whatever the
-    lab's state (a fresh lab has never been provisioned; an older checkout's db1 did not archive)."""
-    ensure_database(lab_env)
+def backed_up(lab_env, serving_fleet, lb_url):
+    """db1 archives its WAL into a pgBackRest stanza, and the service database holds rows (written
+    through the service), whatever the lab's state (a fresh lab has never been released to; an older
+    checkout's db1 did not archive)."""
+    course = str(uuid.uuid4())
+    status, _ = http_json(f"{lb_url}/create_course", {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())})
+    assert status == 200
+    responses = [{"response_uuid": str(uuid.uuid4()), "course_uuid": course, "student_uuid": str(uuid.uuid4()),
+                  "exercise_uuid": str(uuid.uuid4()), "ecosystem_item_uuid": str(uuid.uuid4()),
+                  "trial_uuid": str(uuid.uuid4()), "is_correct": True, "is_real_response": True,
+                  "responded_at": "2026-11-28T12:00:00Z"} for _ in range(50)]
+    status, body = http_json(f"{lb_url}/record_responses", {"responses": responses})
+    assert status == 200, body
     with psycopg.connect(admin_conninfo(lab_env), autocommit=True) as conn:
         archiving = conn.execute("SHOW archive_mode").fetchone()[0] == "on"
     stanza = ssh("db1", "test -f /var/lib/postgresql/pgbackrest/backup/main/backup.info && echo yes || echo no")
@@ -81,11 +92,12 @@ def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
 
     def tamper(scratch) -> None:
         with psycopg.connect(scratch.db("bl_api"), autocommit=True) as conn:
-            table = conn.execute("SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables "
-                                 "ORDER BY n_live_tup DESC, relname LIMIT 1").fetchone()[0]
             conn.execute("SET session_replication_role = replica")   # no foreign key stops the tampering
-            gone = conn.execute(f"DELETE FROM {table} WHERE ctid = (SELECT ctid FROM {table} LIMIT 1)").rowcount
-            assert gone == 1, f"{table} has no row to tamper with"
+            tables = [r[0] for r in conn.execute("SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables "
+                                                 "ORDER BY relname").fetchall()]
+            # the restored copy's statistics are reset by recovery: find a row by looking
+            table = next(t for t in tables if conn.execute(
+                f"DELETE FROM {t} WHERE ctid = (SELECT ctid FROM {t} LIMIT 1)").rowcount == 1)
             tampered.append(table)
 
     verdict = path.drill(sid, log=lambda _m: None, before_verify=tamper)
