@@ -343,6 +343,12 @@ class Scratch:
             self.host.run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"], user=self.user,
                           check=False, timeout=120)
 
+    def stop_now(self) -> None:
+        """Stop it without waiting for clients (a cluster nobody should be using any more)."""
+        with contextlib.suppress(CommandFailed):
+            self.host.run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"], user=self.user,
+                          check=False, timeout=120)
+
     def remove(self) -> None:
         (self.sockets or _LOCAL_SOCKETS).close(self.base, self.port)
         self.stop()
@@ -485,6 +491,47 @@ def amcheck(scratch: Scratch, dbname: str, *, timeout: float = 3600) -> tuple[bo
     raise BackupError(f"pg_amcheck could not run (exit {proc.code}): {said[-1000:]}")
 
 
+OWNER_FILE = "opsbook-owner"   # in a scratch directory: "<controller host> <pid> <process start>" of its drill
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {_start_ticks(os.getpid())}\n"
+
+
+def remove_stale_scratch(repo: Repository, parent: str, say: Callable[[str], None]) -> list[str]:
+    """Stop and remove the scratch clusters under `parent` that a drill from this controller left
+    when it was killed (its process is gone); a live drill's, or another controller's, is left and named."""
+    listing = repo.host.run(["/bin/sh", "-c", 'for f in "$1"/opsbook-drill-*/' + OWNER_FILE + '; do [ -f "$f" ] && '
+                             'printf "%s %s\\n" "${f%/*}" "$(head -c 200 "$f")"; done; true', "sh", parent],
+                            timeout=60, check=False).out
+    removed = []
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) != 4:
+            continue
+        base, host, pid, ticks = parts
+        mine = host == socket.gethostname()
+        if mine and pid.isdigit() and _start_ticks(int(pid)) != ticks:
+            Scratch(Path(base), Path(base) / "data", 0, repo.run_as, repo.runner, repo.sockets).stop_now()
+            _remove_dir(repo.host, Path(base))
+            removed.append(base)
+            say(f"removed {base} on {repo.host.host}: the scratch cluster of a drill that was stopped before it could "
+                f"clean up (pid {pid} is gone)")
+        elif not mine or pid != str(os.getpid()):
+            say(f"left {base} on {repo.host.host}: the scratch cluster of a drill still running"
+                + ("" if mine else f" on {host}, or one {host} left (remove it there once no drill runs)"))
+    return removed
+
+
 def drill(
     repo: Repository, snap: Snapshot, dbname: str, *, scratch_dir: Path | None = None,
     scratch_parent: str | None = None, keep: bool = False,
@@ -502,9 +549,12 @@ def drill(
     scratch = None
     base = None
     try:
+        if scratch_parent and not scratch_dir:
+            remove_stale_scratch(repo, scratch_parent, say)
         base = Path(scratch_dir) if scratch_dir else Path(repo.host.run(
             ["mktemp", "-d", *(["-p", scratch_parent] if scratch_parent else ["-t"]), "opsbook-drill-XXXXXXXX"],
             timeout=60).out.strip())
+        write_file(repo.host, str(base / OWNER_FILE), _owner(), mode="0644")
         say(f"restoring {snap.backup.id} to {snap.restore_point} into {base}")
         scratch, times = restore(repo, snap, base)
         result.seconds.update({k: round(v, 2) for k, v in times.items()})
