@@ -37,7 +37,7 @@ BASE_PACKAGES = [
 EXTRA_PACKAGES = [
     "postgresql-15", "postgresql-client-15", "haproxy", "python3-venv", "python3-psycopg2",
     "python3-apt", "curl", "socat", "procps", "less", "iputils-ping", "netcat-openbsd", "tzdata",
-    "locales", "rsync", "nftables", "pgbackrest",
+    "locales", "rsync", "nftables", "pgbackrest", "btrfs-progs",
 ]
 IMAGE_RECIPE_VERSION = "3"   # bump when the bake steps below change
 

@@ -151,7 +151,7 @@ class SshRunner:
             words = ["runuser", "-u", user, "--", *words]
         if self._login != "root":
             words = ["sudo", "-n", "--", *words]
-        remote = shlex.join(words)
+        remote = "cd / && " + shlex.join(words)   # runuser keeps the login's home, which postgres cannot read
         # stdin is always given (empty when none): ssh must never read the operator's terminal.
         return _complete(self.host, shlex.join(str(a) for a in argv), [*self._ssh, self.address, "--", remote],
                          stdin=stdin if stdin is not None else "", timeout=timeout, check=check, unreachable=255)
@@ -160,6 +160,20 @@ class SshRunner:
         """End the master connection (also ended by ControlPersist a minute after the last command)."""
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run([*self._ssh, "-O", "exit", self.address], capture_output=True, timeout=10, check=False)
+
+
+class LocalSockets:
+    """How this machine reaches a Unix socket directory of a cluster on this machine: directly. (A
+    cluster on another host is reached through ``opsbook.engines.tunnel.SocketForwards``.)"""
+
+    def conninfo(self, directory, port: int) -> str:
+        return f"host={directory} port={port}"
+
+    def close(self, directory, port: int) -> None:
+        pass
+
+
+LOCAL_SOCKETS = LocalSockets()
 
 
 def read_file(runner: Runner, path: str, *, user: str | None = None) -> str | None:

@@ -59,6 +59,8 @@ from typing import Any
 
 from opsbook.core.errors import OpsbookError
 from opsbook.engines.clones.runner import CommandFailed, Runner, read_file, write_file
+from opsbook.engines.pgcluster import recovery_minimums
+from opsbook.engines.remote import LOCAL_SOCKETS
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -163,10 +165,11 @@ def rewrite_auto_conf(text: str, settings: dict[str, str | None]) -> str:
 class BtrfsClones:
     """The standby and clones of one source on one clone host (see the module's docstring)."""
 
-    def __init__(self, runner: Runner, settings: Settings, *, log: Callable[[str], None] = print):
+    def __init__(self, runner: Runner, settings: Settings, *, log: Callable[[str], None] = print, sockets=None):
         self.r = runner
         self.s = settings
         self.log = log
+        self.sockets = sockets or LOCAL_SOCKETS   # how this machine reaches the clone host's socket directory
         base = settings.base.rstrip("/")
         self.base = base
         self.image = f"{base}/btrfs.img"
@@ -203,9 +206,9 @@ class BtrfsClones:
         return f"{self.clones_dir}/{name}"
 
     def conninfo(self, port: int, dbname: str = "postgres") -> str:
-        """Superuser conninfo through the clone host's socket directory (reachable from this machine
-        only when the runner is local)."""
-        return f"host={self.run_dir} port={port} user={self.s.os_user} dbname={dbname}"
+        """Superuser conninfo through the clone host's socket directory: the socket itself when the
+        host is this machine, an SSH forward of it otherwise (`sockets`). The cluster must be running."""
+        return f"{self.sockets.conninfo(self.run_dir, port)} user={self.s.os_user} dbname={dbname}"
 
     # -- tools and the filesystem ----------------------------------------------------------------
     def check_host(self) -> None:
@@ -445,8 +448,10 @@ class BtrfsClones:
         if not self._exists(f"{self.standby_data}/pg_ident.conf"):
             write_file(self.r, f"{self.standby_data}/pg_ident.conf", "", user=user)
         auto = read_file(self.r, f"{self.standby_data}/postgresql.auto.conf", user=user) or ""
+        minimums = {k: str(v) for k, v in recovery_minimums(self.r, self.standby_data, user=user,
+                                                               pg_bin=self.s.pg_bin).items()}
         write_file(self.r, f"{self.standby_data}/postgresql.auto.conf",
-                   rewrite_auto_conf(auto, self._standby_settings(source)), user=user)
+                   rewrite_auto_conf(auto, {**minimums, **self._standby_settings(source)}), user=user)
         write_file(self.r, f"{self.standby_data}/standby.signal", "", user=user)
         self._start(self.standby_data, "standby")
 

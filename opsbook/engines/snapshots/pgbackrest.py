@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from opsbook.core.errors import OpsbookError
-from opsbook.engines.remote import CommandFailed, LocalRunner, Runner, read_file, write_file
+from opsbook.engines.pgcluster import recovery_minimums
+from opsbook.engines.remote import LOCAL_SOCKETS, CommandFailed, LocalRunner, Runner, read_file, write_file
 from opsbook.engines.snapshots import manifest as manifests
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -78,19 +79,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class LocalSockets:
-    """How this machine reaches a cluster's Unix socket directory: directly."""
-
-    def conninfo(self, directory: Path, port: int) -> str:
-        return f"host={directory} port={port}"
-
-    def close(self, directory: Path, port: int) -> None:
-        pass
-
-
-_LOCAL_SOCKETS = LocalSockets()
 
 
 @dataclass(frozen=True)
@@ -120,7 +108,7 @@ class Repository:
 
     @property
     def reach(self):
-        return self.sockets or _LOCAL_SOCKETS
+        return self.sockets or LOCAL_SOCKETS
 
 
 def write_config(  # noqa: PLR0917 - one pgbackrest.conf's settings
@@ -335,7 +323,7 @@ class Scratch:
         return self.db("postgres")
 
     def db(self, name: str) -> str:
-        return f"{(self.sockets or _LOCAL_SOCKETS).conninfo(self.base, self.port)} user=postgres dbname={name}"
+        return f"{(self.sockets or LOCAL_SOCKETS).conninfo(self.base, self.port)} user=postgres dbname={name}"
 
     def stop(self) -> None:
         # the host did not answer, or pg_ctl hung: remove() says nothing either way
@@ -350,7 +338,7 @@ class Scratch:
                           check=False, timeout=120)
 
     def remove(self) -> None:
-        (self.sockets or _LOCAL_SOCKETS).close(self.base, self.port)
+        (self.sockets or LOCAL_SOCKETS).close(self.base, self.port)
         self.stop()
         _remove_dir(self.host, self.base)
 
@@ -415,7 +403,7 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
     scratch = Scratch(base, data, port, repo.run_as, repo.runner, repo.sockets)
     opts = (f"-c port={port} -c listen_addresses='' -c unix_socket_directories={base} "
             f"-c archive_mode=off -c archive_command='' -c hba_file={hba} -c cluster_name=opsbook-drill"
-            + "".join(f" -c {k}={v}" for k, v in _primary_minimums(repo, data).items()))
+            + "".join(f" -c {k}={v}" for k, v in recovery_minimums(repo.host, str(data), user=repo.user).items()))
     try:
         _start_and_wait(scratch, opts, snap.restore_point, timeout)
     except BaseException:
@@ -424,27 +412,6 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
     times["usable"] = time.monotonic() - t0
     times["recovery"] = times["usable"] - times["restore"]
     return scratch, times
-
-
-# Recovery refuses to replay WAL with fewer of these than the primary had (its pg_control records them).
-_CONTROL_MINIMUMS = {
-    "max_connections": "max_connections setting", "max_worker_processes": "max_worker_processes setting",
-    "max_wal_senders": "max_wal_senders setting", "max_prepared_transactions": "max_prepared_xacts setting",
-    "max_locks_per_transaction": "max_locks_per_xact setting",
-}
-
-
-def _primary_minimums(repo: Repository, data: Path) -> dict[str, int]:
-    """The settings recovery needs at least as high as the backed-up cluster had, from the restored
-    pg_control (a cluster configured outside its data directory restores without them)."""
-    out = repo.host.run([str(PG_BIN / "pg_controldata"), str(data)], user=repo.user, check=False, timeout=60).out
-    found = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    values = {}
-    for setting, label in _CONTROL_MINIMUMS.items():
-        raw = found.get(label, "").strip()
-        if raw.isdigit():
-            values[setting] = int(raw)
-    return values
 
 
 def _start_and_wait(scratch: Scratch, opts: str, point: str, timeout: float) -> None:
