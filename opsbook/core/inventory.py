@@ -215,7 +215,9 @@ class Env:
         hostobj = self._inventory.get_host(host)
         if hostobj is None:
             raise OpsbookError(f"host {host!r} is not in the {self.name} inventory ({self.path}/).")
-        variables = dict(self._raw_vars)
+        # The `all` group's variables as the implicit localhost sees them, less what Ansible gives that
+        # implicit host alone (ansible_connection: local), which no inventory host inherits.
+        variables = {k: v for k, v in self._raw_vars.items() if k != "ansible_connection"}
         variables.update(self._varman.get_vars(host=hostobj, include_hostvars=False))
         variables["inventory_dir"] = str(self.path)
         variables["opsbook_env_name"] = self.name

@@ -29,15 +29,18 @@ against the source's database, `masking.check_database`: each list in the messag
 7. *switch*: the clone serves on the target's database port in place of the previous one, which is
    stopped and kept; the target's credentials are tried there, and when they fail the previous clone
    serves again;
-8. *app hosts*: restarted onto it and asked for their version;
+8. *app hosts*: those that serve a release are restarted onto it and asked for their version (a host
+   never released to has nothing to restart: the record says so, and a release there comes next);
 9. *prune*: clones beyond `opsbook_refresh_keep` (2) are deleted, never the serving one.
 
 A refresh that fails before the switch deletes its clone (it holds unmasked or half-masked data)
 and leaves the target's previous database serving, untouched; the record says so.
 
-**Not built**, and refused as such: a clone host reached over SSH (the lab's db2: no lab-staging
-environment, no replication role on db1, no SSH runner), and the AWS path's data plane (the Aurora
-clone itself is built and tested against moto; masking it needs a path into the VPC).
+The lab's staging is `lab-staging` (`invoke staging.refresh --from lab --to lab-staging`): its clone
+host stg-db1 is reached over SSH, the clones' sockets through SSH forwards.
+
+**Not built**, and refused as such: the AWS path's data plane (the Aurora clone itself is built and
+tested against moto; masking it needs a path into the VPC).
 """
 
 from __future__ import annotations
@@ -261,10 +264,12 @@ class _Btrfs:
             self.finish()
         except Exception as e:
             failed = next((r["step"] for r in reversed(self.data["steps"]) if r["status"] == "failed"), "?")
-            serving = self.engine.current()
-            if made and not switched:
-                self.engine.discard(self.name)
+            discarded = made and not switched
+            if discarded:
+                self.engine.discard(self.name)   # also drops the `current` link if a failed switch left it on it
                 self.data["discarded"] = self.name
+            serving = self.engine.current()
+            if discarded:
                 left = (f"The clone {self.name} was deleted (it held unmasked or half-masked data); "
                         f"{self.target.name}'s previous database ({serving or 'none'}) serves as before.")
             elif switched:
@@ -368,7 +373,9 @@ def _database_bytes(conninfo: str, dbname: str) -> int:
 
 def _check_database(target: Env, rules: masking.Masking) -> dict[str, Any]:
     """The new database, reached as the target's service reaches it: its admin role, then its service
-    role counting the rows of every table the masking file masks."""
+    role counting the rows of every table the masking file masks. The service role connects from one of
+    the target's app hosts (an SSH forward through it: pg_hba admits the service role from there only),
+    or straight from here where the target has no app hosts."""
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -377,6 +384,11 @@ def _check_database(target: Env, rules: masking.Masking) -> dict[str, Any]:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute("SELECT 1")
     params = conninfo_to_dict(admin)
+    if target.hosts("app") and target.var("opsbook_db_reach", "direct") != "ssh":   # ssh: admin's is one already
+        from opsbook.engines import tunnel
+
+        params.update(host="127.0.0.1", port=tunnel.forward(target, database.address(target),
+                                                            int(target.var("bl_api_db_port")), via="app"))
     app = make_conninfo(**{**params, "user": target.var("bl_api_db_user"),
                            "password": target.var("bl_api_db_password")})
     rows = {}
@@ -386,27 +398,40 @@ def _check_database(target: Env, rules: masking.Masking) -> dict[str, Any]:
     return {"admin": "connected", "service_role_rows": rows}
 
 
+NEVER_RELEASED = 3   # the exit code of the restart command on an app host that has no release yet
+
+
 def restart_app_hosts(env: Env, out: Callable[[str], None]) -> dict[str, Any]:
-    """Restart the service on every app host (one Ansible `raw` call), then wait until each answers its
-    /version. An environment without app hosts has nothing to restart (said in the record).
-    NOT VERIFIED here: no environment with app hosts can be refreshed yet (the lab's path is not built)."""
+    """Restart the service on every app host that serves a release (one Ansible `raw` call), then wait
+    until each answers its /version. An environment without app hosts, or whose app hosts were never
+    released to, has nothing to restart (said in the record: a release comes next)."""
     hosts = [h.name for h in env.hosts("app")]
     if not hosts:
         return {"hosts": [], "note": f"{env.name} has no app hosts: nothing to restart"}
     service = str(env.host_var(hosts[0], "app_service", "bl-api"))
-    answers = ansible.raw(env, "app", f"systemctl restart {shlex.quote(service)}")
-    failed = {h: a for h, a in answers.items() if a is None or a[0] != 0}
+    root = str(env.host_var(hosts[0], "app_root", f"/srv/{service}"))
+    answers = ansible.raw(env, "app", f"test -e {shlex.quote(root + '/current')} || exit {NEVER_RELEASED}; "
+                                      f"systemctl restart {shlex.quote(service)}")
+    never = sorted(h for h, a in answers.items() if a is not None and a[0] == NEVER_RELEASED)
+    failed = {h: a for h, a in answers.items() if a is None or a[0] not in (0, NEVER_RELEASED)}
     if failed:
         raise RefreshFailed(f"restarting {service} failed on {', '.join(sorted(failed))}: the database switched, those "
                             f"hosts may not serve. Run `invoke check --env {env.name}`.")
+    hosts = [h for h in hosts if h not in never]
+    if not hosts:
+        return {"hosts": [], "never_released": never,
+                "note": f"{env.name}'s app hosts ({', '.join(never)}) were never released to: nothing to restart; "
+                        f"`invoke release --env {env.name}` next"}
     # The inventory's health timeout, the one a release gives a switched host.
     health_s = float(env.var("opsbook_release_health_timeout", 60))
     deadline = time.monotonic() + health_s
     while True:
         served = fleet.served_versions(env)
-        down = {h: served.reasons.get(h, "") for h, v in served.items() if v is None}
+        down = {h: served.reasons.get(h, "") for h, v in served.items() if v is None and h in hosts}
         if not down:
-            return {"hosts": hosts, "versions": dict(served), "note": f"{len(hosts)} app host(s) restarted and serving"}
+            return {"hosts": hosts, "never_released": never, "versions": {h: served.get(h) for h in hosts},
+                    "note": f"{len(hosts)} app host(s) restarted and serving"
+                            + (f"; never released to: {', '.join(never)}" if never else "")}
         if time.monotonic() > deadline:
             raise RefreshFailed(f"after the restart {', '.join(f'{h} ({why})' for h, why in down.items())} did not "
                                 f"answer /version within {health_s:g} s; the database switched. Run `invoke "

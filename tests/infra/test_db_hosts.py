@@ -1,5 +1,10 @@
 """Database hosts: Postgres running, reachable only as pg_hba allows.
 
+A host with postgres_serving: clones (lab-staging's clone host) runs no cluster of its own: the clone
+staging refresh switched in serves on the port, under the pg_hba.conf the role wrote for it, and
+Debian's cluster must stay stopped (it would take the port). Before a first refresh nothing listens,
+and these checks say so (a release there would have no database).
+
 The cluster (postgres_version, postgres_cluster: group_vars/db/), the port, database and service
 role (bl_api_db_port, bl_api_db_name, bl_api_db_user) and the ports that must stay closed
 (lb_http_port, bl_api_port: group_vars/all/) come from the inventory."""
@@ -13,14 +18,23 @@ def _cluster(hostvars):
     return f"postgresql@{version}-{cluster}", f"/etc/postgresql/{version}/{cluster}"
 
 
+def _clones(hostvars) -> bool:
+    return hostvars["postgres_serving"] == "clones"
+
+
 def test_postgres_running_and_enabled(host, hostvars):
     svc = host.service(_cluster(hostvars)[0])
+    if _clones(hostvars):
+        assert not svc.is_running, "Debian's own cluster runs on a clone host: it would take the clones' port"
+        return
     assert svc.is_running
     assert svc.is_enabled
 
 
 def test_listens_on_its_port(host, hostvars):
-    assert host.socket(f"tcp://0.0.0.0:{hostvars['bl_api_db_port']}").is_listening
+    assert host.socket(f"tcp://0.0.0.0:{hostvars['bl_api_db_port']}").is_listening, (
+        "no clone serves here yet: run `invoke staging.refresh` for this environment" if _clones(hostvars) else
+        "Postgres does not listen on its port")
 
 
 def test_no_http_service_here(host, hostvars):
@@ -29,7 +43,8 @@ def test_no_http_service_here(host, hostvars):
 
 
 def test_pg_hba_allows_the_service_role_from_app_hosts_only(host, hostvars, inventory):
-    hba = host.file(f"{_cluster(hostvars)[1]}/pg_hba.conf")
+    path = hostvars["postgres_clones_hba_file"] if _clones(hostvars) else f"{_cluster(hostvars)[1]}/pg_hba.conf"
+    hba = host.file(path)
     assert hba.mode == 0o640
     lines = [line.split() for line in hba.content_string.splitlines() if line.strip() and not line.startswith("#")]
     service_sources = {f[3] for f in lines if f[0] == "host" and f[2] == hostvars["bl_api_db_user"]}
@@ -39,6 +54,8 @@ def test_pg_hba_allows_the_service_role_from_app_hosts_only(host, hostvars, inve
 
 
 def test_service_database_exists(host, hostvars):
+    if _clones(hostvars):
+        return   # the refresh checks it through the service's own role (staging_refresh: switch)
     with host.sudo("postgres"):
         out = host.check_output(
             "psql -Atc \"SELECT datname FROM pg_database WHERE datname = '%s'\"", hostvars["bl_api_db_name"]
@@ -46,10 +63,12 @@ def test_service_database_exists(host, hostvars):
     assert out == hostvars["bl_api_db_name"]
 
 
-def test_wal_archiving_where_it_is_on_has_not_failed_since_it_last_worked(host):
+def test_wal_archiving_where_it_is_on_has_not_failed_since_it_last_worked(host, hostvars):
     """A cluster that archives its WAL (postgres_backup: pgbackrest) must be archiving: a failing
     archive_command keeps every WAL segment in pg_wal until the disk is full, and no backup taken
     since can be restored past its end."""
+    if _clones(hostvars):
+        return   # clones never archive (archive_mode off: they must not push WAL into the source's archive)
     with host.sudo("postgres"):
         mode, healthy, last_ok, last_failed, failed_wal = host.check_output(
             "psql -AtF '|' -c \"SELECT current_setting('archive_mode'), "

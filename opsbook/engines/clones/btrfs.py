@@ -676,8 +676,10 @@ class BtrfsClones:
         self._stop(f"{self.clone_path(name)}/data")
 
     def discard(self, name: str) -> None:
-        """Stop a clone and delete its subvolume (and its log)."""
+        """Stop a clone and delete its subvolume (and its log; and the `current` link if it named it)."""
         path = self.clone_path(name)
+        if self.current() == name:
+            self.r.run(["rm", "-f", self.current_link])
         if self._exists(f"{path}/data"):
             self._stop(f"{path}/data")
         if self._exists(path):

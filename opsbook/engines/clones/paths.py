@@ -15,8 +15,8 @@
   The standby reaches the source's database where the source's service does (``bl_api_db_address``
   or ``bl_api_db_host``, ``bl_api_db_port``) as ``opsbook_replication_user`` /
   ``opsbook_replication_password`` of the source (default: its admin role), which needs REPLICATION.
-  A clone host reached over SSH is refused as not built (:func:`opsbook.engines.clones.runner.for_host`);
-  so is the lab itself: it has no second environment (lab-staging) and db1 has no replication role.
+  A clone host is reached over SSH with the inventory's settings, or is this machine
+  (``ansible_connection: local``): :func:`opsbook.engines.clones.runner.for_host`.
 - two **AWS** environments: the Aurora path (:mod:`opsbook.engines.clones.aurora`), refused as not
   built until the controller can reach a clone's data (see its ``DATA_PATH_NOT_BUILT``).
 """
@@ -34,15 +34,11 @@ from opsbook.engines.clones.btrfs import BtrfsClones, Settings, Source
 from opsbook.engines.snapshots.base import PathNotBuilt
 
 DEFAULT_DIR = "/var/lib/opsbook/refresh"
-LAB_NOT_BUILT = (
+NO_CLONE_HOST = (
     "{target} names no clone host (opsbook_refresh_host), so there is nowhere to keep a standby of {source} and make "
-    "its clones. In the lab that is db2, and the lab's refresh path is not built: it needs a second lab environment "
-    "(lab-staging: its own load balancer and app hosts, and db2) for the refresh to target, a replication role on "
-    "db1 that pg_hba.conf admits from db2, btrfs-progs in the lab image and a loop device mounted inside the "
-    "privileged db2 container (not yet tried), and the clone machinery run there over SSH (the runner exists, "
-    "opsbook/engines/remote.py; the machinery never ran through it). Nothing was changed. A clone host that "
-    "is the controller itself (ansible_connection: local) works today: set opsbook_refresh_host in "
-    "{path}/group_vars/all/.")
+    "its clones. Nothing was changed. The lab's staging is lab-staging (`invoke staging.refresh --from lab --to "
+    "lab-staging`); for another environment, set opsbook_refresh_host (and opsbook_refresh_dir, "
+    "opsbook_refresh_listen_addresses, opsbook_refresh_hba_file) in {path}/group_vars/all/.")
 
 
 @dataclass
@@ -70,13 +66,13 @@ def btrfs_refresh(source, target, *, log: Callable[[str], None] = print) -> Btrf
     live, or whose service would not connect to them. Reads inventories only (changes nothing)."""
     host = str(target.var("opsbook_refresh_host", "") or "")
     if not host:
-        raise PathNotBuilt(LAB_NOT_BUILT.format(target=target.name, source=source.name, path=target.path))
+        raise PathNotBuilt(NO_CLONE_HOST.format(target=target.name, source=source.name, path=target.path))
     served_by = str(target.var("bl_api_db_host", "") or "")
     if served_by != host:
         raise OpsbookError(f"{target.name}'s service connects to {served_by or '(no bl_api_db_host)'}, but its clones "
                            f"would serve on {host} (opsbook_refresh_host): the app hosts would not see the refreshed "
                            f"database. Nothing was changed. Make the two the same host.")
-    runner = runners.for_host(target, host)
+    runner, sockets = runners.for_host(target, host)
     settings = Settings(
         base=str(target.var("opsbook_refresh_dir", DEFAULT_DIR)),
         image_gb=int(target.var("opsbook_refresh_image_gb", 20)),
@@ -90,6 +86,6 @@ def btrfs_refresh(source, target, *, log: Callable[[str], None] = print) -> Btrf
         user=str(source.var("opsbook_replication_user", None) or source.var("opsbook_db_admin_user")),
         password=str(source.var("opsbook_replication_password", None) or source.var("opsbook_db_admin_password")),
         dbname=str(source.var("bl_api_db_name")))
-    return BtrfsRefresh(engine=BtrfsClones(runner, settings, log=log), source=source_db,
+    return BtrfsRefresh(engine=BtrfsClones(runner, settings, log=log, sockets=sockets), source=source_db,
                         service_port=int(target.var("bl_api_db_port")),
                         keep=int(target.var("opsbook_refresh_keep", 2)), host=host)

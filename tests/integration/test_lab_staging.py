@@ -1,0 +1,103 @@
+"""lab-staging, the lab's staging, as an operator uses it: `invoke staging.refresh --from lab --to
+lab-staging` makes its database a copy of the lab's (a streaming standby of db1 on stg-db1's btrfs,
+snapshotted and promoted; reached over SSH), masked, with lab-staging's own credentials, serving its
+app host; a release to lab-staging on it is a real rehearsal, and the rehearsal gate passes for that
+artifact (the lab pair standing in for prod and staging) and refuses another."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from opsbook.core.inventory import load
+from opsbook.engines import ansible, artifact, fleet, rehearsal
+from opsbook.engines.database import admin_conninfo
+from opsbook.engines.records.store import store_for
+from tests.fixtures.lab import http_json, invoke
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def _converged(env) -> None:
+    """Every host of `env` answers and carries the stamp of the current configuration: else provision
+    it (which also creates lab-staging's hosts when they are not there)."""
+    if set(ansible.converged_stamps(env).values()) != {ansible.fingerprint(env)}:
+        invoke("provision", "--env", env.name, check=True)
+
+
+@pytest.fixture
+def staging(lab_env, serving_fleet):
+    """lab-staging, its hosts up and converged; the lab's db1 converged too (its replication role)."""
+    _converged(lab_env)
+    st = load("lab-staging")
+    _converged(st)
+    return st
+
+
+def _newest(env, runbook: str) -> dict:
+    return sorted((e for e in store_for(env).ledger() if e.get("runbook") == runbook), key=lambda e: e["start"])[-1]
+
+
+def _count(conninfo: str, sql: str, *args) -> int:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return conn.execute(sql, args).fetchone()[0]
+
+
+def test_refresh_then_a_release_on_it_is_a_rehearsal_the_gate_accepts(lab_env, lb_url, staging, test_versions):
+    st = staging
+    course, student = str(uuid.uuid4()), str(uuid.uuid4())
+    status, _ = http_json(f"{lb_url}/create_course", {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())})
+    assert status == 200
+    status, body = http_json(f"{lb_url}/record_responses", {"responses": [
+        {"response_uuid": str(uuid.uuid4()), "course_uuid": course, "student_uuid": student,
+         "exercise_uuid": str(uuid.uuid4()), "ecosystem_item_uuid": str(uuid.uuid4()), "trial_uuid": str(uuid.uuid4()),
+         "is_correct": True, "is_real_response": True, "responded_at": "2026-11-28T12:00:00Z"}]})
+    assert status == 200, body
+
+    refreshed = invoke("staging.refresh", "--from", "lab", "--to", "lab-staging", timeout=900)
+    assert refreshed.returncode == 0, refreshed.stdout[-3000:] + refreshed.stderr[-3000:]
+    entry = _newest(st, "staging_refresh")
+    assert entry["outcome"] == "succeeded"
+    assert entry["figures"]["source"] == "lab"
+
+    lab_db, st_db = admin_conninfo(lab_env), admin_conninfo(st)
+    # A copy of the lab as of the refresh (the lab was quiet: no probe, no load), masked.
+    assert _count(st_db, "SELECT count(*) FROM courses WHERE course_uuid = %s", course) == 1
+    assert _count(st_db, "SELECT count(*) FROM course_events") == _count(lab_db, "SELECT count(*) FROM course_events")
+    assert _count(lab_db, "SELECT count(*) FROM course_events WHERE student_uuid = %s", student) == 1
+    assert _count(st_db, "SELECT count(*) FROM course_events WHERE student_uuid = %s", student) == 0
+    assert _count(st_db, "SELECT count(*) FROM course_events WHERE course_uuid = %s AND student_uuid IS NOT NULL",
+                  course) == 1
+    # lab-staging's own credentials: the lab's admin password does not open it.
+    lab_password = str(lab_env.var("opsbook_db_admin_password"))
+    assert lab_password != str(st.var("opsbook_db_admin_password"))
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(make_conninfo(**{**conninfo_to_dict(st_db), "password": lab_password})).close()
+
+    # A release to lab-staging on the refreshed database: the rehearsal.
+    version = test_versions[0]
+    invoke("release", "--env", "lab-staging", "--version", version, check=True)
+    assert set(fleet.served_versions(st).values()) == {version}
+    release = _newest(st, "release")
+    assert release["outcome"] == "succeeded"
+    assert "expand migrations" in release["figures"]["phase_seconds"]
+
+    ledger = store_for(st).ledger()
+    sha = artifact.find(version).sha256
+    ok = rehearsal.decide(target_env="lab", rehearsal_env="lab-staging", version=version, sha256=sha,
+                          rehearsal_ledger=ledger, max_age=timedelta(days=7))
+    assert ok.ok, ok.missing
+    assert ok.refresh == entry["id"]
+    assert ok.release == release["id"]
+    other = rehearsal.decide(target_env="lab", rehearsal_env="lab-staging", version=test_versions[1], sha256="0" * 64,
+                             rehearsal_ledger=ledger, max_age=timedelta(days=7))
+    assert not other.ok
+    assert other.commands == [f"invoke release --env lab-staging --version {test_versions[1]}"]
+
+    shown = invoke("staging.status", "--from", "lab", "--to", "lab-staging", check=True)
+    assert f"{entry['figures'].get('serving') or ''}" in shown.stdout
+    assert "serves on port" in shown.stdout
