@@ -78,12 +78,16 @@ def load_env(c, env: str | None):
     return loaded
 
 
-def lab_env(c):
-    """The lab environment the lab.* tasks manage (the default environment when it is a lab)."""
-    env = load_env(c, None)
-    if env.kind != "lab":
-        env = load_env(c, "lab")
-    return env
+def lab_env(c, env: str | None = None):
+    """The lab environment the lab.* tasks manage: --env (a lab one: lab, lab-staging), else the default
+    environment when it is a lab, else `lab`."""
+    loaded = load_env(c, env)
+    if loaded.kind != "lab":
+        if env:
+            raise Exit(f"error: {env} is a {loaded.kind} environment; lab.* manages lab environments (lab, "
+                       f"lab-staging). Nothing was changed.", code=1)
+        loaded = load_env(c, "lab")
+    return loaded
 
 
 # --- lab --------------------------------------------------------------------------------
@@ -96,31 +100,34 @@ def lab_image(c, rebuild=False):
     lab.ensure_image(lab_env(c), rebuild=rebuild)
 
 
-@task(help={"dry_run": "say what would be created, create nothing"})
+@task(help={"dry_run": "say what would be created, create nothing",
+            "env": "the lab environment (lab, lab-staging; default: lab)"})
 @operator_errors
-def lab_up(c, dry_run=False):
-    """Start the lab fleet from inventories/lab (idempotent: a running lab is left unchanged)."""
+def lab_up(c, dry_run=False, env=None):
+    """Start a lab environment's hosts from its inventory (idempotent: a running lab is left unchanged)."""
     from opsbook.engines import lab
 
-    lab.up(lab_env(c), dry_run=dry_run)
+    lab.up(lab_env(c, env), dry_run=dry_run)
 
 
-@task(help={"dry_run": "say what would be removed, remove nothing"})
+@task(help={"dry_run": "say what would be removed, remove nothing",
+            "env": "the lab environment (lab, lab-staging; default: lab)"})
 @operator_errors
-def lab_down(c, dry_run=False):
-    """Remove exactly what lab.up created: the hosts and the lab network (keeps the image and .lab/)."""
+def lab_down(c, dry_run=False, env=None):
+    """Remove exactly what lab.up created for the environment: its hosts and their data volumes, and the
+    lab network once no lab environment uses it (keeps the image and .lab/)."""
     from opsbook.engines import lab
 
-    lab.down(lab_env(c), dry_run=dry_run)
+    lab.down(lab_env(c, env), dry_run=dry_run)
 
 
-@task
+@task(help={"env": "the lab environment (lab, lab-staging; default: lab)"})
 @operator_errors
-def lab_status(c):
+def lab_status(c, env=None):
     """Show each lab host, its address, its container state and whether it answers SSH."""
     from opsbook.engines import lab
 
-    lab.print_status(lab_env(c))
+    lab.print_status(lab_env(c, env))
 
 
 lab_ns = Collection("lab")

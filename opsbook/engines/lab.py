@@ -26,6 +26,7 @@ from opsbook.core.inventory import Env
 from opsbook.core.paths import ROOT
 
 LABEL = "opsbook.lab"
+ENV_LABEL = "opsbook.env"   # which lab environment a host belongs to (lab, lab-staging share the network)
 CONTAINERS_CONF = ROOT / "lab" / "containers.conf"
 SUITE = "bookworm"
 # What the baked image holds, like an AMI: everything the roles need, so hosts never fetch
@@ -320,7 +321,7 @@ def up(env: Env, dry_run: bool = False) -> bool:
         if info:
             log(f"{h.name}: container exists but is not running; recreating it")
             _remove(h.container)
-        _create(h, image, net_name)
+        _create(h, image, net_name, env.name)
         _install_key(env, h, pub)
         podman("start", h.container)
         log(f"{h.name}: started at {h.address}")
@@ -332,7 +333,7 @@ def up(env: Env, dry_run: bool = False) -> bool:
     return changed
 
 
-def _create(h: LabHost, image: str, net_name: str) -> None:
+def _create(h: LabHost, image: str, net_name: str, env_name: str) -> None:
     volume = []
     if h.data_volume:
         if podman("volume", "exists", h.data_volume, check=False).returncode != 0:
@@ -340,6 +341,7 @@ def _create(h: LabHost, image: str, net_name: str) -> None:
         volume = ["--volume", f"{h.data_volume}:{DATA_PATH}"]   # a new volume starts as the image's copy
     podman("create", "--name", h.container, "--hostname", h.name, "--network", net_name,
            "--ip", h.address, "--privileged", "--label", f"{LABEL}=1", "--label", f"opsbook.host={h.name}",
+           "--label", f"{ENV_LABEL}={env_name}",
            *volume, image, "/sbin/init")
 
 
@@ -387,34 +389,67 @@ def wait_for_ssh(env: Env, key: Path, timeout: float = 90) -> None:
                        f"look with `invoke lab.status` and `podman logs opsbook-lab-<host>`.")
 
 
+def _owned(env: Env) -> tuple[list[str], list[str]]:
+    """(this environment's lab containers, the other owners of lab containers on this machine)."""
+    rows = podman("ps", "-a", "--filter", f"label={LABEL}=1", "--format",
+                  "{{.Names}}\t{{index .Labels \"" + ENV_LABEL + "\"}}").stdout.decode().splitlines()
+    names = {h.container for h in hosts(env)}
+    listed, others = [], set()
+    for row in rows:
+        name, _, owner = row.partition("\t")
+        owner = owner.strip()
+        if owner in ("", "<no value>"):
+            # made before hosts carried their environment: this one's if its inventory names it
+            owner = env.name if name in names else f"{name} (unlabelled: `podman rm -f {name}` removes it)"
+        if owner == env.name:
+            listed.append(name)
+        else:
+            others.add(owner)
+    return listed, sorted(others)
+
+
+def _remove_network(env: Env, others: list[str], dry_run: bool) -> None:
+    """The lab network goes with the last lab environment's hosts, and only when opsbook made it."""
+    net_name = network(env)[0]
+    if podman("network", "exists", net_name, check=False).returncode != 0:
+        return
+    info = json.loads(podman("network", "inspect", net_name).stdout)[0]
+    if (info.get("labels") or {}).get(LABEL) != "1":
+        log(f"network {net_name} was not created by opsbook; left in place")
+    elif others:
+        log(f"network {net_name} kept: {', '.join(others)} still has hosts on it (`invoke lab.down --env "
+            f"ENV` removes an environment's)")
+    elif dry_run:
+        log(f"would remove network {net_name}")
+    else:
+        podman("network", "rm", "-f", net_name)
+        log(f"removed network {net_name}")
+
+
 def down(env: Env, dry_run: bool = False) -> None:
-    """Remove the lab's hosts and network (those labelled as ours); keep the image and .lab/."""
-    listed = podman("ps", "-a", "--filter", f"label={LABEL}=1", "--format", "{{.Names}}").stdout.decode().split()
+    """Remove this lab environment's hosts and their data volumes (those labelled as its own, or,
+    made before hosts carried their environment, named by its inventory), and the network once no
+    other lab environment's host uses it; keep the image and .lab/."""
+    listed, others = _owned(env)
     for name in listed:
         if dry_run:
             log(f"would remove {name}")
         else:
             _remove(name)
             log(f"removed {name}")
+    mine = {h.data_volume for h in hosts(env) if h.data_volume}
     volumes = podman("volume", "ls", "--filter", f"label={LABEL}=1", "--format", "{{.Name}}").stdout.decode().split()
     for name in volumes:
+        if name not in mine:
+            continue
         if dry_run:
             log(f"would remove volume {name}")
         else:
             podman("volume", "rm", "-f", name)
             log(f"removed volume {name}")
-    net_name = network(env)[0]
-    if podman("network", "exists", net_name, check=False).returncode == 0:
-        info = json.loads(podman("network", "inspect", net_name).stdout)[0]
-        if (info.get("labels") or {}).get(LABEL) != "1":
-            log(f"network {net_name} was not created by opsbook; left in place")
-        elif dry_run:
-            log(f"would remove network {net_name}")
-        else:
-            podman("network", "rm", "-f", net_name)
-            log(f"removed network {net_name}")
+    _remove_network(env, others, dry_run)
     if not listed:
-        log("no lab hosts were running")
+        log(f"no {env.name} hosts were running")
 
 
 def status(env: Env) -> list[dict]:
