@@ -58,7 +58,7 @@ from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.core.paths import APP, APP_MIGRATIONS
-from opsbook.engines import ansible, database, fleet, masking
+from opsbook.engines import ansible, database, fleet, interrupts, masking
 from opsbook.engines.clones import aurora, handover, paths
 from opsbook.engines.records import runner
 from opsbook.engines.records.store import new_record_id
@@ -262,16 +262,20 @@ class _Btrfs:
             self.switch()
             switched = True
             self.finish()
-        except Exception as e:
+        except BaseException as e:   # an interrupt too: an unmasked clone must never be left behind
             failed = next((r["step"] for r in reversed(self.data["steps"]) if r["status"] == "failed"), "?")
-            discarded = made and not switched
+            # Made, or half made when the clone step itself was stopped: it holds unmasked data.
+            discarded = not switched and (made or self.name in self.engine.names())
             if discarded:
                 self.engine.discard(self.name)   # also drops the `current` link if a failed switch left it on it
                 self.data["discarded"] = self.name
             serving = self.engine.current()
             if discarded:
+                serves = ("serves as before" if serving and self.engine.running(serving) else
+                          f"is NOT running: start it on {self.path.host} (`invoke staging.status --from "
+                          f"{self.source.name} --to {self.target.name}` names it) or refresh again")
                 left = (f"The clone {self.name} was deleted (it held unmasked or half-masked data); "
-                        f"{self.target.name}'s previous database ({serving or 'none'}) serves as before.")
+                        f"{self.target.name}'s previous database ({serving or 'none'}) {serves}.")
             elif switched:
                 left = (f"The new database {self.name} serves {self.target.name} (masked, verified, with its "
                         f"credentials); the previous one ({self.data.get('previous') or 'none'}) is kept, stopped.")
@@ -279,6 +283,11 @@ class _Btrfs:
                 left = (f"Nothing of {self.target.name} was changed; its database ({serving or 'none'}) serves as "
                         f"before.")
             self.out(left)
+            if not isinstance(e, Exception):
+                raise interrupts.Stopped(
+                    f"the refresh of {self.target.name} from {self.source.name} was {interrupts.describe(e)} at step "
+                    f"'{failed}' and ended in order. {left} Its record says so; refresh again to finish.",
+                    getattr(e, "signal", "SIGINT")) from None
             raise RefreshFailed(f"the refresh of {self.target.name} from {self.source.name} failed at step "
                                 f"'{failed}': {e} {left} The record says more; fix the cause and refresh "
                                 f"again.") from e
@@ -338,13 +347,16 @@ class _Btrfs:
     def switch(self) -> None:
         with self.step("switch", f"serve {self.name} on {self.path.host}:{self.path.service_port} in place of the "
                                  f"previous clone") as row:
-            previous = self.data["previous"] = self.engine.switch(self.name)
+            previous = self.data["previous"] = self.engine.current()
             try:
+                self.engine.switch(self.name)
                 self.data["database_check"] = _check_database(self.target, self.rules)
-            except Exception as e:
-                if previous:
+            except BaseException as e:   # an interrupt too: the new clone is deleted next, so the previous serves
+                if previous and self.engine.current() == self.name:
                     self.engine.switch(previous)
                     self.out(f"switched back: {previous} serves again")
+                if not isinstance(e, Exception):
+                    raise
                 raise RefreshFailed(f"{self.target.name}'s credentials do not work on the new clone ({e}); "
                                     + (f"the previous database {previous} serves again" if previous else
                                        "no earlier clone served here")) from e

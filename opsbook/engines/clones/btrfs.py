@@ -642,25 +642,37 @@ class BtrfsClones:
         """Serve clone `name` in service mode in place of the current one (stopped, kept). When it does
         not start, the previous one is started again. Returns the previous clone's name."""
         previous = self.current()
-        self._stop(f"{self.clone_path(name)}/data")
-        if previous and previous != name and self.running(previous):
-            self._stop(f"{self.clone_path(previous)}/data")
         try:
+            self._stop(f"{self.clone_path(name)}/data")
+            if previous and previous != name and self.running(previous):
+                self._stop(f"{self.clone_path(previous)}/data")
             self._start(f"{self.clone_path(name)}/data", name)
-        except CloneError as e:
+            self._link_current(name)
+        except BaseException as e:   # an interrupt half-way too: the previous clone must serve again
+            if not isinstance(e, CloneError):
+                self._stop(f"{self.clone_path(name)}/data")   # a start cut short may still be coming up
+            if previous and previous != name:
+                self._link_current(previous)
             back = ""
             if previous and previous != name:
                 try:
-                    self._start(f"{self.clone_path(previous)}/data", previous)
+                    if not self.running(previous):   # an interrupt may have come before its stop did
+                        self._start(f"{self.clone_path(previous)}/data", previous)
                     back = f" The previous clone {previous} was started again and serves as before."
                 except CloneError as again:
                     back = f" The previous clone {previous} did not start again either ({again}): start it by hand."
             else:
                 back = " No earlier clone served here."
+            if not isinstance(e, Exception):
+                self.log(f"{self.r.host}: switch to {name} stopped.{back}")
+                raise
             raise CloneError(f"clone {name} did not take over the service: {e}.{back}") from None
+        return previous
+
+    def _link_current(self, name: str) -> None:
+        """Point `current` at clone `name` (atomically: a new link renamed over the old)."""
         self.r.run(["ln", "-sfn", f"clones/{name}", f"{self.current_link}.new"])
         self.r.run(["mv", "-T", f"{self.current_link}.new", self.current_link])
-        return previous
 
     def current(self) -> str | None:
         """The clone that serves (the `current` link), or None."""

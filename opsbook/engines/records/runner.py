@@ -536,8 +536,8 @@ def locked_record(name: str, env, data: dict[str, Any], *, param: str, reason: s
             data["outcome"] = "succeeded"
     except locks.LockHeld:
         raise   # refused: nothing ran, nothing to record
-    except Exception as e:
-        data["error"] = str(e)
+    except BaseException as e:   # an interrupt is recorded too, as what stopped the run
+        data["error"] = str(e) if isinstance(e, Exception) else f"interrupted ({type(e).__name__}) {e}".strip()
         raise
     finally:
         data["duration_s"] = round(time.monotonic() - t0, 1)
