@@ -16,7 +16,7 @@ from opsbook.engines import artifact, fleet
 from opsbook.engines.database import admin_conninfo
 from opsbook.engines.probe import Probe, probe_url
 from opsbook.engines.records.store import store_for
-from tests.fixtures.lab import http_json, invoke, ssh
+from tests.fixtures.lab import http_json, invoke, ssh, write_course
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -38,21 +38,9 @@ def last_ledger(env, runbook):
 
 
 def seed(lb_url: str, courses: int = 5, per_course: int = 400) -> int:
-    total = 0
     for _ in range(courses):
-        course = str(uuid.uuid4())
-        body = {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())}
-        status, _body = http_json(f"{lb_url}/create_course", body)
-        assert status == 200
-        for _ in range(per_course // 100):
-            batch = [{"response_uuid": str(uuid.uuid4()), "course_uuid": course, "student_uuid": str(uuid.uuid4()),
-                      "exercise_uuid": str(uuid.uuid4()), "ecosystem_item_uuid": str(uuid.uuid4()),
-                      "trial_uuid": str(uuid.uuid4()), "is_correct": True, "is_real_response": True,
-                      "responded_at": "2026-11-28T12:00:00Z"} for _ in range(100)]
-            status, body = http_json(f"{lb_url}/record_responses", {"responses": batch})
-            assert status == 200, body
-            total += 100
-    return total
+        write_course(lb_url, per_course)
+    return courses * per_course
 
 
 def test_expand_release_contract_under_the_probe(lab_env, lb_url, old_version, test_versions, serving_fleet):

@@ -6,15 +6,13 @@ inventory's count; the scratch cluster is gone afterwards whatever the verdict."
 
 from __future__ import annotations
 
-import uuid
-
 import psycopg
 import pytest
 
 from opsbook.engines.database import admin_conninfo
 from opsbook.engines.records.store import store_for
 from opsbook.engines.snapshots.lab import LabSnapshots
-from tests.fixtures.lab import http_json, invoke, ssh
+from tests.fixtures.lab import invoke, ssh, write_course
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -24,15 +22,7 @@ def backed_up(lab_env, serving_fleet, lb_url):
     """db1 archives its WAL into a pgBackRest stanza, and the service database holds rows (written
     through the service), whatever the lab's state (a fresh lab has never been released to; an older
     checkout's db1 did not archive)."""
-    course = str(uuid.uuid4())
-    status, _ = http_json(f"{lb_url}/create_course", {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())})
-    assert status == 200
-    responses = [{"response_uuid": str(uuid.uuid4()), "course_uuid": course, "student_uuid": str(uuid.uuid4()),
-                  "exercise_uuid": str(uuid.uuid4()), "ecosystem_item_uuid": str(uuid.uuid4()),
-                  "trial_uuid": str(uuid.uuid4()), "is_correct": True, "is_real_response": True,
-                  "responded_at": "2026-11-28T12:00:00Z"} for _ in range(50)]
-    status, body = http_json(f"{lb_url}/record_responses", {"responses": responses})
-    assert status == 200, body
+    write_course(lb_url, 50)
     with psycopg.connect(admin_conninfo(lab_env), autocommit=True) as conn:
         archiving = conn.execute("SHOW archive_mode").fetchone()[0] == "on"
     stanza = ssh("db1", "test -f /var/lib/postgresql/pgbackrest/backup/main/backup.info && echo yes || echo no")

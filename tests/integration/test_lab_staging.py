@@ -17,7 +17,7 @@ from opsbook.core.inventory import load
 from opsbook.engines import ansible, artifact, fleet, rehearsal
 from opsbook.engines.database import admin_conninfo
 from opsbook.engines.records.store import store_for
-from tests.fixtures.lab import http_json, invoke
+from tests.fixtures.lab import invoke, write_course
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -49,14 +49,8 @@ def _count(conninfo: str, sql: str, *args) -> int:
 
 def test_refresh_then_a_release_on_it_is_a_rehearsal_the_gate_accepts(lab_env, lb_url, staging, test_versions):
     st = staging
-    course, student = str(uuid.uuid4()), str(uuid.uuid4())
-    status, _ = http_json(f"{lb_url}/create_course", {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())})
-    assert status == 200
-    status, body = http_json(f"{lb_url}/record_responses", {"responses": [
-        {"response_uuid": str(uuid.uuid4()), "course_uuid": course, "student_uuid": student,
-         "exercise_uuid": str(uuid.uuid4()), "ecosystem_item_uuid": str(uuid.uuid4()), "trial_uuid": str(uuid.uuid4()),
-         "is_correct": True, "is_real_response": True, "responded_at": "2026-11-28T12:00:00Z"}]})
-    assert status == 200, body
+    student = str(uuid.uuid4())
+    course = write_course(lb_url, 1, student=student)
 
     refreshed = invoke("staging.refresh", "--from", "lab", "--to", "lab-staging", timeout=900)
     assert refreshed.returncode == 0, refreshed.stdout[-3000:] + refreshed.stderr[-3000:]

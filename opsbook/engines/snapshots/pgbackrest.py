@@ -81,21 +81,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass(frozen=True)
-class Repository:
-    """A pgBackRest stanza: the cluster it backs up and where its repository lives."""
+class _OnHost:
+    """Where a repository's or a scratch cluster's commands run, as whom, and how its sockets are reached."""
 
-    stanza: str
-    config: Path                       # the pgbackrest.conf on the cluster's host
-    pg_path: Path                      # the cluster's data directory
-    run_as: tuple[str, ...] = ()       # non-empty: commands run as the cluster's OS user (postgres)
-    runner: Runner | None = None       # where the commands run (None: this machine)
-    sockets: Any = None                # how a Unix socket directory on that host is reached (None: locally)
-
-    @property
-    def archive_command(self) -> str:
-        """What the cluster's `archive_command` must be for this stanza."""
-        return f"{PGBACKREST} --config={self.config} --stanza={self.stanza} archive-push %p"
+    run_as: tuple[str, ...]
+    runner: Runner | None
+    sockets: Any
 
     @property
     def host(self) -> Runner:
@@ -109,6 +100,23 @@ class Repository:
     @property
     def reach(self):
         return self.sockets or LOCAL_SOCKETS
+
+
+@dataclass(frozen=True)
+class Repository(_OnHost):
+    """A pgBackRest stanza: the cluster it backs up and where its repository lives."""
+
+    stanza: str
+    config: Path                       # the pgbackrest.conf on the cluster's host
+    pg_path: Path                      # the cluster's data directory
+    run_as: tuple[str, ...] = ()       # non-empty: commands run as the cluster's OS user (postgres)
+    runner: Runner | None = None       # where the commands run (None: this machine)
+    sockets: Any = None                # how a Unix socket directory on that host is reached (None: locally)
+
+    @property
+    def archive_command(self) -> str:
+        """What the cluster's `archive_command` must be for this stanza."""
+        return f"{PGBACKREST} --config={self.config} --stanza={self.stanza} archive-push %p"
 
 
 def write_config(  # noqa: PLR0917 - one pgbackrest.conf's settings
@@ -300,7 +308,7 @@ def snapshot(
 
 # --- the drill ------------------------------------------------------------------------------
 @dataclass
-class Scratch:
+class Scratch(_OnHost):
     """A restored cluster only this process can reach (socket in a private directory, no TCP)."""
 
     base: Path
@@ -311,19 +319,11 @@ class Scratch:
     sockets: Any = None                # how its socket directory is reached (None: locally)
 
     @property
-    def host(self) -> Runner:
-        return self.runner or LocalRunner()
-
-    @property
-    def user(self) -> str | None:
-        return "postgres" if (self.run_as or self.runner is not None) else None
-
-    @property
     def conninfo(self) -> str:
         return self.db("postgres")
 
     def db(self, name: str) -> str:
-        return f"{(self.sockets or LOCAL_SOCKETS).conninfo(self.base, self.port)} user=postgres dbname={name}"
+        return f"{self.reach.conninfo(self.base, self.port)} user=postgres dbname={name}"
 
     def stop(self) -> None:
         # the host did not answer, or pg_ctl hung: remove() says nothing either way
@@ -338,7 +338,7 @@ class Scratch:
                           check=False, timeout=120)
 
     def remove(self) -> None:
-        (self.sockets or LOCAL_SOCKETS).close(self.base, self.port)
+        self.reach.close(self.base, self.port)
         self.stop()
         _remove_dir(self.host, self.base)
 
