@@ -157,9 +157,10 @@ def _conf_key(line: str) -> str | None:
 
 def rewrite_auto_conf(text: str, settings: dict[str, str | None]) -> str:
     """postgresql.auto.conf with every key in `settings` removed, then set again (None: left unset)."""
-    kept = [ln for ln in text.splitlines() if _conf_key(ln) not in settings]
+    marker = "# set by opsbook's clone machinery (opsbook/engines/clones/btrfs.py)"
+    kept = [ln for ln in text.splitlines() if _conf_key(ln) not in settings and ln != marker]
     added = [f"{k} = {_quote(v)}" for k, v in settings.items() if v is not None]
-    return "\n".join([*kept, "# set by opsbook's clone machinery (opsbook/engines/clones/btrfs.py)", *added]) + "\n"
+    return "\n".join([*kept, marker, *added]) + "\n"
 
 
 class BtrfsClones:
@@ -372,8 +373,18 @@ class BtrfsClones:
                     f"{have}; the source {source.describe()} is {facts['system_identifier']}): it was made from an "
                     f"earlier source. Nothing was changed. Remove it (stop it, then `btrfs subvolume delete "
                     f"{self.standby}`) and refresh again: a new base backup is taken.")
+            # The source's address, role or password may have changed since the standby was made (a
+            # password rotated, or a lab whose secrets another checkout made): it streams with today's.
+            changed = self._write_passfile(source)
+            auto = read_file(self.r, f"{self.standby_data}/postgresql.auto.conf", user=self.s.os_user) or ""
+            wanted = rewrite_auto_conf(auto, self._standby_settings(source))
+            if wanted != auto:
+                write_file(self.r, f"{self.standby_data}/postgresql.auto.conf", wanted, user=self.s.os_user)
+                changed = True
             if self.standby_running():
-                done["standby"] = "running"
+                if changed:
+                    self.r.run([self._pg("pg_ctl"), "reload", "-D", self.standby_data], user=self.s.os_user)
+                done["standby"] = "running" + (" (its connection to the source updated)" if changed else "")
             else:
                 self._start(self.standby_data, "standby")
                 done["standby"] = "started"
@@ -407,10 +418,7 @@ class BtrfsClones:
         run(["btrfs", "subvolume", "create", self.standby])
         run(["chown", f"{user}:", self.standby])
         run(["chmod", "0700", self.standby])
-        if source.password:
-            line = ":".join(x.replace("\\", "\\\\").replace(":", "\\:")
-                            for x in (source.host, str(source.port), "*", source.user, source.password))
-            write_file(self.r, self.passfile, line + "\n", user=user)
+        self._write_passfile(source)
         from psycopg.conninfo import make_conninfo
 
         conn = make_conninfo(host=source.host, port=source.port, user=source.user, application_name=self.s.slot,
@@ -454,6 +462,17 @@ class BtrfsClones:
                    rewrite_auto_conf(auto, {**minimums, **self._standby_settings(source)}), user=user)
         write_file(self.r, f"{self.standby_data}/standby.signal", "", user=user)
         self._start(self.standby_data, "standby")
+
+    def _write_passfile(self, source: Source) -> bool:
+        """The standby's password file for `source` (none without a password). True when it changed."""
+        if not source.password:
+            return False
+        line = ":".join(x.replace("\\", "\\\\").replace(":", "\\:")
+                        for x in (source.host, str(source.port), "*", source.user, source.password)) + "\n"
+        if read_file(self.r, self.passfile, user=self.s.os_user) == line:
+            return False
+        write_file(self.r, self.passfile, line, user=self.s.os_user)
+        return True
 
     def _backup_progress(self, source: Source) -> str:
         import psycopg

@@ -103,7 +103,10 @@ class Generator:
         self.wall0 = 0.0
         self.current = 0                         # index into steps of the step being scheduled
         self.next_t = 0.0
-        self.pool = [new_uuid() for _ in range(500)]   # students, exercises, items: realistic repeats
+        # Students, exercises and items each repeat, as in real traffic, and never share an id: a student's
+        # id that is also an exercise's would survive masking in the exercise's field (the leak scan of a
+        # staging refresh rightly finds it).
+        self.students, self.exercises, self.items = ([new_uuid() for _ in range(500)] for _ in range(3))
         self.delay_header = {"X-Test-Delay": str(plan["ping_delay_s"])} if plan.get("ping_delay_s") else {}
 
     # -- the schedule ---------------------------------------------------------------------------
@@ -177,14 +180,14 @@ class Generator:
             spread = [self.random.choice(courses) for _ in range(1 if size <= 20 else min(10, size // 20))]
             now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             uuids, parts, written = [], [], []
-            pool = self.pool
+            choice = self.random.choice
             for i in range(size):
                 u = new_uuid()
                 course = spread[i % len(spread)]
                 uuids.append(u)
                 written.append(course)
-                parts.append(RESPONSE % (u, course, self.random.choice(pool), new_uuid(), self.random.choice(pool),
-                                         self.random.choice(pool), "true" if i % 3 else "false", now))
+                parts.append(RESPONSE % (u, course, choice(self.items), new_uuid(), choice(self.students),
+                                         choice(self.exercises), "true" if i % 3 else "false", now))
             return "POST", "/record_responses", ('{"responses":[' + ",".join(parts) + "]}").encode(), uuids, written
         if kind == FETCH:
             course = self.random.choice(self.courses or self.plan.get("courses") or [new_uuid()])
