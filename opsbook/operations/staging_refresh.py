@@ -91,6 +91,25 @@ def refuse_names(source: str, target: str) -> None:
                              f"Nothing was changed.")
 
 
+def _target_hosts_ready(target: Env) -> None:
+    """A lab target whose clone host is a lab host (lab-staging): its hosts exist (`lab.up`, as a release
+    or a provision makes them) and each carries the stamp of this checkout's configuration; a host made
+    or changed since its last provision is refused with the command that converges it (a fresh clone
+    host would still run Debian's own cluster on the clones' port)."""
+    host = str(target.var("opsbook_refresh_host", "") or "")
+    if target.kind != "lab" or not host or target.host_var(host, "ansible_connection", "ssh") == "local":
+        return
+    from opsbook.engines import lab
+
+    lab.up(target)
+    want = ansible.fingerprint(target)
+    stale = sorted(h for h, stamp in ansible.converged_stamps(target).items() if stamp != want)
+    if stale:
+        raise RefreshRefused(f"{target.name}'s hosts {', '.join(stale)} are not converged to this configuration (made "
+                             f"or changed since their last provision, or not answering). Nothing was changed. Run "
+                             f"`invoke provision --env {target.name}`, then refresh again.")
+
+
 def _refuse_targets(source: Env, target: Env) -> None:
     refuse_names(source.name, target.name)
     protected = target.like == "prod" or bool(target.var("opsbook_refresh_protected", False))
@@ -121,6 +140,7 @@ def plan(source: Env, target: Env, *, snapshot: str | None = None, masking_path:
     """Every check a refresh makes before it touches anything; raises RefreshRefused or PathNotBuilt,
     or returns the plan (`path` holds the path's machinery)."""
     _refuse_targets(source, target)
+    _target_hosts_ready(target)
     rules, notes = _masking(masking_path, migrations_dir)
     if snapshot:
         if source.kind == "aws":

@@ -61,6 +61,19 @@ def test_refresh_then_a_release_on_it_is_a_rehearsal_the_gate_accepts(lab_env, l
     student = str(uuid.uuid4())
     course = write_course(lb_url, 1, student=student)
 
+    # A clone host changed since its last provision (here: its stamp moved away) is refused before
+    # anything is touched, with the command that converges it; put back, the refresh goes ahead.
+    ansible.raw(st, "stg-db1", f"mv {ansible.STAMP} {ansible.STAMP}.away")
+    try:
+        refused = invoke("staging.refresh", "--from", "lab", "--to", "lab-staging")
+    finally:
+        ansible.raw(st, "stg-db1", f"mv {ansible.STAMP}.away {ansible.STAMP}")
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0, said[-3000:]
+    assert "stg-db1 are not converged" in said, said[-3000:]
+    assert "invoke provision --env lab-staging" in said
+    assert "Nothing was changed" in said
+
     refreshed = invoke("staging.refresh", "--from", "lab", "--to", "lab-staging", timeout=900)
     assert refreshed.returncode == 0, refreshed.stdout[-3000:] + refreshed.stderr[-3000:]
     entry = _newest(st, "staging_refresh")
