@@ -105,3 +105,50 @@ def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
     assert "no snapshot '20200101-000000F' of lab" in unknown.stderr
     assert sid in unknown.stderr
     assert "Nothing was done" in unknown.stderr
+
+
+def test_a_release_that_requires_a_safety_point_takes_one_on_db1_or_uses_a_recent_one(backed_up, monkeypatch):
+    """The lab releases with opsbook_release_snapshot off (fast releases); where the inventory says
+    required (prod's does), the release's safety-point step (what a release runs under its lock
+    before its expand migrations) takes a pgBackRest backup on db1, tagged with the release's record,
+    which names it; with db1's database stopped it cannot take one, and a snapshot younger than
+    opsbook_release_snapshot_max_age stands in; with none that young, the release is refused."""
+    from opsbook.core.errors import OpsbookError
+    from opsbook.engines.records.store import new_record_id
+    from opsbook.engines.snapshots import safety
+    from opsbook.operations.release import record, steps
+    from opsbook.operations.release.plan import RELEASE_PHASES, Plan
+
+    env = backed_up
+    vars_ = {"opsbook_release_snapshot": "required", "opsbook_release_snapshot_max_age": "1h"}
+    real = env.var
+    monkeypatch.setattr(env, "var", lambda name, default=...: vars_[name] if name in vars_ else real(name, default))
+    plan = Plan(env=env.name, kind="release", target="9.9.9", artifact_file="f", artifact_sha256="0" * 64,
+                current={}, batches=[], drain_timeout=30, migrations_pending=["0099_example"],
+                phases=list(RELEASE_PHASES))
+    run = steps.Run(plan=plan, record_id=new_record_id("release"), guardrails={})
+    steps._safety_point(env, run)
+    assert run.guardrails["snapshot"]["action"] == safety.TAKE
+    sid = run.guardrails["snapshot"]["id"]
+    snap = next(s for s in LabSnapshots(env).list() if s.id == sid)
+    assert snap.status == "available"
+    assert snap.record_id == run.record_id
+    assert snap.reason == "safety point of release 9.9.9"
+    run.outcome = "succeeded"
+    assert record.key_figures(run.data())["snapshot"] == sid
+
+    ssh("db1", "systemctl stop postgresql")
+    try:
+        used = safety.decide_for(env, ["0099_example"])
+        assert used.action == safety.USE, used.why
+        assert used.snapshot["id"] == sid
+        assert "the database on db1 does not answer" in used.why
+        vars_["opsbook_release_snapshot_max_age"] = ""   # no age set: none may stand in
+        refused = safety.decide_for(env, ["0099_example"])
+        assert refused.action == safety.REFUSE
+        assert "invoke snapshot --env lab" in refused.why
+        run = steps.Run(plan=plan, record_id=new_record_id("release"), guardrails={})
+        with pytest.raises(OpsbookError, match=r"safety point: .*Nothing was changed"):
+            steps._safety_point(env, run)
+    finally:
+        ssh("db1", "systemctl start postgresql")

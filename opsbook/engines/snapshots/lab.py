@@ -124,11 +124,22 @@ class LabSnapshots:
         return None
 
     def can_take(self) -> tuple[bool, str]:
-        """Whether a snapshot can be taken now: the repository answers on the database host."""
+        """Whether a snapshot can be taken now: the repository answers on the database host, and so does
+        the database (a backup of a stopped cluster fails only once it has started, and the restore
+        point needs a session)."""
+        import psycopg
+
+        from opsbook.engines.database import admin_conninfo
+
         try:
             pgbr.list_backups(self.repo)
         except (pgbr.BackupError, CommandFailed) as e:
             return False, f"pgBackRest on {self.db_host} does not answer ({e})"
+        try:
+            with psycopg.connect(admin_conninfo(self.env)) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.Error as e:
+            return False, f"the database on {self.db_host} does not answer ({str(e).strip().splitlines()[0]})"
         return True, ""
 
     def list(self) -> list[Snapshot]:
