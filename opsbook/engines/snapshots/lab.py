@@ -65,6 +65,10 @@ _READ_ALL = (
 )
 
 
+ANNOTATION_ENV = "opsbook-env"         # pgBackRest annotations on every backup opsbook takes
+ANNOTATION_RECORD = "opsbook-record"
+
+
 class LabSnapshots:
     """take / list / delete / drill for one lab environment (see the module's docstring)."""
 
@@ -109,15 +113,21 @@ class LabSnapshots:
         write_file(self.runner, self._meta_path(label), json.dumps(meta), user="postgres", mode="0640")
 
     def _snapshot(self, b: pgbr.Backup, meta: dict[str, Any] | None) -> Snapshot:
-        ours = bool(meta) and meta.get("env") == self.env.name
+        # A backup opsbook started carries its annotation from the start; one without the metadata written
+        # after it is what a snapshot stopped half-way (interrupted, killed) left: opsbook's, incomplete.
+        annotated = b.annotation.get(ANNOTATION_ENV) == self.env.name
+        ours = (bool(meta) and meta.get("env") == self.env.name) or (not meta and annotated)
         has_point = bool(meta and meta.get("restore_point"))
+        reason = (meta or {}).get("reason")
+        if annotated and not meta:
+            reason = "left by a snapshot stopped before its restore point was marked (the next snapshot deletes it)"
         return Snapshot(
             id=b.id, kind=self.kind, source=f"{self.db_host} (stanza {self.stanza})",
-            status="available" if has_point else ("incomplete" if meta else "available"),
+            status="available" if has_point else ("incomplete" if meta or annotated else "available"),
             created=(meta or {}).get("point_at") or b.stopped,
             size_gb=round(b.size / 1e9, 3), engine="postgres",
             engine_version=str((meta or {}).get("server_version") or "") or None,
-            ours=ours, record_id=(meta or {}).get("record_id"), reason=(meta or {}).get("reason"))
+            ours=ours, record_id=(meta or {}).get("record_id") or b.annotation.get(ANNOTATION_RECORD), reason=reason)
 
     # -- the interface ------------------------------------------------------------------------
     def database(self):
@@ -167,8 +177,13 @@ class LabSnapshots:
             steps.append({"seconds": round(time.monotonic() - t0, 1), "status": step})
             log(f"{self.env.name}: {step}")
 
+        # Under the environment's lock (a snapshot's or a release's): no other snapshot is being made, so
+        # an incomplete one of opsbook's was left by a snapshot that was stopped; it goes first.
+        for left in (s for s in self.list() if s.ours and s.status == "incomplete"):
+            say(f"deleting backup {left.id}, left incomplete by a snapshot that was stopped (record {left.record_id})")
+            self._forget(left.id, log)
         say(f"full backup of {self.db_host} (stanza {self.stanza}) with pgBackRest")
-        b = pgbr.backup(self.repo, "full")
+        b = pgbr.backup(self.repo, "full", annotations={ANNOTATION_ENV: self.env.name, ANNOTATION_RECORD: record_id})
         say(f"backup {b.id}: {b.size / 1e6:.1f} MB of database, {b.repo_size / 1e6:.1f} MB in the repository")
         meta = {"env": self.env.name, "record_id": record_id, "reason": reason, "operator": facts.operator(),
                 "backup": b.id}

@@ -163,6 +163,7 @@ class Backup:
     lsn_start: str
     lsn_stop: str
     prior: str | None    # the backup an incremental builds on
+    annotation: dict[str, str] = field(default_factory=dict)   # `backup --annotation` key/values
 
 
 def _run(repo: Repository, *args: str, timeout: float = 3600) -> str:
@@ -194,13 +195,15 @@ def stanza_create(repo: Repository) -> None:
     _run(repo, "check", timeout=120)
 
 
-def backup(repo: Repository, kind: str = "full") -> Backup:
-    """Take a backup (`full`, `diff` or `incr`); returns it as listed afterwards."""
+def backup(repo: Repository, kind: str = "full", annotations: dict[str, str] | None = None) -> Backup:
+    """Take a backup (`full`, `diff` or `incr`); returns it as listed afterwards. `annotations` are
+    written into the backup's own manifest by pgBackRest (`--annotation`, 2.41+) from its start, so a
+    backup whose caller was stopped before it could say anything more still says whose it is."""
     if kind not in BACKUP_TYPES:
         raise BackupError(f"unknown backup type {kind!r}; pgBackRest takes {', '.join(BACKUP_TYPES)}. "
                           "Nothing was done.")
     before = {b.id for b in list_backups(repo)}
-    _run(repo, "backup", f"--type={kind}")
+    _run(repo, "backup", f"--type={kind}", *(f"--annotation={k}={v}" for k, v in (annotations or {}).items()))
     new = [b for b in list_backups(repo) if b.id not in before]
     if len(new) != 1:
         raise BackupError(f"pgbackrest reported success but {len(new)} new backup(s) are listed; check "
@@ -225,6 +228,7 @@ def list_backups(repo: Repository) -> list[Backup]:
                 stopped=_iso(b["timestamp"]["stop"]), size=b["info"]["size"],
                 repo_size=b["info"]["repository"]["delta"], lsn_start=b["lsn"]["start"],
                 lsn_stop=b["lsn"]["stop"], prior=b.get("prior"),
+                annotation={str(k): str(v) for k, v in (b.get("annotation") or {}).items()},
             ))
     return out
 
