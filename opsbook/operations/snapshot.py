@@ -22,8 +22,9 @@ passes.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -100,8 +101,9 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
     data: dict[str, Any] = {"env": env.name, "kind": path.kind, "reason": reason, "operator": facts.operator(),
                             "started_at": started.isoformat(timespec="seconds"), "record": record_id,
                             "outcome": "failed", "progress": []}
-    with runner.locked_record("snapshot", env, data, param="snapshot_data", record_id=record_id, started=started,
-                              reason=f"snapshot (record {record_id})", log=out):
+    with _ends_in_order(env, "snapshot", record_id, data), \
+            runner.locked_record("snapshot", env, data, param="snapshot_data", record_id=record_id, started=started,
+                                 reason=f"snapshot (record {record_id})", log=out):
         snap = path.take(record_id=record_id, reason=reason, log=out, progress=data["progress"])
         data["snapshot"] = snap.to_dict()
         data["manifest"] = manifest_note(path)
@@ -113,6 +115,32 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
         data["retention"] = {"deleted": deleted, "kept": plan.keep, "note": note, "settings": _settings_text(env)}
         data["after"] = [s.to_dict() for s in path.list()]
     return data
+
+
+@contextlib.contextmanager
+def _ends_in_order(env: Env, what: str, record_id: str, data: dict[str, Any]) -> Iterator[None]:
+    """A snapshot or drill interrupted (Ctrl-C, SIGTERM, SIGHUP) ends with what it left, in a sentence:
+    both clean up on their way out (a snapshot's unfinished backup is deleted, or listed as incomplete
+    and deleted by the next snapshot; a drill's scratch cluster is removed, or by the next drill), and
+    neither changes the environment's database."""
+    from opsbook.engines.interrupts import Stopped, describe
+
+    try:
+        yield
+    except Stopped:
+        raise
+    except KeyboardInterrupt as e:
+        left = ("the backup it was making is deleted, or listed as incomplete and deleted by the next snapshot; "
+                "the lock is released" if what == "snapshot" else
+                "it did not pass; what it restored is removed (whatever could not be is removed by the next drill)")
+        if data.get("lock") if what == "snapshot" else data.get("recorded"):
+            recorded = f"Record {record_id} says where it stopped"
+        else:
+            recorded = ("No record was written (it stopped before taking the lock)" if what == "snapshot" else
+                        "No record was written (a second signal stopped it)")
+        raise Stopped(f"{what} of {env.name} {describe(e)}: {left}. {env.name}'s database was not changed. "
+                      f"{recorded}. Run `invoke {'snapshot' if what == 'snapshot' else 'snapshot.drill'} --env "
+                      f"{env.name}` again when ready.", getattr(e, "signal", "SIGINT")) from None
 
 
 def manifest_note(path: base.SnapshotPath) -> str:
@@ -172,7 +200,18 @@ def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None
     started = datetime.now(UTC)
     t0 = time.monotonic()
     record_id = new_record_id("restore_drill")
-    verdict = path.drill(snapshot_id, log=out)
+    try:
+        verdict = path.drill(snapshot_id, log=out)
+    except KeyboardInterrupt as e:
+        data = {"env": env.name, "kind": path.kind, "snapshot": snapshot_id or "", "verified": False, "passed": False,
+                "verdict": f"NOT VERIFIED: interrupted ({type(e).__name__}) {e}".strip(), "problem": "interrupted",
+                "details": {}, "operator": facts.operator(), "started_at": started.isoformat(timespec="seconds"),
+                "duration_s": round(time.monotonic() - t0, 1)}
+        with _ends_in_order(env, "restore drill", record_id, data):
+            runner.record_data("restore_drill", env, {"drill_data": data}, record_id=record_id, started=started,
+                               log=out)
+            data["recorded"] = True
+            raise
     data = {"env": env.name, "kind": path.kind, "snapshot": verdict.snapshot, "verified": verdict.verified,
             "passed": verdict.passed, "verdict": verdict.verdict, "problem": verdict.problem,
             "details": verdict.details, "operator": facts.operator(),

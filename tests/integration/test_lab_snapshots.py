@@ -6,9 +6,15 @@ inventory's count; the scratch cluster is gone afterwards whatever the verdict."
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import psycopg
 import pytest
 
+from opsbook.core.paths import ROOT
 from opsbook.engines.database import admin_conninfo
 from opsbook.engines.records.store import store_for
 from opsbook.engines.snapshots import pgbackrest as pgbr
@@ -37,13 +43,14 @@ def newest(env, runbook: str) -> dict:
     return sorted((e for e in store_for(env).ledger() if e.get("runbook") == runbook), key=lambda e: e["start"])[-1]
 
 
-def scratch_dirs() -> str:
-    return ssh("db1", "ls -d /var/lib/postgresql/opsbook-drill-* 2>/dev/null || true")
+def scratch_dirs() -> set[str]:
+    return set(ssh("db1", "ls -d /var/lib/postgresql/opsbook-drill-* 2>/dev/null || true").split())
 
 
 def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
     env = backed_up
     path = LabSnapshots(env)
+    earlier = scratch_dirs()
     # What a snapshot stopped during its backup leaves (interrupted or killed; pgBackRest finishes the
     # backup on db1): a backup carrying opsbook's annotation and no metadata. It is listed as opsbook's,
     # incomplete, with the record that started it, and the next snapshot deletes it first.
@@ -90,7 +97,7 @@ def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
     assert drill["figures"]["snapshot"] == sid
     assert drill["figures"]["differences"] == 0
     assert drill["figures"]["usable_s"] > 0
-    assert scratch_dirs() == ""
+    assert scratch_dirs() <= earlier   # its own is gone (a drill stopped minutes ago can have left one)
 
     # One row deleted from the restored copy (never from db1): the drill finds it and fails.
     tampered: list[str] = []
@@ -111,7 +118,7 @@ def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
     assert verdict.verdict.startswith("FAILED: ")
     assert f"table {tampered[0]}: " in verdict.problem
     assert "rows expected" in verdict.problem
-    assert scratch_dirs() == ""
+    assert scratch_dirs() <= earlier   # its own is gone (a drill stopped minutes ago can have left one)
     with psycopg.connect(admin_conninfo(env), autocommit=True) as conn:   # db1 itself untouched: it drills clean
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
 
@@ -167,3 +174,37 @@ def test_a_release_that_requires_a_safety_point_takes_one_on_db1_or_uses_a_recen
             steps._safety_point(env, run)
     finally:
         ssh("db1", "systemctl start postgresql")
+
+
+def test_a_drill_stopped_while_it_restores_leaves_nothing_on_db1(backed_up):
+    """SIGTERM while pgBackRest restores into the scratch cluster: the restore goes on on db1 when its ssh
+    client dies, so the drill stops it before it removes the directory; the task says what it left, the
+    record says the drill did not pass. A scratch directory that lost its owner file (a drill stopped
+    while making or removing it) is removed by the next drill once it is old enough to be no live drill's."""
+    env = backed_up
+    if not [s for s in LabSnapshots(env).list() if s.ours and s.status == "available"]:
+        invoke("snapshot", "--env", "lab", "--reason", "suite: a snapshot to drill", check=True)
+    orphan = "/var/lib/postgresql/opsbook-drill-suiteOrphan"
+    ssh("db1", f"install -d -o postgres -g postgres -m 0700 {orphan}/data && touch -d '20 minutes ago' {orphan}")
+    earlier = scratch_dirs()
+    cmd = [sys.executable, "-m", "invoke", "snapshot.drill", "--env", "lab"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1",
+                                     PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"))
+    seen: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if "lab: restoring " in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert "restore drill of lab interrupted by SIGTERM: it did not pass" in out, out[-3000:]
+    assert f"removed {orphan} on db1" in out
+    assert scratch_dirs() <= earlier - {orphan}, out[-3000:]
+    assert ssh("db1", "pgrep -af 'pgbackres[t].* restore' || true") == ""
+    drill = newest(env, "restore_drill")
+    assert drill["figures"]["passed"] is False
+    assert drill["outcome"] != "succeeded"

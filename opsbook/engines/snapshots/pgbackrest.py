@@ -347,12 +347,30 @@ class Scratch(_OnHost):
         _remove_dir(self.host, self.base)
 
 
+# Stop whatever still works in a scratch directory (a restore whose drill was interrupted goes on
+# writing there on the host: its ssh client died, the remote command did not), then remove it, the
+# owner file last so that a removal that fails is still found, and retried, by the next drill.
+# The path is passed with its first character in brackets, and used so as a pattern: it matches the
+# processes that name the path and not the shells that carry it (pkill -f reads whole command lines,
+# and the path itself must appear in none of ours).
+_STOP_AND_REMOVE = (
+    'pat="$1"; p=$(printf %s "$pat" | tr -d "[]"); '
+    'if pgrep -f -- "$pat" >/dev/null; then pkill -TERM -f -- "$pat"; i=0; '
+    'while pgrep -f -- "$pat" >/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; '
+    'pkill -KILL -f -- "$pat"; fi; '
+    'rm -rf --one-file-system -- "$p/data" && rm -rf --one-file-system -- "$p"')
+
+
 def _remove_dir(host: Runner, path: Path) -> None:
+    made_here = path.is_absolute() and path.name.startswith("opsbook-drill-")   # a name only mktemp here gives
+    with contextlib.suppress(CommandFailed):
+        if made_here:
+            host.run(["/bin/sh", "-c", _STOP_AND_REMOVE, "sh", f"[{str(path)[0]}]{str(path)[1:]}"], check=False,
+                     timeout=600)
+        elif not isinstance(host, LocalRunner):
+            host.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False, timeout=600)
     if isinstance(host, LocalRunner):
         shutil.rmtree(path, ignore_errors=True)
-        return
-    with contextlib.suppress(CommandFailed):
-        host.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False, timeout=600)
 
 
 def _private_dir(repo: Repository, base: Path) -> None:
@@ -462,6 +480,7 @@ def amcheck(scratch: Scratch, dbname: str, *, timeout: float = 3600) -> tuple[bo
     raise BackupError(f"pg_amcheck could not run (exit {proc.code}): {said[-1000:]}")
 
 
+ORPHAN_AGE_S = 600             # a scratch directory without an owner file older than this is no live drill's
 OWNER_FILE = "opsbook-owner"   # in a scratch directory: "<controller host> <pid> <process start>" of its drill
 
 
@@ -481,12 +500,23 @@ def _owner() -> str:
 def remove_stale_scratch(repo: Repository, parent: str, say: Callable[[str], None]) -> list[str]:
     """Stop and remove the scratch clusters under `parent` that a drill from this controller left
     when it was killed (its process is gone); a live drill's, or another controller's, is left and named."""
-    listing = repo.host.run(["/bin/sh", "-c", 'for f in "$1"/opsbook-drill-*/' + OWNER_FILE + '; do [ -f "$f" ] && '
-                             'printf "%s %s\\n" "${f%/*}" "$(head -c 200 "$f")"; done; true', "sh", parent],
-                            timeout=60, check=False).out
+    # Each scratch directory with its owner ("<dir> <host> <pid> <ticks>"), or without one, its age in
+    # seconds ("<dir> - <age>": its drill stopped between making it and writing the owner, or while
+    # removing it; one older than ORPHAN_AGE_S is no live drill's).
+    listing = repo.host.run(["/bin/sh", "-c", 'now=$(date +%s); for d in "$1"/opsbook-drill-*; do [ -d "$d" ] || '
+                             'continue; if [ -f "$d/' + OWNER_FILE + '" ]; then printf "%s %s\\n" "$d" "$(head -c 200 '
+                             '"$d/' + OWNER_FILE + '")"; else printf "%s - %s\\n" "$d" $((now - $(stat -c %Y "$d")));'
+                             ' fi; done; true', "sh", parent], timeout=60, check=False).out
     removed = []
     for line in listing.splitlines():
         parts = line.split()
+        if len(parts) == 3 and parts[1] == "-" and parts[2].lstrip("-").isdigit():
+            if int(parts[2]) > ORPHAN_AGE_S:
+                _remove_dir(repo.host, Path(parts[0]))
+                removed.append(parts[0])
+                say(f"removed {parts[0]} on {repo.host.host}: a scratch directory without its owner, "
+                    f"{int(parts[2]) // 60} min old (a drill stopped while making or removing it)")
+            continue
         if len(parts) != 4:
             continue
         base, host, pid, ticks = parts
