@@ -92,22 +92,19 @@ def refuse_names(source: str, target: str) -> None:
 
 
 def _target_hosts_ready(target: Env) -> None:
-    """A lab target whose clone host is a lab host (lab-staging): its hosts exist (`lab.up`, as a release
-    or a provision makes them) and each carries the stamp of this checkout's configuration; a host made
-    or changed since its last provision is refused with the command that converges it (a fresh clone
-    host would still run Debian's own cluster on the clones' port)."""
+    """A lab target whose clone host is a lab host (lab-staging): each of its hosts answers and carries
+    the stamp of this checkout's configuration. One that is not up, or was made or changed since its
+    last provision, is refused with the command that makes and converges it (a fresh clone host would
+    still run Debian's own cluster on the clones' port). Read-only: a dry run makes this check too."""
     host = str(target.var("opsbook_refresh_host", "") or "")
     if target.kind != "lab" or not host or target.host_var(host, "ansible_connection", "ssh") == "local":
         return
-    from opsbook.engines import lab
-
-    lab.up(target)
     want = ansible.fingerprint(target)
     stale = sorted(h for h, stamp in ansible.converged_stamps(target).items() if stamp != want)
     if stale:
-        raise RefreshRefused(f"{target.name}'s hosts {', '.join(stale)} are not converged to this configuration (made "
-                             f"or changed since their last provision, or not answering). Nothing was changed. Run "
-                             f"`invoke provision --env {target.name}`, then refresh again.")
+        raise RefreshRefused(f"{target.name}'s hosts {', '.join(stale)} are not up or not converged to this "
+                             f"configuration (made or changed since their last provision). Nothing was changed. "
+                             f"Run `invoke provision --env {target.name}` (it starts them too), then refresh again.")
 
 
 def _refuse_targets(source: Env, target: Env) -> None:
