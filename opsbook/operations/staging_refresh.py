@@ -48,6 +48,8 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shlex
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -132,13 +134,53 @@ def _masking(masking_path: Path | None, migrations_dir: Path | None) -> tuple[ma
     return masking.load(path), notes
 
 
+def _source_rules(source: Env) -> tuple[Path | None, Path | None, str]:
+    """The masking rules and migrations of the version the source serves, from its artifact (they
+    travel with it: the rules that decide the columns of the schema the source has), unpacked beside
+    the artifact once (`dist/.rules/<version>/`: an artifact never changes); or (None, None, why) when
+    the source serves no single version whose artifact is on this controller, and this checkout's
+    app/ decides (its columns are still checked against the source's database before anything is
+    copied)."""
+    from opsbook.engines import artifact
+
+    try:
+        served = {v for v in fleet.served_versions(source).values() if v}
+    except Exception as e:  # noqa: BLE001 - whatever stops the fleet being asked: say so, use this checkout's
+        return None, None, f"this checkout's app/ (the version {source.name} serves could not be read: {e})"
+    if len(served) != 1:
+        why = "no app host answered /version" if not served else f"its hosts serve {', '.join(sorted(served))}"
+        return None, None, f"this checkout's app/ ({why})"
+    version = served.pop()
+    try:
+        art = artifact.find(version)
+        dest = art.path.parent / ".rules" / version
+        if not (dest / ".complete").exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
+            art.extract_masking(tmp)
+            art.extract_migrations(tmp)
+            (tmp / ".complete").touch()
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+        root = dest / f"{artifact.NAME}-{version}"
+        rules, migrations = root / masking.MASKING_FILE, root / "migrations"
+    except (artifact.ArtifactError, OSError) as e:
+        return None, None, f"this checkout's app/ ({source.name} serves {version}: {str(e).split('. ')[0]})"
+    return rules, migrations, f"those of {version}, which {source.name} serves (artifact {art.path.name})"
+
+
 def plan(source: Env, target: Env, *, snapshot: str | None = None, masking_path: Path | None = None,
          migrations_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every check a refresh makes before it touches anything; raises RefreshRefused or PathNotBuilt,
     or returns the plan (`path` holds the path's machinery)."""
     _refuse_targets(source, target)
     _target_hosts_ready(target)
+    chosen = "the masking file given"
+    if masking_path is None and migrations_dir is None:
+        masking_path, migrations_dir, chosen = _source_rules(source)
     rules, notes = _masking(masking_path, migrations_dir)
+    notes = [f"masking rules: {chosen}", *notes]
+    log(notes[0])
     if snapshot:
         if source.kind == "aws":
             AwsSnapshots(source).describe(snapshot)          # refuses an unknown id, naming it
@@ -250,9 +292,47 @@ def refresh(source: Env, target: Env, *, snapshot: str | None = None, dry_run: b
                             "started_at": started.isoformat(timespec="seconds"), "steps": [], "snapshot": snapshot}
     with runner.locked_record(REFRESH_RUNBOOK, target, data, param="refresh_data", record_id=record_id,
                               started=started, reason=f"staging refresh from {source.name} (record {record_id})",
-                              log=out):
+                              log=out), _watched(source, data, out):
         _Btrfs(source, target, path, data, out).run()
     return data
+
+
+PROBE_BASELINE_S = 2.0   # the source's traffic measured before the refresh touches it
+
+
+@contextlib.contextmanager
+def _watched(source: Env, data: dict[str, Any], out: Callable[[str], None]) -> Iterator[None]:
+    """The source (production) under the release probe for the whole refresh, as under a release: the
+    record shows what its users saw (requests, failed, acknowledged writes lost, p99 before the
+    refresh began and during it) in `source_probe`. A source that takes no probe traffic (no load
+    balancer; its service down) is refreshed all the same, and the record says it was not watched."""
+    from opsbook.engines import probe as probes
+
+    try:
+        probe = probes.probe_for(source).start("before")
+    except (probes.ProbeError, OpsbookError) as e:
+        data["source_probe"] = {"watched": False, "why": str(e)}
+        out(f"{source.name} is not watched during the refresh: {e}")
+        yield
+        return
+    try:
+        time.sleep(PROBE_BASELINE_S)
+        probe.mark("refresh")
+        yield
+    finally:
+        results = probe.stop()
+        figs = results.figures()
+        before, during = results.phase("before"), results.phase("refresh")
+        data["source_probe"] = {
+            "watched": True, "url": figs.get("base_url"), "requests": figs.get("requests"),
+            "failed": figs.get("failed"), "acknowledged_writes": figs.get("acknowledged_writes"),
+            "missing_acknowledged_writes": figs.get("missing_acknowledged_writes"),
+            "p99_ms_before": before.get("p99_ms"), "p99_ms_during": during.get("p99_ms"),
+            "courses": list(probe.courses), "errors": results.errors(5)}
+        sp = data["source_probe"]
+        out(f"{source.name} under the probe during the refresh: {sp['requests']} requests, {sp['failed']} failed, "
+            f"{sp['missing_acknowledged_writes']} acknowledged write(s) lost; p99 {sp['p99_ms_before']} ms before, "
+            f"{sp['p99_ms_during']} ms during")
 
 
 class _Btrfs:

@@ -74,16 +74,30 @@ def test_refresh_then_a_release_on_it_is_a_rehearsal_the_gate_accepts(lab_env, l
     assert "invoke provision --env lab-staging" in said
     assert "Nothing was changed" in said
 
+    with psycopg.connect(admin_conninfo(lab_env)) as conn:   # the courses before the refresh (and its probe)
+        known = [str(r[0]) for r in conn.execute("SELECT course_uuid FROM courses")]
     refreshed = invoke("staging.refresh", "--from", "lab", "--to", "lab-staging", timeout=900)
     assert refreshed.returncode == 0, refreshed.stdout[-3000:] + refreshed.stderr[-3000:]
     entry = _newest(st, "staging_refresh")
     assert entry["outcome"] == "succeeded"
     assert entry["figures"]["source"] == "lab"
+    # The masking rules are those of the version the lab serves, from its artifact.
+    served = set(fleet.served_versions(lab_env).values())
+    assert len(served) == 1, served
+    assert f"masking rules: those of {served.pop()}, which lab serves" in refreshed.stdout
+
+    # The lab (production here) was under the release probe for the whole refresh, and saw nothing.
+    probe = entry["figures"]
+    assert probe["source_failed_requests"] == 0, refreshed.stdout[-3000:]
+    assert probe["source_lost_writes"] == 0
+    assert probe["source_p99_ms_during"] is not None
+    assert "lab under the probe during the refresh: " in refreshed.stdout
 
     lab_db, st_db = admin_conninfo(lab_env), admin_conninfo(st)
-    # A copy of the lab as of the refresh (the lab was quiet: no probe, no load), masked.
+    # A copy of the lab as of the refresh, masked: every event of the courses it had (the probe's own went on).
     assert _count(st_db, "SELECT count(*) FROM courses WHERE course_uuid = %s", course) == 1
-    assert _count(st_db, "SELECT count(*) FROM course_events") == _count(lab_db, "SELECT count(*) FROM course_events")
+    in_known = "SELECT count(*) FROM course_events WHERE course_uuid = ANY(%s::uuid[])"
+    assert _count(st_db, in_known, known) == _count(lab_db, in_known, known)
     assert _count(lab_db, "SELECT count(*) FROM course_events WHERE student_uuid = %s", student) == 1
     assert _count(st_db, "SELECT count(*) FROM course_events WHERE student_uuid = %s", student) == 0
     assert _count(st_db, "SELECT count(*) FROM course_events WHERE course_uuid = %s AND student_uuid IS NOT NULL",

@@ -199,6 +199,8 @@ def test_a_refresh_serves_a_masked_copy_with_the_targets_credentials_and_records
     assert data["serving"] == data["clone"]["name"]
     assert data["app_hosts"]["note"] == "srcstage has no app hosts: nothing to restart"
     assert any("course_events:" in line and "rows masked" in line for line in lines)   # progress
+    # The source serves no version (no app hosts): this checkout's rules decide, and the record says so.
+    assert data["masking_notes"][0] == "masking rules: this checkout's app/ (no app host answered /version)"
 
     # Staging's port serves the copy; staging's passwords open it, the source's do not.
     events = _one(src.socket(DB), "SELECT count(*) FROM course_events")
