@@ -322,7 +322,8 @@ def _watched(source: Env, data: dict[str, Any], out: Callable[[str], None]) -> I
     finally:
         results = probe.stop()
         figs = results.figures()
-        before, during = results.phase("before"), results.phase("refresh")
+        before = results.phase("before")   # and no "refresh" phase when it was stopped during the baseline
+        during = results.phase("refresh") if "refresh" in results.phase_names() else {}
         data["source_probe"] = {
             "watched": True, "url": figs.get("base_url"), "requests": figs.get("requests"),
             "failed": figs.get("failed"), "acknowledged_writes": figs.get("acknowledged_writes"),

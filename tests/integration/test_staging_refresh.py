@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -340,3 +341,51 @@ def test_the_task_refuses_prod_and_dry_runs_through_the_command_line(world):
     planned = invoke("staging.refresh", "--from", "srcprod", "--to", "srcstage", "--dry-run")
     assert planned.returncode == 0, planned.stderr
     assert "dry run: would refresh srcstage from srcprod" in planned.stdout
+
+
+class _Source:
+    """A source environment's inventory, as the probe reads it, pointing at a real service on loopback."""
+
+    name = "srcprod"
+
+    def __init__(self, url: str):
+        self.vars = {"opsbook_probe_url": url, "opsbook_probe_rate": 20}
+
+    def var(self, name, default=None):
+        return self.vars.get(name, default)
+
+
+def test_the_source_is_under_the_probe_for_the_whole_refresh(bl_api_service, monkeypatch):
+    """What a refresh's record keeps of its source's users (a real probe against a real service): requests,
+    failed, lost writes, p99 before and during; an interrupt in the baseline is recorded too, with no
+    `during`; a source that takes no traffic is refreshed unwatched, and the record says why."""
+    import types
+
+    lines: list[str] = []
+    data: dict = {}
+    with sr._watched(_Source(bl_api_service.url), data, lines.append):
+        time.sleep(1.5)
+    sp = data["source_probe"]
+    assert sp["watched"] is True
+    assert sp["requests"] > 20
+    assert sp["failed"] == 0
+    assert sp["missing_acknowledged_writes"] == 0
+    assert sp["p99_ms_before"] is not None
+    assert sp["p99_ms_during"] is not None
+    assert any(line.startswith("srcprod under the probe during the refresh: ") for line in lines)
+
+    def interrupted(_s):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sr, "time", types.SimpleNamespace(sleep=interrupted, monotonic=time.monotonic))
+    data = {}
+    with pytest.raises(KeyboardInterrupt), sr._watched(_Source(bl_api_service.url), data, lines.append):
+        pytest.fail("the refresh must not start when its baseline was interrupted")
+    assert data["source_probe"]["watched"] is True
+    assert data["source_probe"]["p99_ms_during"] is None
+
+    data = {}
+    with sr._watched(_Source("http://127.0.0.1:9"), data, lines.append):   # nothing listens there
+        pass
+    assert data["source_probe"]["watched"] is False
+    assert "srcprod is not watched during the refresh" in lines[-1]
