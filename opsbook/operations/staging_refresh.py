@@ -316,7 +316,13 @@ def _watched(source: Env, data: dict[str, Any], out: Callable[[str], None]) -> I
         yield
         return
     try:
-        time.sleep(PROBE_BASELINE_S)
+        try:
+            time.sleep(PROBE_BASELINE_S)
+        except KeyboardInterrupt as e:
+            raise interrupts.Stopped(
+                f"the refresh of {data.get('target')} from {source.name} was {interrupts.describe(e)} before it began "
+                f"(while {source.name}'s traffic was measured for the probe's baseline). Nothing was changed; its "
+                f"record says so. Refresh again when ready.", getattr(e, "signal", "SIGINT")) from None
         probe.mark("refresh")
         yield
     finally:

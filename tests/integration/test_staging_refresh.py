@@ -378,8 +378,10 @@ def test_the_source_is_under_the_probe_for_the_whole_refresh(bl_api_service, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sr, "time", types.SimpleNamespace(sleep=interrupted, monotonic=time.monotonic))
-    data = {}
-    with pytest.raises(KeyboardInterrupt), sr._watched(_Source(bl_api_service.url), data, lines.append):
+    data = {"target": "srcstage"}
+    with pytest.raises(KeyboardInterrupt, match="the refresh of srcstage from srcprod was interrupted by SIGINT "
+                                                 r"\(Ctrl-C\) before it began .*Nothing was changed"), \
+            sr._watched(_Source(bl_api_service.url), data, lines.append):
         pytest.fail("the refresh must not start when its baseline was interrupted")
     assert data["source_probe"]["watched"] is True
     assert data["source_probe"]["p99_ms_during"] is None
