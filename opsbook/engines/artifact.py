@@ -62,6 +62,21 @@ class Artifact:
             tar.extractall(dest, members=members, filter="data")
         return dest / prefix
 
+    def rules(self) -> tuple[Path, Path]:
+        """(masking.yml, migrations/) of this version, unpacked once beside the artifact
+        (`dist/.rules/<version>/`: an artifact never changes), for reading; a half-made copy is never used."""
+        dest = self.path.parent / ".rules" / self.version
+        if not (dest / ".complete").exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.version}-", dir=dest.parent))
+            self.extract_masking(tmp)
+            self.extract_migrations(tmp)
+            (tmp / ".complete").touch()
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+        root = dest / f"{NAME}-{self.version}"
+        return root / MASKING_FILE, root / "migrations"
+
     def extract_masking(self, dest: Path) -> Path:
         """Unpack this version's masking rules into dest and return the file's path. It lands next to
         the migrations `extract_migrations` unpacks into the same dest, where `masking.lint` looks."""

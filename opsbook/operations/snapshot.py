@@ -101,7 +101,11 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
     data: dict[str, Any] = {"env": env.name, "kind": path.kind, "reason": reason, "operator": facts.operator(),
                             "started_at": started.isoformat(timespec="seconds"), "record": record_id,
                             "outcome": "failed", "progress": []}
-    with _ends_in_order(env, "snapshot", record_id, data), \
+    with _ends_in_order(env, "snapshot", "the backup it was making is deleted, or listed as incomplete and deleted "
+                        "by the next snapshot; the lock is released",
+                        lambda: (f"Record {record_id} says where it stopped" if data.get("lock") else
+                                 "No record was written (it stopped before taking the lock)"),
+                        f"invoke snapshot --env {env.name}"), \
             runner.locked_record("snapshot", env, data, param="snapshot_data", record_id=record_id, started=started,
                                  reason=f"snapshot (record {record_id})", log=out):
         snap = path.take(record_id=record_id, reason=reason, log=out, progress=data["progress"])
@@ -118,11 +122,10 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
 
 
 @contextlib.contextmanager
-def _ends_in_order(env: Env, what: str, record_id: str, data: dict[str, Any]) -> Iterator[None]:
-    """A snapshot or drill interrupted (Ctrl-C, SIGTERM, SIGHUP) ends with what it left, in a sentence:
-    both clean up on their way out (a snapshot's unfinished backup is deleted, or listed as incomplete
-    and deleted by the next snapshot; a drill's scratch cluster is removed, or by the next drill), and
-    neither changes the environment's database."""
+def _ends_in_order(env: Env, what: str, left: str, recorded: Callable[[], str], again: str) -> Iterator[None]:
+    """A snapshot or drill interrupted (Ctrl-C, SIGTERM, SIGHUP) ends with what it `left`, in a sentence:
+    both clean up on their way out and neither changes the environment's database. `recorded()` says
+    which record was written by then (or why none was); `again` is the command that runs it again."""
     from opsbook.engines.interrupts import Stopped, describe
 
     try:
@@ -130,17 +133,9 @@ def _ends_in_order(env: Env, what: str, record_id: str, data: dict[str, Any]) ->
     except Stopped:
         raise
     except KeyboardInterrupt as e:
-        left = ("the backup it was making is deleted, or listed as incomplete and deleted by the next snapshot; "
-                "the lock is released" if what == "snapshot" else
-                "it did not pass; what it restored is removed (whatever could not be is removed by the next drill)")
-        if data.get("lock") if what == "snapshot" else data.get("recorded"):
-            recorded = f"Record {record_id} says where it stopped"
-        else:
-            recorded = ("No record was written (it stopped before taking the lock)" if what == "snapshot" else
-                        "No record was written (a second signal stopped it)")
         raise Stopped(f"{what} of {env.name} {describe(e)}: {left}. {env.name}'s database was not changed. "
-                      f"{recorded}. Run `invoke {'snapshot' if what == 'snapshot' else 'snapshot.drill'} --env "
-                      f"{env.name}` again when ready.", getattr(e, "signal", "SIGINT")) from None
+                      f"{recorded()}. "
+                      f"Run `{again}` again when ready.", getattr(e, "signal", "SIGINT")) from None
 
 
 def manifest_note(path: base.SnapshotPath) -> str:
@@ -207,10 +202,14 @@ def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None
                 "verdict": f"NOT VERIFIED: interrupted ({type(e).__name__}) {e}".strip(), "problem": "interrupted",
                 "details": {}, "operator": facts.operator(), "started_at": started.isoformat(timespec="seconds"),
                 "duration_s": round(time.monotonic() - t0, 1)}
-        with _ends_in_order(env, "restore drill", record_id, data):
+        recorded: list[str] = []
+        with _ends_in_order(env, "restore drill", "it did not pass; what it restored is removed (whatever could "
+                            "not be is removed by the next drill)",
+                            lambda: recorded[0] if recorded else "No record was written (a second signal stopped it)",
+                            f"invoke snapshot.drill --env {env.name}"):
             runner.record_data("restore_drill", env, {"drill_data": data}, record_id=record_id, started=started,
                                log=out)
-            data["recorded"] = True
+            recorded.append(f"Record {record_id} says where it stopped")
             raise
     data = {"env": env.name, "kind": path.kind, "snapshot": verdict.snapshot, "verified": verdict.verified,
             "passed": verdict.passed, "verdict": verdict.verdict, "problem": verdict.problem,

@@ -48,8 +48,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shlex
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -153,17 +151,7 @@ def _source_rules(source: Env) -> tuple[Path | None, Path | None, str]:
     version = served.pop()
     try:
         art = artifact.find(version)
-        dest = art.path.parent / ".rules" / version
-        if not (dest / ".complete").exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
-            art.extract_masking(tmp)
-            art.extract_migrations(tmp)
-            (tmp / ".complete").touch()
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
-        root = dest / f"{artifact.NAME}-{version}"
-        rules, migrations = root / masking.MASKING_FILE, root / "migrations"
+        rules, migrations = art.rules()
     except (artifact.ArtifactError, OSError) as e:
         return None, None, f"this checkout's app/ ({source.name} serves {version}: {str(e).split('. ')[0]})"
     return rules, migrations, f"those of {version}, which {source.name} serves (artifact {art.path.name})"
