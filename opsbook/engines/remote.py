@@ -58,8 +58,12 @@ def _complete(host: str, shown: str, cmd: list[str], *, stdin: str | None, timeo
     """Run `cmd` here and turn what happened into a Result, or CommandFailed when `check` (or when the
     host could not be reached: `unreachable` is the exit code that means so, 255 for ssh)."""
     try:
+        # In a session of its own: a terminal's Ctrl-C, or the SIGINT a runbook's kernel gets for its
+        # process group, reaches opsbook alone, which then stops this command itself (subprocess.run
+        # kills it on KeyboardInterrupt) and runs its clean-up; the command is not killed under it first,
+        # to be reported as a failure (or an unreachable host) instead of an interrupt.
         proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False,
-                              env=env)
+                              env=env, start_new_session=True)
     except FileNotFoundError as e:
         result = Result(127, "", str(e))
     except subprocess.TimeoutExpired as e:

@@ -99,7 +99,11 @@ def _start(env: Env, host: str, target: tuple[str, int] | str, timeout: float, k
     with tempfile.TemporaryFile(mode="w+") as errors:
         proc = subprocess.Popen(ssh_command(env, host, f"127.0.0.1:{local}:{remote}"), cwd=ROOT,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                                text=True, preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only, no locks
+                                text=True, preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks
+                                # Its own session: an operator's Ctrl-C (SIGINT to the terminal's process
+                                # group, or to a runbook kernel's) must not cut the forward an interrupted
+                                # operation's clean-up still needs (dropping a half-masked clone, say).
+                                start_new_session=True)
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", local), timeout=1):
