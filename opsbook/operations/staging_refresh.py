@@ -34,7 +34,9 @@ against the source's database, `masking.check_database`: each list in the messag
 9. *prune*: clones beyond `opsbook_refresh_keep` (2) are deleted, never the serving one.
 
 A refresh that fails before the switch deletes its clone (it holds unmasked or half-masked data)
-and leaves the target's previous database serving, untouched; the record says so.
+and leaves the target's previous database serving, untouched; the record says so. An interrupt
+(SIGINT, SIGTERM, SIGHUP) ends it the same way and says where it stopped: during the checks (no lock
+and no record yet), during the probe's baseline, or at a step.
 
 The lab's staging is `lab-staging` (`invoke staging.refresh --from lab --to lab-staging`): its clone
 host stg-db1 is reached over SSH, the clones' sockets through SSH forwards.
@@ -265,7 +267,14 @@ def refresh(source: Env, target: Env, *, snapshot: str | None = None, dry_run: b
             masking_path: Path | None = None, migrations_dir: Path | None = None,
             out: Callable[[str], None] = print) -> dict[str, Any]:
     """Refresh `target`'s database from `source` (see the module's docstring); returns the record's data."""
-    p = plan(source, target, snapshot=snapshot, masking_path=masking_path, migrations_dir=migrations_dir, log=out)
+    try:
+        p = plan(source, target, snapshot=snapshot, masking_path=masking_path, migrations_dir=migrations_dir,
+                 log=out)
+    except KeyboardInterrupt as e:   # the checks read only: nothing to put back, and no record yet
+        raise interrupts.Stopped(
+            f"the refresh of {target.name} from {source.name} was {interrupts.describe(e)} while it made its checks, "
+            f"before it took {target.name}'s lock. Nothing was changed and no record was written. Refresh again "
+            f"when ready.", getattr(e, "signal", "SIGINT")) from None
     path = p.pop("path")
     if dry_run:
         out(f"dry run: would refresh {target.name} from {source.name}: {p['how']}; mask {len(p['masked_columns'])} "

@@ -12,7 +12,9 @@ AWS refresh is refused as not built before anything is made in moto."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -25,7 +27,7 @@ import yaml
 
 from opsbook.core.inventory import INVENTORY_PATH_VARIABLE, Env
 from opsbook.core.paths import APP
-from opsbook.engines import artifact, rehearsal
+from opsbook.engines import artifact, interrupts, rehearsal
 from opsbook.engines import lock as locks
 from opsbook.engines.clones import paths
 from opsbook.engines.records.store import new_record_id, store_for
@@ -183,6 +185,37 @@ def test_refusals_change_nothing_and_leave_no_record(world, envs, tmp_path):
     assert not (root / "refresh").exists()          # no image, no standby, no clone
     assert _refreshes(stage) == []
     assert locks.lock_for(stage).holder() is None
+    assert _one(src.socket(), "SELECT count(*) FROM pg_replication_slots") == 0
+
+
+def test_an_interrupt_during_the_checks_says_nothing_was_changed(world, envs, monkeypatch):
+    """A real SIGTERM to this process while the refresh reads the source's database for its checks (the
+    moment is chosen by wrapping that check; the signal and its handling are the task's own)."""
+    src, root, _ = world
+    prod, stage = envs
+    check = sr.masking.check_database
+
+    def signalled_mid_check(conn, rules):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)   # the signal's handler raises here
+        return check(conn, rules)
+
+    monkeypatch.setattr(sr.masking, "check_database", signalled_mid_check)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)   # as in a terminal, whatever pytest inherited
+    try:
+        # Any interrupt is caught, so that a regression fails this test instead of stopping pytest.
+        with pytest.raises(KeyboardInterrupt) as stopped, interrupts.interruptible():
+            sr.refresh(prod, stage, out=_quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert isinstance(stopped.value, interrupts.Stopped), repr(stopped.value)
+    assert stopped.value.signal == "SIGTERM"
+    assert str(stopped.value) == ("the refresh of srcstage from srcprod was interrupted by SIGTERM while it made its "
+                                  "checks, before it took srcstage's lock. Nothing was changed and no record was "
+                                  "written. Refresh again when ready.")
+    assert _refreshes(stage) == []
+    assert locks.lock_for(stage).holder() is None
+    assert not (root / "refresh").exists()
     assert _one(src.socket(), "SELECT count(*) FROM pg_replication_slots") == 0
 
 
