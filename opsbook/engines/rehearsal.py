@@ -20,18 +20,16 @@ would provide it. ``--skip-rehearsal --reason R`` overrides it and the release r
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opsbook.core import ages
 from opsbook.core.errors import OpsbookError
 from opsbook.engines.records import ledger
 
 REFRESH_RUNBOOK = "staging_refresh"
 DEFAULT_MAX_AGE = "7d"
-_AGE = re.compile(r"^\s*([0-9]+)\s*([mhdw])\s*$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class RehearsalMissing(OpsbookError):
@@ -39,11 +37,11 @@ class RehearsalMissing(OpsbookError):
 
 
 def parse_max_age(value: Any) -> timedelta:
-    m = _AGE.match(str(value if value not in (None, "") else DEFAULT_MAX_AGE))
-    if not m:
-        raise OpsbookError(f"opsbook_rehearsal_max_age: {value!r} is not an age (30m, 12h, 7d, 2w). Nothing was "
-                           f"changed. Fix it in the inventory.")
-    return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    age = ages.parse(value if value not in (None, "") else DEFAULT_MAX_AGE)
+    if age is None:
+        raise OpsbookError(f"opsbook_rehearsal_max_age: {value!r} is not an age ({ages.FORMS}, at most 100 years). "
+                           f"Nothing was changed. Fix it in the inventory.")
+    return age
 
 
 @dataclass

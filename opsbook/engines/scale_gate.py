@@ -12,11 +12,11 @@ overrode it with `--skip-scale-check --reason R`, which the release records.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opsbook.core import ages
 from opsbook.core.errors import OpsbookError
 from opsbook.engines.records.ledger import Ledgers
 
@@ -61,17 +61,13 @@ class Decision:
         return asdict(self)
 
 
-_AGE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
-
-
 def parse_age(value: Any) -> timedelta:
     """`7d`, `12h`, `30m`, `2w`, or seconds."""
-    m = _AGE.match(str(value))
-    if not m:
-        raise OpsbookError(f"opsbook_scale_check_max_age {value!r}: expected an age like 7d, 12h, 30m or seconds. "
-                           f"Nothing was changed.")
-    n, unit = int(m.group(1)), m.group(2) or "s"
-    return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[unit]: n})
+    age = ages.parse(value, seconds=True)
+    if age is None:
+        raise OpsbookError(f"opsbook_scale_check_max_age {value!r}: expected an age like 7d, 12h, 30m or seconds "
+                           f"(at most 100 years). Nothing was changed.")
+    return age
 
 
 def requirement(env) -> Requirement | None:

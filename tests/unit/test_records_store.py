@@ -79,8 +79,9 @@ def test_since_accepts_ages_and_dates_and_names_the_forms():
     assert parse_since("2d", now) == datetime(2025, 1, 8, tzinfo=UTC)
     assert parse_since("12h", now) == datetime(2025, 1, 9, 12, tzinfo=UTC)
     assert parse_since("2025-01-01T06:00", now) == datetime(2025, 1, 1, 6, tzinfo=UTC)
-    with pytest.raises(OpsbookError, match=r"30m, 12h, 7d, 2w"):
-        parse_since("last tuesday", now)
+    for bad in ("last tuesday", "99999999w", "7"):   # a typo's age (past any date) and a bare number too
+        with pytest.raises(OpsbookError, match=r"30m, 12h, 7d or 2w, at most 100 years\) or an ISO date"):
+            parse_since(bad, now)
 
 
 def test_unwritable_local_store_is_refused(tmp_path):

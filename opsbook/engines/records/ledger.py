@@ -4,10 +4,10 @@ release history) reads it through here."""
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
+from opsbook.core import ages
 from opsbook.core.errors import OpsbookError
 from opsbook.engines.records.store import OUTCOMES
 
@@ -53,23 +53,19 @@ def releases(entries: list[dict[str, Any]], *, outcome: str | None = None,
     return sorted(out, key=lambda e: e.get("start", ""))
 
 
-_RELATIVE = re.compile(r"^(\d+)([mhdw])$")
-
-
 def parse_since(since: str | None, now: datetime | None = None) -> datetime | None:
     """``7d``, ``12h``, ``30m``, ``2w`` or an ISO date/time (UTC unless it says otherwise)."""
     if not since:
         return None
     now = now or datetime.now(UTC)
-    m = _RELATIVE.match(since.strip())
-    if m:
-        n, unit = int(m.group(1)), m.group(2)
-        return now - timedelta(**{{"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[unit]: n})
+    age = ages.parse(since)
+    if age is not None:
+        return now - age
     try:
         when = datetime.fromisoformat(since.strip())
     except ValueError:
         raise OpsbookError(
-            f"--since {since!r}: expected an age (30m, 12h, 7d, 2w) "
+            f"--since {since!r}: expected an age ({ages.FORMS}, at most 100 years) "
             "or an ISO date (2025-01-31, 2025-01-31T12:00)"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)

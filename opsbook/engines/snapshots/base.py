@@ -14,12 +14,12 @@ a release record still points at as its safety point.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from opsbook.core import ages
 from opsbook.core.errors import OpsbookError
 
 
@@ -93,19 +93,17 @@ class SnapshotPath(Protocol):
 
 
 # --- ages and retention ---------------------------------------------------------------------
-_AGE = re.compile(r"^\s*([0-9]+)\s*([mhdw])\s*$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def parse_age(value: Any, setting: str) -> timedelta | None:
     """An inventory age (``30m``, ``12h``, ``7d``, ``2w``; empty or None: no limit) -> timedelta."""
     if value is None or str(value).strip() in ("", "none", "None", "off"):
         return None
-    m = _AGE.match(str(value))
-    if not m:
+    age = ages.parse(value)
+    if age is None:
         raise SnapshotError(f"{setting}: {value!r} is not an age; write minutes, hours, days or weeks like 30m, "
-                            f"12h, 7d or 2w (or leave it empty for no limit). Nothing was done.")
-    return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+                            f"12h, 7d or 2w, at most 100 years (or leave it empty for no limit). Nothing was done.")
+    return age
 
 
 @dataclass(frozen=True)
