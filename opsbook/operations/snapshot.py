@@ -8,7 +8,9 @@ reason and waited for with progress; then retention (`opsbook_snapshot_keep`, a 
 `opsbook_snapshot_max_age`, an age like 30d) deletes opsbook's own older snapshots, never the newest
 and never the safety point of one of the environment's newest release records
 (`opsbook_release_keep` of them). The record (runbooks/snapshot.ipynb) holds the snapshot, its
-progress, what retention did and the manifest (the lab) or why none was taken (AWS).
+progress, what retention did and the manifest (the lab) or why none was taken (AWS). A database that
+cannot be snapshotted now (the lab's does not answer, or pgBackRest does not; an RDS database that is
+not `available` or already being snapshotted) is refused before the lock, with no record.
 
 `invoke snapshot.list --env E`: every snapshot of the environment with its age, size and the
 record that took it. Read-only, no record.
@@ -96,6 +98,13 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
             + (f" {db.id}" if db is not None else "") + f" (reason: {reason}); nothing was changed")
         out(note or plan.text())
         return {"dry_run": True, "retention": [s.id for s in plan.delete]}
+    # Before the lock, as the release's safety point asks: a backup of a database that does not answer
+    # fails only once it has begun (pgBackRest's "unable to find primary cluster", under the lock).
+    can, why_not = path.can_take()
+    if not can:
+        raise base.SnapshotError(f"no snapshot of {env.name} can be taken now: {why_not}. Nothing was changed and no "
+                                 f"record was written. Bring the database back (`invoke status --env {env.name}` "
+                                 f"says whether it answers), then run `invoke snapshot --env {env.name}` again.")
     started = datetime.now(UTC)
     record_id = new_record_id("snapshot")
     data: dict[str, Any] = {"env": env.name, "kind": path.kind, "reason": reason, "operator": facts.operator(),

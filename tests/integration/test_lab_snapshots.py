@@ -172,6 +172,15 @@ def test_a_release_that_requires_a_safety_point_takes_one_on_db1_or_uses_a_recen
         run = steps.Run(plan=plan, record_id=new_record_id("release"), guardrails={})
         with pytest.raises(OpsbookError, match=r"safety point: .*Nothing was changed"):
             steps._safety_point(env, run)
+        # Nor does `invoke snapshot` begin a backup that could only fail: refused before its lock.
+        records = len(store_for(env).ledger())
+        taken = invoke("snapshot", "--env", "lab")
+        assert taken.returncode == 1, taken.stdout + taken.stderr
+        assert ("error: no snapshot of lab can be taken now: the database on db1 does not answer"
+                in taken.stdout + taken.stderr), taken.stdout + taken.stderr
+        assert "Nothing was changed and no record was written" in taken.stdout + taken.stderr
+        assert len(store_for(env).ledger()) == records
+        assert "free" in invoke("lock", "--env", "lab", check=True).stdout
     finally:
         ssh("db1", "systemctl start postgresql")
 
