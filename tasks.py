@@ -37,10 +37,15 @@ def operator_errors(fn: Callable) -> Callable:
         except Stopped as e:   # it ended in order and says how
             raise Exit(f"error: {e}", code=130) from None
         except KeyboardInterrupt as e:
-            raise Exit(f"error: {fn.__name__.replace('_', '.')} {describe(e)} outside any step that ends in order: "
-                       f"it stopped where it was (a release or rollback that had not taken the lock yet changed "
-                       f"nothing). `invoke status --env ENV` shows the environment as it is; run the task again "
-                       f"to finish it.", code=130) from None
+            name = fn.__name__.replace("_", ".")
+            # A release or rollback takes its interrupts in hand from its lock on: one that reaches here
+            # came before it, when nothing was changed. Any other task stopped where it was (lab.up with a
+            # host half made, say); run again, it finishes.
+            where = (" before it took the lock: nothing was changed and no record was written"
+                     if name in ("release", "rollback") else ": it stopped where it was")
+            raise Exit(f"error: {name} {describe(e)} outside any step that ends in order{where}. "
+                       f"`invoke status --env ENV` shows the environment as it is; run the task again to finish it.",
+                       code=130) from None
 
     return wrapper
 

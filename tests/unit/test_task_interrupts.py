@@ -43,9 +43,26 @@ def test_an_interrupt_before_any_step_is_said_and_exits_130(signum, python_takes
     assert e.value.code == 130
     assert f"release interrupted by {signal.Signals(signum).name}" in e.value.message
     assert "invoke status" in e.value.message
+    assert "before it took the lock: nothing was changed and no record was written" in e.value.message
     assert reached == []
     # the task's handlers are gone once it ended: the previous ones are back
     assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before
+
+
+def test_another_task_interrupted_says_it_stopped_where_it_was(python_takes_sigint):
+    """Only a release or rollback can say nothing was changed (they take their own interrupts from their
+    lock on); lab.up interrupted while it makes a host left that host half made."""
+    @operator_errors
+    def lab_up(_c):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    with pytest.raises(Exit) as e:
+        lab_up(None)
+    assert e.value.code == 130
+    assert e.value.message.startswith("error: lab.up interrupted by SIGINT (Ctrl-C) outside any step that ends in "
+                                      "order: it stopped where it was. ")
+    assert "nothing was changed" not in e.value.message
 
 
 def test_a_signal_ignored_before_the_task_stays_ignored():
