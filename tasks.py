@@ -65,9 +65,11 @@ def local_port(value) -> int | None:
 
 
 def load_env(c, env: str | None):
-    """The environment a task acts on: --env, else invoke.yaml's `opsbook.env`. Loaded once, here.
+    """The environment a task acts on: --env, else invoke.yaml's `opsbook.env`. Loaded once, here, and its
+    numeric settings checked (opsbook.core.settings).
     An AWS environment's account is checked here, before the task touches anything (STS
     GetCallerIdentity against the inventory's opsbook_aws_account_id)."""
+    from opsbook.core import settings
     from opsbook.core.inventory import load
 
     name = env or c.config.get("opsbook", {}).get("env")
@@ -80,6 +82,7 @@ def load_env(c, env: str | None):
 
         loaded = aws.activate(loaded)   # its profile, region, endpoint for this process and its children
         aws.check_account(loaded)
+    settings.check(loaded)   # a setting opsbook cannot use is refused here, not half-way through a task
     return loaded
 
 
