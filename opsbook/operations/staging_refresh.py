@@ -227,6 +227,12 @@ def status_text(source: Env, target: Env) -> str:
     path = paths.btrfs_refresh(source, target, log=lambda _m: None)
     engine = path.engine
     if engine.r.run(["test", "-d", engine.clones_dir], check=False).code != 0:
+        if engine.r.run(["test", "-f", engine.image], check=False).code == 0:
+            # The host restarted (the image's loop mount does not survive it), so its standby and clones are
+            # in the image but nothing serves from it; status reads only, the next refresh mounts it again.
+            return (f"{target.name}: the clone filesystem on {path.host} ({engine.image}) is not mounted ({path.host} "
+                    f"restarted?): its standby and clones are stopped, and {target.name}'s database does not serve "
+                    f"until the next refresh (`invoke staging.refresh --to {target.name}`), which mounts it again")
         return f"{target.name}: no standby and no clone on {path.host} yet ({engine.base})"
     current = engine.current()
     lines = [f"{target.name}: clones on {path.host} ({engine.base}); the standby of {path.source.describe()} is "

@@ -424,3 +424,29 @@ def test_the_source_is_under_the_probe_for_the_whole_refresh(bl_api_service, mon
         pass
     assert data["source_probe"]["watched"] is False
     assert "srcprod is not watched during the refresh" in lines[-1]
+
+
+@pytest.mark.kernel
+def test_after_the_clone_host_restarts_status_says_so_and_the_next_refresh_serves_again(world, envs):
+    """A restart of the clone host (seen on the lab: stg-db1 stopped, then started by provisioning) leaves
+    the image unmounted: its clones and standby are stopped, and the target's database does not serve.
+    status says that instead of "no clone yet"; the next refresh mounts it, restarts the standby from
+    where it was (its slot on the source kept the WAL) and serves a new clone."""
+    prod, stage = envs
+    sr.refresh(prod, stage, out=_quiet)
+    engine = paths.btrfs_refresh(prod, stage).engine
+    for name in engine.names():                 # what a restart does: every server stopped, the mount gone
+        if engine.running(name):
+            engine.stop(name)
+    engine._stop(engine.standby_data)   # the restart stops the standby too
+    assert not engine.standby_running()
+    engine.r.run(["umount", engine.mnt])
+    status = sr.status_text(prod, stage)
+    assert status.startswith(f"srcstage: the clone filesystem on db2 ({engine.image}) is not mounted"), status
+    assert "does not serve until the next refresh" in status
+    data = sr.refresh(prod, stage, out=_quiet)
+    assert data["outcome"] == "succeeded"
+    status = sr.status_text(prod, stage)
+    assert f"  {data['clone']['name']}: serves on port" in status, status
+    assert "the standby of 127.0.0.1:" in status, status
+    assert "is running" in status, status
