@@ -82,7 +82,7 @@ def plan_retention(env: Env, path: base.SnapshotPath,
                                                if s.ours}), (
             f"retention deleted nothing: the release records could not be read ({type(e).__name__}: {e}), so "
             f"opsbook cannot tell which snapshot is a release's safety point")
-    return base.retention(snaps, keep=keep, max_age=max_age, protected=protected, now=now), None
+    return base.retention(snaps, keep=keep, max_age=max_age, protected=protected, in_use=path.in_use(), now=now), None
 
 
 def take(env: Env, reason: str | None = None, *, dry_run: bool = False,

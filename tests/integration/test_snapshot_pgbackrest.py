@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -192,3 +194,39 @@ def test_an_index_that_disagrees_with_its_table_fails_pg_amcheck(archived_cluste
     assert result.verified
     assert not result.passed
     assert "courses_flip" in result.amcheck, result.amcheck
+
+
+def test_retention_keeps_a_backup_while_a_drill_restores_it(archived_cluster):
+    """Deleting a backup while a drill restores it made the drill end NOT VERIFIED on missing files (seen
+    on the lab: a snapshot's retention during a drill of the oldest). The drill's scratch directory names
+    the backup it restores; retention keeps a backup whose drill still runs, and deletes it once it ended."""
+    from opsbook.engines.snapshots import base
+
+    repo, dsn = archived_cluster
+    snap = pgbr.snapshot(repo, dsn, kind="full", chunk_rows=1000)   # its own (the repository keeps few fulls)
+    parent = Path(tempfile.mkdtemp(prefix="opsbook-drills-"))   # in /tmp: the cluster's user can reach it
+    parent.chmod(0o777)
+    snaps = [base.Snapshot(id=sid, kind="pgbackrest", source="main", status="available", created=created,
+                           size_gb=None, engine=None, engine_version=None, ours=True)
+             for sid, created in ((snap.backup.id, snap.backup.started), ("newer", "2999-01-01T00:00:00+00:00"))]
+    seen = {}
+
+    def during(_scratch):
+        seen["in_use"] = pgbr.drills_in_progress(repo, str(parent))
+        seen["retention"] = base.retention(snaps, keep=1, max_age=None, in_use=seen["in_use"])
+
+    try:
+        result = pgbr.drill(repo, snap, DB, scratch_parent=str(parent), before_verify=during)
+        left = list(parent.iterdir())
+        after = pgbr.drills_in_progress(repo, str(parent))
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    assert result.passed, result.verdict
+    assert left == []
+    assert list(seen["in_use"]) == [snap.backup.id]
+    assert seen["in_use"][snap.backup.id].startswith("being drilled now (into ")
+    assert seen["retention"].delete == []
+    assert seen["retention"].keep[snap.backup.id].startswith("being drilled now")
+    # The drill is over (its directory removed): nothing is in use, and retention deletes the older one.
+    assert after == {}
+    assert [s.id for s in base.retention(snaps, keep=1, max_age=None, in_use={}).delete] == [snap.backup.id]

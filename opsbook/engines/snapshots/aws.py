@@ -115,6 +115,10 @@ class AwsSnapshots:
     def kind(self) -> str:
         return "aurora" if self.database().kind == "db-cluster" else "rds"
 
+    def in_use(self) -> dict[str, str]:
+        """None: a drill of an AWS snapshot restores nothing from here (it says NOT VERIFIED)."""
+        return {}
+
     def can_take(self) -> tuple[bool, str]:
         """Whether a snapshot can be taken now: the database is `available` and no snapshot of it is
         being made (RDS refuses a second one meanwhile). (False, why) otherwise."""

@@ -87,6 +87,8 @@ class SnapshotPath(Protocol):
 
     def can_take(self) -> tuple[bool, str]: ...
 
+    def in_use(self) -> dict[str, str]: ...    # snapshot id -> why retention must not delete it now
+
     def delete(self, snapshot: Snapshot, *, log: Callable[[str], None] = print) -> None: ...
 
     def drill(self, snapshot_id: str | None = None, *, log: Callable[[str], None] = print) -> DrillVerdict: ...
@@ -128,14 +130,16 @@ def newest_first(snapshots: Iterable[Snapshot]) -> list[Snapshot]:
 
 
 def retention(snapshots: Iterable[Snapshot], *, keep: int | None, max_age: timedelta | None,
-              protected: dict[str, str] | None = None, now: datetime | None = None) -> Retention:
+              protected: dict[str, str] | None = None, in_use: dict[str, str] | None = None,
+              now: datetime | None = None) -> Retention:
     """Which of opsbook's own available snapshots a retention pass deletes: beyond the `keep` newest,
     or older than `max_age`. Never a snapshot opsbook did not take, never one that is not available
     (being made, failed: the service is still working on it or an operator should look), never the
-    newest, never one in `protected` (id -> the release record that points at it). With neither
-    `keep` nor `max_age`, nothing is deleted."""
+    newest, never one in `protected` (id -> the release record that points at it), never one `in_use`
+    (id -> why: a drill restoring it now). With neither `keep` nor `max_age`, nothing is deleted."""
     now = now or datetime.now(UTC)
     protected = protected or {}
+    in_use = in_use or {}
     ours = sorted((s for s in snapshots if s.ours and s.status == "available" and s.created),
                   key=lambda s: (s.created or "", s.id), reverse=True)
     delete: list[Snapshot] = []
@@ -148,6 +152,8 @@ def retention(snapshots: Iterable[Snapshot], *, keep: int | None, max_age: timed
             kept[s.id] = "the newest"
         elif s.id in protected:
             kept[s.id] = f"the safety point of release record {protected[s.id]}"
+        elif s.id in in_use:
+            kept[s.id] = in_use[s.id]
         elif too_many or too_old:
             delete.append(s)
         else:

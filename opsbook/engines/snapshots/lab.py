@@ -152,6 +152,11 @@ class LabSnapshots:
             return False, f"the database on {self.db_host} does not answer ({str(e).strip().splitlines()[0]})"
         return True, ""
 
+    def in_use(self) -> dict[str, str]:
+        """The backups a drill restores now (retention keeps them: deleting one under its restore makes the
+        drill fail on missing files, seen on the lab)."""
+        return pgbr.drills_in_progress(self.repo, SCRATCH_PARENT)
+
     def list(self) -> list[Snapshot]:
         """Every backup in the repository, newest first; opsbook's carry their record and reason."""
         try:

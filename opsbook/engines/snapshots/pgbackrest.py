@@ -481,7 +481,7 @@ def amcheck(scratch: Scratch, dbname: str, *, timeout: float = 3600) -> tuple[bo
 
 
 ORPHAN_AGE_S = 600             # a scratch directory without an owner file older than this is no live drill's
-OWNER_FILE = "opsbook-owner"   # in a scratch directory: "<controller host> <pid> <process start>" of its drill
+OWNER_FILE = "opsbook-owner"   # in a scratch directory: "<controller host> <pid> <process start> <backup>" of its drill
 
 
 def _start_ticks(pid: int) -> str | None:
@@ -493,23 +493,43 @@ def _start_ticks(pid: int) -> str | None:
         return None
 
 
-def _owner() -> str:
-    return f"{socket.gethostname()} {os.getpid()} {_start_ticks(os.getpid())}\n"
+def _owner(backup_id: str) -> str:
+    return f"{socket.gethostname()} {os.getpid()} {_start_ticks(os.getpid())} {backup_id}\n"
 
 
-def remove_stale_scratch(repo: Repository, parent: str, say: Callable[[str], None]) -> list[str]:
-    """Stop and remove the scratch clusters under `parent` that a drill from this controller left
-    when it was killed (its process is gone); a live drill's, or another controller's, is left and named."""
-    # Each scratch directory with its owner ("<dir> <host> <pid> <ticks>"), or without one, its age in
-    # seconds ("<dir> - <age>": its drill stopped between making it and writing the owner, or while
-    # removing it; one older than ORPHAN_AGE_S is no live drill's).
+def _scratch_listing(repo: Repository, parent: str) -> list[list[str]]:
+    """Each scratch directory under `parent` with its owner ("<dir> <host> <pid> <ticks> [<backup>]": the
+    backup is missing from an older opsbook's), or without one, its age in seconds ("<dir> - <age>": its
+    drill stopped between making it and writing the owner, or while removing it)."""
     listing = repo.host.run(["/bin/sh", "-c", 'now=$(date +%s); for d in "$1"/opsbook-drill-*; do [ -d "$d" ] || '
                              'continue; if [ -f "$d/' + OWNER_FILE + '" ]; then printf "%s %s\\n" "$d" "$(head -c 200 '
                              '"$d/' + OWNER_FILE + '")"; else printf "%s - %s\\n" "$d" $((now - $(stat -c %Y "$d")));'
                              ' fi; done; true', "sh", parent], timeout=60, check=False).out
+    return [line.split() for line in listing.splitlines()]
+
+
+def _alive(host: str, pid: str, ticks: str) -> bool:
+    """Whether the drill that wrote an owner file still runs: on this controller, its process with the same
+    start time; on another, nobody here can tell, so it is taken as running."""
+    return host != socket.gethostname() or (pid.isdigit() and _start_ticks(int(pid)) == ticks)
+
+
+def drills_in_progress(repo: Repository, parent: str) -> dict[str, str]:
+    """backup id -> what is drilling it now (a scratch directory whose drill still runs): retention keeps
+    those, since deleting a backup while it is restored makes the drill fail on missing files."""
+    found = {}
+    for parts in _scratch_listing(repo, parent):
+        if len(parts) == 5 and _alive(*parts[1:4]):
+            found[parts[4]] = f"being drilled now (into {parts[0]} on {repo.host.host}, by {parts[1]} pid {parts[2]})"
+    return found
+
+
+def remove_stale_scratch(repo: Repository, parent: str, say: Callable[[str], None]) -> list[str]:
+    """Stop and remove the scratch clusters under `parent` that a drill from this controller left
+    when it was killed (its process is gone); a live drill's, or another controller's, is left and named.
+    One without an owner older than ORPHAN_AGE_S is no live drill's: removed too."""
     removed = []
-    for line in listing.splitlines():
-        parts = line.split()
+    for parts in _scratch_listing(repo, parent):
         if len(parts) == 3 and parts[1] == "-" and parts[2].lstrip("-").isdigit():
             if int(parts[2]) > ORPHAN_AGE_S:
                 _remove_dir(repo.host, Path(parts[0]))
@@ -517,11 +537,11 @@ def remove_stale_scratch(repo: Repository, parent: str, say: Callable[[str], Non
                 say(f"removed {parts[0]} on {repo.host.host}: a scratch directory without its owner, "
                     f"{int(parts[2]) // 60} min old (a drill stopped while making or removing it)")
             continue
-        if len(parts) != 4:
+        if len(parts) not in (4, 5):
             continue
-        base, host, pid, ticks = parts
+        base, host, pid, ticks = parts[:4]
         mine = host == socket.gethostname()
-        if mine and pid.isdigit() and _start_ticks(int(pid)) != ticks:
+        if mine and not _alive(host, pid, ticks):
             Scratch(Path(base), Path(base) / "data", 0, repo.run_as, repo.runner, repo.sockets).stop_now()
             _remove_dir(repo.host, Path(base))
             removed.append(base)
@@ -555,7 +575,7 @@ def drill(
         base = Path(scratch_dir) if scratch_dir else Path(repo.host.run(
             ["mktemp", "-d", *(["-p", scratch_parent] if scratch_parent else ["-t"]), "opsbook-drill-XXXXXXXX"],
             timeout=60).out.strip())
-        write_file(repo.host, str(base / OWNER_FILE), _owner(), mode="0644")
+        write_file(repo.host, str(base / OWNER_FILE), _owner(snap.backup.id), mode="0644")
         say(f"restoring {snap.backup.id} to {snap.restore_point} into {base}")
         scratch, times = restore(repo, snap, base)
         result.seconds.update({k: round(v, 2) for k, v in times.items()})
