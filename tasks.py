@@ -39,9 +39,10 @@ def operator_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt as e:
             name = fn.__name__.replace("_", ".")
             # A release or rollback takes its interrupts in hand from its lock on: one that reaches here
-            # came before it, when nothing was changed. Any other task stopped where it was (lab.up with a
-            # host half made, say); run again, it finishes.
-            where = (" before it took the lock: nothing was changed and no record was written"
+            # came before it, when no host was switched (a lab release may have been making a missing
+            # host: the next one makes it again). Any other task stopped where it was (lab.up with a host
+            # half made, say); run again, it finishes.
+            where = (" before it took the lock: nothing was released and no record was written"
                      if name in ("release", "rollback") else ": it stopped where it was")
             raise Exit(f"error: {name} {describe(e)} outside any step that ends in order{where}. "
                        f"`invoke status --env ENV` shows the environment as it is; run the task again to finish it.",

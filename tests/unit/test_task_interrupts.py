@@ -43,14 +43,14 @@ def test_an_interrupt_before_any_step_is_said_and_exits_130(signum, python_takes
     assert e.value.code == 130
     assert f"release interrupted by {signal.Signals(signum).name}" in e.value.message
     assert "invoke status" in e.value.message
-    assert "before it took the lock: nothing was changed and no record was written" in e.value.message
+    assert "before it took the lock: nothing was released and no record was written" in e.value.message
     assert reached == []
     # the task's handlers are gone once it ended: the previous ones are back
     assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before
 
 
 def test_another_task_interrupted_says_it_stopped_where_it_was(python_takes_sigint):
-    """Only a release or rollback can say nothing was changed (they take their own interrupts from their
+    """Only a release or rollback can say nothing was released (they take their own interrupts from their
     lock on); lab.up interrupted while it makes a host left that host half made."""
     @operator_errors
     def lab_up(_c):
