@@ -16,11 +16,12 @@ LONGEST = timedelta(days=100 * 366)   # longer than any record store, snapshot o
 FORMS = "30m, 12h, 7d or 2w"
 
 
-def parse(value: Any, *, seconds: bool = False) -> timedelta | None:
-    """The age `value` writes, or None when it is not one: not of the forms above (a bare number only
-    when `seconds`), or longer than LONGEST (`99999999w` would overflow a date, and means nothing)."""
+def parse(value: Any, *, seconds: bool = False, units: str = "mhdw") -> timedelta | None:
+    """The age `value` writes, or None when it is not one: not of the forms above in `units` (a bare
+    number only when `seconds`), or longer than LONGEST (`99999999w` would overflow a date, and means
+    nothing)."""
     m = _AGE.match(str(value))
-    if not m or (not seconds and m.group(2) in ("", "s")):
+    if not m or (m.group(2) in ("", "s") and not seconds) or (m.group(2) not in ("", "s") and m.group(2) not in units):
         return None
     n = int(m.group(1))
     unit = _UNITS[m.group(2) or "s"]

@@ -9,11 +9,11 @@ claiming the same role stop it before any change), under the environment's lock,
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from opsbook.core import ages
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.engines import ansible
@@ -143,21 +143,17 @@ def provision_aws(env: Env, check: bool = False, purpose=None) -> dict[str, Any]
 
 
 # --- purpose environments (`invoke env.create`) ---------------------------------------------------
-TTL = re.compile(r"^([1-9][0-9]*)([mhd])$")
-TTL_UNITS = {"m": 60, "h": 3600, "d": 86400}
-
-
 class CreateRefused(OpsbookError):
     """env.create was refused before anything was created."""
 
 
 def parse_ttl(ttl: str) -> timedelta:
     """`8h`, `90m`, `2d` -> a timedelta; anything else is refused."""
-    m = TTL.match(str(ttl).strip())
-    if not m:
+    age = ages.parse(ttl, units="mhd")   # (a typo's 99999999999d is none either: it overflowed a date before)
+    if not age:   # None, or zero
         raise CreateRefused(f"--ttl {ttl!r} is not a duration: give minutes, hours or days like 90m, 8h or 2d. "
                             f"Nothing was created.")
-    return timedelta(seconds=int(m.group(1)) * TTL_UNITS[m.group(2)])
+    return age
 
 
 def create(like: Env, name: str, ttl: str | None = None, *, now: datetime | None = None) -> dict[str, Any]:

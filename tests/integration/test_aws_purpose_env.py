@@ -49,7 +49,9 @@ def test_names_that_are_no_environment_are_refused(name):
     ("staging", "ok", "-1h", "is not a duration"),
     ("staging", "ok", "0h", "is not a duration"),
     ("staging", "ok", "8d", "longer than staging's limit"),
-], ids=["like-the-lab", "bad-name", "too-long", "ttl-words", "ttl-negative", "ttl-zero", "ttl-over-limit"])
+    ("staging", "ok", "99999999999d", "is not a duration"),
+], ids=["like-the-lab", "bad-name", "too-long", "ttl-words", "ttl-negative", "ttl-zero", "ttl-over-limit",
+        "ttl-past-any-date"])
 def test_create_refuses_bad_input_before_asking_aws_anything(like, name, ttl, says, monkeypatch):
     def no_aws(*_args, **_kwargs):
         raise AssertionError("AWS was asked before the input was checked")

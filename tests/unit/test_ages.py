@@ -24,6 +24,8 @@ def test_the_forms_operators_write():
     assert ages.parse("90s", seconds=True) == timedelta(seconds=90)
     assert ages.parse(3600, seconds=True) == timedelta(hours=1)
     assert ages.parse("999999999999999999999", seconds=True) is None
+    assert ages.parse("8h", units="mhd") == timedelta(hours=8)
+    assert ages.parse("2w", units="mhd") is None
 
 
 def test_each_setting_refuses_a_typo_by_its_name():
