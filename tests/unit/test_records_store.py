@@ -200,6 +200,29 @@ def test_cli_parameters_are_converted_by_declared_type():
         runbooks.parse_cli_parameters("release", DECLARED, ["rows"])
 
 
+@pytest.mark.parametrize(("name", "task"), [("release", "invoke release"), ("snapshot", "invoke snapshot"),
+                                             ("restore_drill", "invoke snapshot.drill"),
+                                             ("staging_refresh", "invoke staging.refresh"),
+                                             ("provision", "invoke provision")])
+def test_a_runbook_only_its_task_writes_is_refused_by_hand_before_any_record(name, task, tmp_path):
+    """Run by hand with any file as its data, `invoke runbook release` stored a failed release record in the
+    environment's ledger (seen on the lab); the real runbooks and the real runner, with a store of its own."""
+    from opsbook.core.inventory import Env
+
+    class _Lab(Env):   # the lab's inventory, with a record store in tmp_path: nothing may be written there
+        def var(self, var_name, default=...):
+            store = f"file://{tmp_path}/records"
+            return store if var_name == "opsbook_record_store" else super().var(var_name, default)
+
+    data = next(p.name for p in runbooks.parameters(name) if p.name.endswith("_data"))
+    with pytest.raises(runbooks.RunbookError) as refused:
+        runbooks.run_cli(name, _Lab("lab"), [f"{data}=/etc/passwd"])
+    assert str(refused.value) == (f"runbook {name} is the record `{task}` writes of what it did (its "
+                                  f"{data} is that task's own); run `{task}` instead "
+                                  f"(`invoke --help {task.split()[1]}`). Nothing was run.")
+    assert not (tmp_path / "records").exists()
+
+
 def test_unknown_runbook_names_the_ones_that_exist(tmp_path):
     nbformat.write(nbformat.v4.new_notebook(), tmp_path / "migrate.ipynb")
     nbformat.write(nbformat.v4.new_notebook(), tmp_path / "snapshot.ipynb")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import tempfile
 import time
@@ -556,7 +557,20 @@ def describe(runbooks_dir: Path | None = None) -> str:
     return "\n".join(lines) or f"no runbooks in {runbooks_dir or RUNBOOKS}"
 
 
+_WRITTEN_BY = re.compile(r"\((invoke [a-z.]+) passes it\)")
+
+
 def run_cli(name: str, env: Env, pairs: list[str] | None = None, parent: str | None = None) -> dict:
-    """`invoke runbook NAME -p key=value`: the values are converted by the declared types."""
+    """`invoke runbook NAME -p key=value`: the values are converted by the declared types. A runbook that
+    only renders what its task did (its required parameter is the JSON "invoke X passes it": release,
+    snapshot, drill, refresh, provision) is refused: run by hand, it stored a failed record of that kind
+    in the environment's ledger, which reads as an operation that ran."""
     declared = parameters(name)
+    for p in declared:
+        written_by = _WRITTEN_BY.search(p.help)
+        if written_by:
+            task = written_by.group(1)
+            raise RunbookError(f"runbook {name} is the record `{task}` writes of what it did (its {p.name} is that "
+                               f"task's own); run `{task}` instead (`invoke --help {task.split()[1]}`). Nothing "
+                               f"was run.")
     return run(name, env, parse_cli_parameters(name, declared, pairs or []), parent_record_id=parent)
