@@ -169,7 +169,13 @@ class Env:
                     f"add it to {self.path}/group_vars/all/. Nothing was changed."
                 )
             return default
-        return _plain(self._render(raw[name], raw))
+        try:
+            return _plain(self._render(raw[name], raw))
+        except Exception as e:  # noqa: BLE001 - any template error: a lookup's missing file, a bad expression
+            said = " ".join(str(e).split())[:400]
+            raise OpsbookError(f"{self.name}'s inventory: {name} cannot be read ({said}). Nothing was changed. Fix it "
+                               f"in {self.path}/group_vars/ (a lookup's path is relative to the inventory's "
+                               f"directory).") from None
 
     @property
     def kind(self) -> str:

@@ -52,3 +52,19 @@ def test_every_setting_opsbook_cannot_use_is_listed_and_the_task_refused(tmp_pat
     # this an `error: ...` line and exit 1): refused there, before it does anything.
     with pytest.raises(settings.SettingsInvalid, match="opsbook_release_gate_seconds is 'abc'"):
         load_env(Context(), name)
+
+
+def test_a_value_the_inventory_cannot_render_is_an_operator_error(tmp_path, monkeypatch):
+    """An inventory copied elsewhere keeps the lab's relative lookups (`../../.lab/secrets/...`): a release
+    from it ended in Ansible's raw AnsibleTemplatePluginRuntimeError traceback."""
+    from opsbook.core.errors import OpsbookError
+
+    name = _inventory(tmp_path, monkeypatch, {
+        "vault_password": "{{ lookup('ansible.builtin.file', inventory_dir ~ '/../no-such-secret') }}"})
+    with pytest.raises(OpsbookError) as refused:
+        Env(name).var("vault_password")
+    message = str(refused.value)
+    assert message.startswith(f"{name}'s inventory: vault_password cannot be read (")
+    assert "no-such-secret" in message
+    assert message.endswith(f"Nothing was changed. Fix it in {tmp_path / name}/group_vars/ (a lookup's path is "
+                            f"relative to the inventory's directory).")
