@@ -106,7 +106,9 @@ class Env:
                 raise UnknownEnvironment(
                     f"unknown environment {name!r}; environments that exist: {', '.join(environments())} "
                     f"(and purpose environments named <env>-<purpose>, made by `invoke env.create`). "
-                    f"Nothing was changed. Pick one of those with --env, or add inventories/{name}/."
+                    f"Nothing was changed. Pick one of those with --env"
+                    # (no such hint for a name that is no directory name: "../lab", "lab/")
+                    + (f", or add inventories/{name}/." if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) else ".")
                 )
             like = parts[0]
         if path is None:

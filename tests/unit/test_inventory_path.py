@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import shutil
 
-from opsbook.core.inventory import INVENTORY_PATH_VARIABLE, Env, environments
+import pytest
+
+from opsbook.core.inventory import INVENTORY_PATH_VARIABLE, Env, UnknownEnvironment, environments
 from opsbook.core.paths import INVENTORIES
 from opsbook.engines import ansible
 
@@ -25,3 +27,12 @@ def test_an_inventory_on_the_path_is_an_environment_and_the_repositorys_win(tmp_
     before = ansible.fingerprint(env)
     (tmp_path / "elsewhere" / "group_vars" / "all" / "zz.yml").write_text("opsbook_release_keep: 4\n")
     assert ansible.fingerprint(env) != before
+
+
+def test_an_unknown_environment_hints_a_new_inventory_only_for_a_directory_name():
+    with pytest.raises(UnknownEnvironment, match=r"Pick one of those with --env, or add inventories/nope/\.$"):
+        Env("nope")
+    for odd in ("../lab", "lab/", "a b"):
+        with pytest.raises(UnknownEnvironment) as refused:
+            Env(odd)
+        assert str(refused.value).endswith("Pick one of those with --env."), refused.value
