@@ -277,10 +277,8 @@ def refresh(source: Env, target: Env, *, snapshot: str | None = None, dry_run: b
         p = plan(source, target, snapshot=snapshot, masking_path=masking_path, migrations_dir=migrations_dir,
                  log=out)
     except KeyboardInterrupt as e:   # the checks read only: nothing to put back, and no record yet
-        raise interrupts.Stopped(
-            f"the refresh of {target.name} from {source.name} was {interrupts.describe(e)} while it made its checks, "
-            f"before it took {target.name}'s lock. Nothing was changed and no record was written. Refresh again "
-            f"when ready.", getattr(e, "signal", "SIGINT")) from None
+        raise _stopped_before(target.name, source.name, e, f"while it made its checks, before it took {target.name}'s "
+                              f"lock", " and no record was written") from None
     path = p.pop("path")
     if dry_run:
         out(f"dry run: would refresh {target.name} from {source.name}: {p['how']}; mask {len(p['masked_columns'])} "
@@ -303,6 +301,13 @@ def refresh(source: Env, target: Env, *, snapshot: str | None = None, dry_run: b
 PROBE_BASELINE_S = 2.0   # the source's traffic measured before the refresh touches it
 
 
+def _stopped_before(target: str, source: str, e: KeyboardInterrupt, when: str, recorded: str) -> interrupts.Stopped:
+    """An interrupt that came before the refresh touched anything, in one sentence: `when` it came, and
+    what its record is (`recorded`)."""
+    return interrupts.Stopped(f"the refresh of {target} from {source} was {interrupts.describe(e)} {when}. Nothing "
+                              f"was changed{recorded}. Refresh again when ready.", getattr(e, "signal", "SIGINT"))
+
+
 @contextlib.contextmanager
 def _watched(source: Env, data: dict[str, Any], out: Callable[[str], None]) -> Iterator[None]:
     """The source (production) under the release probe for the whole refresh, as under a release: the
@@ -322,10 +327,8 @@ def _watched(source: Env, data: dict[str, Any], out: Callable[[str], None]) -> I
         try:
             time.sleep(PROBE_BASELINE_S)
         except KeyboardInterrupt as e:
-            raise interrupts.Stopped(
-                f"the refresh of {data.get('target')} from {source.name} was {interrupts.describe(e)} before it began "
-                f"(while {source.name}'s traffic was measured for the probe's baseline). Nothing was changed; its "
-                f"record says so. Refresh again when ready.", getattr(e, "signal", "SIGINT")) from None
+            raise _stopped_before(str(data.get("target")), source.name, e, f"before it began (while {source.name}'s "
+                                  f"traffic was measured for the probe's baseline)", "; its record says so") from None
         probe.mark("refresh")
         yield
     finally:
