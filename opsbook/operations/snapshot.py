@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from opsbook.core import facts
+from opsbook.core import facts, settings
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.engines.records import ledger, runner
@@ -48,15 +48,12 @@ def retention_settings(env: Env) -> tuple[int | None, Any]:
     keep = env.var("opsbook_snapshot_keep", None)
     if keep in (None, ""):
         keep = None
+    elif settings.NUMBERS["opsbook_snapshot_keep"].accepts(keep):   # the check every task makes on loading
+        keep = int(float(keep))
     else:
-        try:
-            keep = int(keep)
-        except (TypeError, ValueError):
-            keep = -1
-        if keep < 1:
-            raise base.SnapshotError(f"opsbook_snapshot_keep: {env.var('opsbook_snapshot_keep')!r} is not a number of "
-                                     f"snapshots (1 or more; leave it unset for no count limit). Nothing was done. "
-                                     f"Fix it in {env.path}/group_vars/all/.")
+        raise base.SnapshotError(f"opsbook_snapshot_keep: {keep!r} is not a number of snapshots (1 or more; leave "
+                                 f"it unset for no count limit). Nothing was done. Fix it in "
+                                 f"{env.path}/group_vars/all/.")
     return keep, base.parse_age(env.var("opsbook_snapshot_max_age", None), "opsbook_snapshot_max_age")
 
 
