@@ -116,7 +116,7 @@ class AwsSnapshots:
         return "aurora" if self.database().kind == "db-cluster" else "rds"
 
     def in_use(self) -> dict[str, str]:
-        """None: a drill of an AWS snapshot restores nothing from here (it says NOT VERIFIED)."""
+        """Nothing: a drill of an AWS snapshot restores nothing from here (it says NOT VERIFIED)."""
         return {}
 
     def can_take(self) -> tuple[bool, str]:
