@@ -1,9 +1,13 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # Records a store refuses are kept in a spool (opsbook.engines.records.spool): the suite's own,
-# never the operator's ~/.local/state/opsbook.
-os.environ.setdefault("OPSBOOK_SPOOL", tempfile.mkdtemp(prefix="opsbook-test-spool-"))
+# never the operator's ~/.local/state/opsbook, and removed when this pytest ends.
+if "OPSBOOK_SPOOL" not in os.environ:
+    os.environ["OPSBOOK_SPOOL"] = tempfile.mkdtemp(prefix="opsbook-test-spool-")
+    atexit.register(shutil.rmtree, os.environ["OPSBOOK_SPOOL"], True)
 # The suite reaches AWS only through the moto server on loopback that a test points it at. Any AWS
 # client left unpointed (staging's and prod's real inventories name real AWS) goes to a closed
 # loopback port instead, and nothing asks the instance metadata address for credentials: no test

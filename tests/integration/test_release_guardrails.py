@@ -347,3 +347,33 @@ class _FakeArt:
 
     version = "2.0.0"
     sha256 = "0" * 64
+
+
+@pytest.mark.kernel
+def test_a_release_record_embeds_the_probe_plot_and_leaves_no_temporary_file(pair, art, tmp_path, monkeypatch):
+    """The probe's plot is drawn beside the record's data and removed with it once the record embeds it
+    (it was drawn into a directory of its own that nothing removed: one left in /tmp per release)."""
+    import tempfile
+
+    from opsbook.engines.probe import ProbeResults, Sample
+
+    prod, _ = pair
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    samples = [Sample(t=i / 10, at=1_700_000_000 + i / 10, phase="before" if i < 20 else "batch 1", kind="ping",
+                      outcome="ok", status=200, error=None, latency_ms=5.0 + i % 7) for i in range(40)]
+    results = ProbeResults(base_url="http://127.0.0.1:9", started_at=1_700_000_000, duration_s=4.0, samples=samples,
+                           phases=[("before", 0.0, 2.0), ("batch 1", 2.0, 4.0)], acknowledged={},
+                           missing_acknowledged_writes=[])
+    plan = Plan(env=prod.name, kind="release", target=art.version, artifact_file=art.path.name,
+                artifact_sha256=art.sha256, current={"app1": "1.9.0"}, batches=[["app1"]], drain_timeout=30,
+                migrations_pending=[], phases=list(RELEASE_PHASES))
+    run = steps.Run(plan=plan, record_id=new_record_id("release"), outcome="succeeded", probe_results=results)
+    run.phases = dict.fromkeys(RELEASE_PHASES, 1.0)
+    steps._write_record(prod, run)
+    entry = store_for(prod).entry(run.record_id)
+    notebook = store_for(prod).get(entry["notebook"])
+    assert b'"image/png"' in notebook
+    assert (run.probe_plot or "").startswith(str(scratch))
+    assert list(scratch.iterdir()) == []

@@ -46,6 +46,23 @@ def test_a_short_check_counts_every_acknowledged_response_in_the_database(bl_api
     assert figures["steps"][0][0] == 100
 
 
+def test_a_check_removes_its_acknowledged_file_whether_it_counts_or_its_generator_fails(bl_api_service, pg_db,
+                                                                                      tmp_path, monkeypatch):
+    """The generator's list of acknowledged uuids is a temporary file: the check counts and removes it,
+    and a generator that dies without results removes it too (a leak per check, found in /tmp)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    check = sc.run(_ctx(bl_api_service.url, pg_db, [50], seconds=1), out=lambda _m: None)
+    assert check.lost["acknowledged"] > 0
+    plan = load.LoadPlan(base_url=bl_api_service.url, steps=load.make_steps([10], 1, load.mix_named("ping")),
+                         mix="ping", max_seconds=5)
+    with pytest.raises(load.LoadError, match="without its results"):
+        load.run(plan, python="/bin/false")
+    assert plan.acked_file.startswith(str(tmp_path))
+    assert not list(tmp_path.glob("opsbook-load-acked-*"))
+
+
 def test_missing_acknowledged_responses_are_found(bl_api_service, pg_db):
     ctx = _ctx(bl_api_service.url, pg_db, [100], seconds=1)
     check = sc.run(ctx, out=lambda _m: None)
@@ -71,7 +88,7 @@ def test_latency_is_measured_from_the_scheduled_time_when_the_server_falls_behin
     try:
         plan = load.LoadPlan(base_url=slow.url, steps=load.make_steps([10, 40], 3, load.mix_named("ping")),
                              mix="ping", timeout_s=20, max_in_flight=64, max_seconds=30, ping_delay_s=0.05,
-                             arrivals="uniform")
+                             arrivals="uniform", acked_file=str(tmp_path / "acked.bin"))
         result = load.run(plan)
     finally:
         slow.stop()
@@ -98,7 +115,8 @@ def test_the_generator_queue_counts_when_every_client_is_busy(pg_db, tmp_path):
     slow = Service(pg_db, tmp_path, BL_API_TEST_SLOW_HEADER="1").start()
     try:
         plan = load.LoadPlan(base_url=slow.url, steps=load.make_steps([40], 3, load.mix_named("ping")), mix="ping",
-                             timeout_s=20, max_in_flight=1, max_seconds=30, ping_delay_s=0.05, arrivals="uniform")
+                             timeout_s=20, max_in_flight=1, max_seconds=30, ping_delay_s=0.05, arrivals="uniform",
+                             acked_file=str(tmp_path / "acked.bin"))
         (step,) = load.run(plan).steps
     finally:
         slow.stop()

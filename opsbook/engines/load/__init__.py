@@ -27,6 +27,7 @@ generator that is saturated is a limit too, and says so), and stops stepping up 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import math
@@ -302,15 +303,27 @@ def read_acknowledged(path: str | Path) -> list[str]:
     return [str(uuid.UUID(bytes=data[i:i + 16])) for i in range(0, len(data) - len(data) % 16, 16)]
 
 
-def run(plan: LoadPlan, *, on_step: Callable[[StepResult], None] | None = None,  # noqa: PLR0915 - one child's lifecycle
+def run(plan: LoadPlan, *, on_step: Callable[[StepResult], None] | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None, python: str | None = None) -> LoadResult:
     """Run the plan in a child process; call `on_step` with each step as it ends. Returns every step.
 
     The child is bounded by the plan's caps; it is also killed if it outlives them by a margin."""
     validate(plan)
-    if not plan.acked_file:
+    made_file = not plan.acked_file
+    if made_file:   # the caller reads it from the result (read_acknowledged) and removes it
         handle, plan.acked_file = tempfile.mkstemp(prefix="opsbook-load-acked-", suffix=".bin")
         os.close(handle)
+    try:
+        return _run_child(plan, on_step=on_step, on_event=on_event, python=python)
+    except BaseException:
+        if made_file:   # no result to read it from: nobody else would remove it
+            with contextlib.suppress(OSError):
+                os.unlink(plan.acked_file)
+        raise
+
+
+def _run_child(plan: LoadPlan, *, on_step: Callable[[StepResult], None] | None,  # noqa: PLR0915 - one child's lifecycle
+               on_event: Callable[[dict[str, Any]], None] | None, python: str | None) -> LoadResult:
     cmd = [python or sys.executable, "-m", "opsbook.engines.load.worker"]
     from opsbook.core.paths import ROOT
 

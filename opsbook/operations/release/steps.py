@@ -54,6 +54,7 @@ class Run:
     lock: str | None = None
     probe: dict[str, Any] | None = None
     probe_plot: str | None = None
+    probe_results: Any = None   # the probe's results, drawn as probe_plot when the record is written
     live_probe: Any = None   # the running Probe, so its samples are labelled with the phase
     converge: dict[str, Any] = field(default_factory=dict)   # what the provision phase converged
     current_phase: str | None = None   # the phase running now
@@ -191,8 +192,7 @@ def _phases_and_mark_good(env: Env, plan: Plan, art: artifact.Artifact, run: Run
             with run.phase("probe read-back"):
                 results = live.stop()
             run.probe = _probe_figures(results)
-            plot = Path(tempfile.mkdtemp(prefix="opsbook-probe-")) / "probe.png"
-            run.probe_plot = str(results.plot(plot, title=f"{plan.kind} {plan.target} to {env.name}"))
+            run.probe_results = results   # drawn beside the record's data, which removes it (_write_record)
             ok, reasons = results.within(results.baseline_slo(slo, BASELINE_PHASES)[0])
             if not ok and run.outcome == "succeeded":
                 run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
@@ -652,8 +652,17 @@ def _judge_batch(env: Env, run: Run, i: int, batch: list[str], *, held, probe, s
 
 
 def _write_record(env: Env, run: Run, kernel: runner.WarmKernel | None = None) -> None:
-    data = run.data()
+    """Run the release runbook over the run's data; the data and the probe's plot live in a temporary
+    directory until the record (which embeds the plot) is written."""
     with tempfile.TemporaryDirectory(prefix="opsbook-release-") as tmp:
+        if run.probe_results is not None:
+            try:
+                run.probe_plot = str(run.probe_results.plot(
+                    Path(tmp) / "probe.png", title=f"{run.plan.kind} {run.plan.target} to {env.name}"))
+            except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn never costs the record
+                run.notes.append(f"the probe's plot could not be drawn ({type(e).__name__}: {e}); its figures "
+                                 "are in the record")
+        data = run.data()
         path = Path(tmp) / "release.json"
         path.write_text(json.dumps(data, indent=2, default=str))
         try:
