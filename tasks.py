@@ -37,16 +37,12 @@ def operator_errors(fn: Callable) -> Callable:
         except Stopped as e:   # it ended in order and says how
             raise Exit(f"error: {e}", code=130) from None
         except KeyboardInterrupt as e:
-            name = fn.__name__.replace("_", ".")
-            # A release or rollback takes its interrupts in hand from its lock on: one that reaches here
-            # came before it, when no host was switched (a lab release may have been making a missing
-            # host: the next one makes it again). Any other task stopped where it was (lab.up with a host
-            # half made, say); run again, it finishes.
-            where = (" before it took the lock: nothing was released and no record was written"
-                     if name in ("release", "rollback") else ": it stopped where it was")
-            raise Exit(f"error: {name} {describe(e)} outside any step that ends in order{where}. "
-                       f"`invoke status --env ENV` shows the environment as it is; run the task again to finish it.",
-                       code=130) from None
+            # The task stopped where it was (lab.up with a host half made, say); run again, it finishes.
+            # Operations that can say more raise Stopped themselves (a release before its lock: nothing
+            # was released).
+            raise Exit(f"error: {fn.__name__.replace('_', '.')} {describe(e)} outside any step that ends in order: "
+                       f"it stopped where it was. `invoke status --env ENV` shows the environment as it is; run "
+                       f"the task again to finish it.", code=130) from None
 
     return wrapper
 

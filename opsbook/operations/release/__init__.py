@@ -12,9 +12,12 @@ ends with a record (runbooks/release.ipynb, record.py), succeeded or failed.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
-from opsbook.engines import artifact, fleet, scale_gate
+from opsbook.engines import artifact, fleet, interrupts, scale_gate
 from opsbook.engines.records import ledger
 from opsbook.engines.records.store import store_for
 from opsbook.operations.release import guardrails
@@ -36,20 +39,26 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
     record says so."""
     guardrails.check_overrides(skip_rehearsal=skip_rehearsal, skip_scale_check=skip_scale_check, reason=reason)
     _check_input(batch, wait)   # before anything is built or read
-    art = artifact.find(version) if version else artifact.build()
-    read = ledger.Ledgers(env)   # both gates read staging's ledger (for prod): once
-    gate = scale_gate.check_release(env, art.version, art.sha256, skip_reason=reason if skip_scale_check else None,
-                                    read=read)
-    if gate.required:
-        log(gate.text())
-    if env.kind == "lab" and not dry_run:
-        from opsbook.engines import lab
+    with _before_the_lock("release", version or "the current code", env) as doing:
+        doing.append("building or finding its artifact")
+        art = artifact.find(version) if version else artifact.build()
+        doing.append("checking the scaling gate")
+        read = ledger.Ledgers(env)   # both gates read staging's ledger (for prod): once
+        gate = scale_gate.check_release(env, art.version, art.sha256,
+                                        skip_reason=reason if skip_scale_check else None, read=read)
+        if gate.required:
+            log(gate.text())
+        if env.kind == "lab" and not dry_run:
+            from opsbook.engines import lab
 
-        lab.up(env)   # the lab's hosts must exist before they can be released to (no-op when up)
-    plan = make_plan(env, art, kind="release", batch=batch)
-    print(plan.text(), flush=True)
-    checked = guardrails.check(env, art, plan.migrations_pending, skip_rehearsal=skip_rehearsal, reason=reason,
-                               dry_run=dry_run, out=log, read=read)
+            doing.append("making the lab's missing hosts; one it was making is made again by the next release")
+            lab.up(env)   # the lab's hosts must exist before they can be released to (no-op when up)
+        doing.append("planning")
+        plan = make_plan(env, art, kind="release", batch=batch)
+        print(plan.text(), flush=True)
+        doing.append("checking its guardrails")
+        checked = guardrails.check(env, art, plan.migrations_pending, skip_rehearsal=skip_rehearsal, reason=reason,
+                                   dry_run=dry_run, out=log, read=read)
     if dry_run:
         log("dry run: nothing was locked or changed")
         return art.version
@@ -62,18 +71,39 @@ def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_r
              wait: int = 0) -> str:
     """Roll `env` back to the newest earlier good release (or `to`). No database change."""
     _check_input(batch, wait)
-    current = fleet.served_versions(env)
-    target = to or previous_good(env, exclude={v for v in current.values() if v})
-    if not target:
-        raise OpsbookError(f"no earlier good release of {env.name} is known to roll back to; name one with "
-                           f"--to V (`invoke records --env {env.name} --runbook release`). Nothing was changed.")
-    art = artifact.find(target)
-    plan = make_plan(env, art, kind="rollback", batch=batch)
-    print(plan.text(), flush=True)
+    with _before_the_lock("rollback", to or "the previous good release", env) as doing:
+        doing.append("reading what the hosts serve")
+        current = fleet.served_versions(env)
+        target = to or previous_good(env, exclude={v for v in current.values() if v})
+        if not target:
+            raise OpsbookError(f"no earlier good release of {env.name} is known to roll back to; name one with "
+                               f"--to V (`invoke records --env {env.name} --runbook release`). Nothing was changed.")
+        doing.append("planning")
+        art = artifact.find(target)
+        plan = make_plan(env, art, kind="rollback", batch=batch)
+        print(plan.text(), flush=True)
     if dry_run:
         log("dry run: nothing was locked or changed")
         return target
     return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="rollback", batch=batch))
+
+
+@contextlib.contextmanager
+def _before_the_lock(kind: str, what: str, env: Env) -> Iterator[list[str]]:
+    """An interrupt (SIGINT, SIGTERM, SIGHUP) before the release takes its lock, said in one sentence: no
+    host was switched and there is no record (execute() takes interrupts in hand from the lock on). The
+    caller appends what it is doing to the yielded list, so the sentence names the step it stopped in."""
+    doing: list[str] = []
+    try:
+        yield doing
+    except interrupts.Stopped:
+        raise
+    except KeyboardInterrupt as e:
+        step = f" (while {doing[-1]})" if doing else ""
+        raise interrupts.Stopped(
+            f"the {kind} of {what} to {env.name} was {interrupts.describe(e)} before it took the lock{step}: "
+            f"nothing was released and no record was written. `invoke status --env {env.name}` shows what each "
+            f"host serves; run the {kind} again when ready.", getattr(e, "signal", "SIGINT")) from None
 
 
 def _check_input(batch: str | None, wait: int) -> None:
