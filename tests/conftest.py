@@ -26,6 +26,8 @@ pytest_plugins = [
 
 def pytest_sessionfinish(session, exitstatus):
     """A run in which nothing passed (all skipped or deselected) is a failure, like "no tests ran"."""
+    if session.config.option.collectonly:   # listing tests runs none: pytest's own status stands
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if exitstatus == 0 and reporter is not None and not reporter.stats.get("passed"):
         session.exitstatus = 5

@@ -42,9 +42,36 @@ def host_check_environ(env: Env) -> dict[str, str]:
     return {**ansible_env(env), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
+# A fleet's checks run in parallel processes, each on a share of the hosts (a host's checks are its own
+# remote commands, mostly waited on): one process up to HOSTS_PER_PROCESS hosts (the lab's six), more
+# for a larger fleet, at most MAX_PROCESSES (each costs a pytest start, about 1.3 s of CPU).
+HOSTS_PER_PROCESS = 6
+MAX_PROCESSES = 4
+SHARD_VARIABLE = "OPSBOOK_HOST_CHECK_HOSTS"   # tests/infra/conftest.py keeps only these hosts' checks
+NO_TESTS = 5   # pytest's exit code when no test was collected
+
+
+def shards(env: Env) -> list[list[str]]:
+    """The hosts each check process takes (round robin, so each takes some of every group); one share
+    with no list (every host) when one process is enough."""
+    names = sorted(h.name for h in env.hosts())
+    k = min(MAX_PROCESSES, -(-len(names) // HOSTS_PER_PROCESS))
+    if k <= 1:
+        return [[]]
+    return [names[i::k] for i in range(k)]
+
+
 def run_host_checks(env: Env, extra: list[str] | None = None) -> None:
-    proc = subprocess.run(host_check_command(env, extra), cwd=ROOT, env=host_check_environ(env), check=False)
-    _judge(env, proc.returncode)
+    """Run the checks now and raise if any failed; one process's output is shown as it comes."""
+    if len(shards(env)) == 1:
+        proc = subprocess.run(host_check_command(env, extra), cwd=ROOT, env=host_check_environ(env), check=False)
+        _judge(env, proc.returncode)
+        return
+    checks = Background(env, extra)
+    try:
+        checks.wait()
+    finally:
+        checks.stop()   # interrupted while it waited: no check process outlives the release
 
 
 def _judge(env: Env, code: int) -> None:
@@ -59,38 +86,48 @@ def _judge(env: Env, code: int) -> None:
 class Background:
     """Host checks started now and judged later: a release starts its verify when the last batch
     takes traffic, beside that batch's gate (the checks change nothing, and the gate mostly waits).
-    Their output is kept and shown when they are judged (`wait`), not mixed into the gate's.
+    Their output is kept and shown when they are judged (`wait`), not mixed into the gate's; with
+    several processes (shards), each one's output in turn.
     `stop` ends a run nobody will judge (the release failed or was interrupted meanwhile)."""
 
     def __init__(self, env: Env, extra: list[str] | None = None):
         self.env, self.extra = env, extra
-        self.proc: subprocess.Popen | None = None
-        self._out: Any = None
+        self.procs: list[tuple[subprocess.Popen, Any]] = []
 
     def start(self) -> None:
-        if self.proc is None:
-            self._out = tempfile.TemporaryFile(mode="w+")   # noqa: SIM115 - closed by wait() or stop()
-            self.proc = subprocess.Popen(host_check_command(self.env, self.extra), cwd=ROOT,
-                                         env=host_check_environ(self.env), stdout=self._out,
-                                         stderr=subprocess.STDOUT, text=True)
+        if self.procs:
+            return
+        for share in shards(self.env):
+            out = tempfile.TemporaryFile(mode="w+")   # noqa: SIM115 - closed by wait() or stop()
+            environ = host_check_environ(self.env)
+            if share:
+                environ[SHARD_VARIABLE] = ",".join(share)
+            self.procs.append((subprocess.Popen(host_check_command(self.env, self.extra), cwd=ROOT, env=environ,
+                                                stdout=out, stderr=subprocess.STDOUT, text=True), out))
 
     def wait(self) -> None:
         """Wait for the checks (started now if they were not), show their output, raise if they failed."""
         self.start()
-        code = self.proc.wait()
-        self._out.seek(0)
-        sys.stdout.write(self._out.read())
-        sys.stdout.flush()
-        self._out.close()
-        _judge(self.env, code)
+        codes = []
+        for proc, out in self.procs:
+            codes.append(proc.wait())
+            out.seek(0)
+            sys.stdout.write(out.read())
+            sys.stdout.flush()
+            out.close()
+        # A share whose hosts have no check of the kind asked for (pytest's "no tests ran", 5) is not
+        # a failure while another share ran checks; every share empty is.
+        ran = any(c != NO_TESTS for c in codes)
+        _judge(self.env, next((c for c in codes if c not in (0, NO_TESTS)), 0 if ran else NO_TESTS))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._out is not None and not self._out.closed:
-            self._out.close()
+        for proc, out in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if not out.closed:
+                out.close()

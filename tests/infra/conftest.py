@@ -40,6 +40,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if HERE in Path(item.fspath).parents:
                 item.add_marker(skip)
+        return
+    # opsbook checks a large fleet in several processes, each on its share of the hosts
+    # (opsbook.engines.hostchecks.shards): this one keeps only its hosts' checks.
+    import os
+
+    share = os.environ.get("OPSBOOK_HOST_CHECK_HOSTS")
+    if share:
+        wanted = {f"ansible://{name}" for name in share.split(",")}
+        keep, drop = [], []
+        for item in items:
+            host = getattr(item, "callspec", None) and item.callspec.params.get("_testinfra_host")
+            (keep if host is None or host.backend.get_pytest_id() in wanted else drop).append(item)
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 class InventoryVars(dict):
