@@ -24,6 +24,15 @@ class HostChecksFailed(OpsbookError):
 HOST_CHECK_PLUGINS = ("testinfra.plugin", "pytest_timeout")
 
 
+# A fleet's checks run in parallel processes, each on a share of the hosts (on a real fleet a host's checks are
+# its own remote commands, mostly waited on): one process up to HOSTS_PER_PROCESS hosts (the lab's six), more
+# for a larger fleet, at most MAX_PROCESSES (each costs a pytest start, about 1.3 s of CPU).
+HOSTS_PER_PROCESS = 6
+MAX_PROCESSES = 4
+SHARD_VARIABLE = "OPSBOOK_HOST_CHECK_HOSTS"   # tests/infra/conftest.py keeps only these hosts' checks
+NO_TESTS = 5   # pytest's exit code when no test was collected
+
+
 def host_check_command(env: Env, extra: list[str] | None = None) -> list[str]:
     """The pytest command line of the host checks (run with `host_check_environ`)."""
     return [
@@ -38,17 +47,12 @@ def host_check_command(env: Env, extra: list[str] | None = None) -> list[str]:
 
 
 def host_check_environ(env: Env) -> dict[str, str]:
-    """Ansible's environment for `env`, with pytest's plugin autoload off (HOST_CHECK_PLUGINS)."""
-    return {**ansible_env(env), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-
-
-# A fleet's checks run in parallel processes, each on a share of the hosts (a host's checks are its own
-# remote commands, mostly waited on): one process up to HOSTS_PER_PROCESS hosts (the lab's six), more
-# for a larger fleet, at most MAX_PROCESSES (each costs a pytest start, about 1.3 s of CPU).
-HOSTS_PER_PROCESS = 6
-MAX_PROCESSES = 4
-SHARD_VARIABLE = "OPSBOOK_HOST_CHECK_HOSTS"   # tests/infra/conftest.py keeps only these hosts' checks
-NO_TESTS = 5   # pytest's exit code when no test was collected
+    """Ansible's environment for `env`, with pytest's plugin autoload off (HOST_CHECK_PLUGINS), and no
+    share of hosts but the one opsbook gives a process (one left in the caller's environment would
+    check only those hosts)."""
+    environ = {**ansible_env(env), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    environ.pop(SHARD_VARIABLE, None)
+    return environ
 
 
 def shards(env: Env) -> list[list[str]]:
