@@ -3,6 +3,8 @@ Postgres: open-model latency, nothing lost, refusals before any request. No lab 
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
 
@@ -55,8 +57,11 @@ def test_a_check_removes_its_acknowledged_file_whether_it_counts_or_its_generato
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     check = sc.run(_ctx(bl_api_service.url, pg_db, [50], seconds=1), out=lambda _m: None)
     assert check.lost["acknowledged"] > 0
+    # A plan larger than a pipe's buffer: the child dies before reading it, so writing it fails
+    # (BrokenPipeError), which is said as the generator's failure like any other.
     plan = load.LoadPlan(base_url=bl_api_service.url, steps=load.make_steps([10], 1, load.mix_named("ping")),
-                         mix="ping", max_seconds=5)
+                         mix="ping", max_seconds=5, courses=[str(uuid.uuid4()) for _ in range(3000)])
+    assert len(plan.to_json()) > 65536
     with pytest.raises(load.LoadError, match="without its results"):
         load.run(plan, python="/bin/false")
     assert plan.acked_file.startswith(str(tmp_path))

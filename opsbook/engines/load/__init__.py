@@ -349,8 +349,11 @@ def _run_child(plan: LoadPlan, *, on_step: Callable[[StepResult], None] | None, 
     try:
         assert proc.stdin is not None
         assert proc.stdout is not None
-        proc.stdin.write(plan.to_json())
-        proc.stdin.close()
+        try:
+            proc.stdin.write(plan.to_json())
+            proc.stdin.close()
+        except BrokenPipeError:   # the child died before it read its plan: said below, with its last lines
+            pass
         for line in proc.stdout:
             try:
                 doc = json.loads(line)
