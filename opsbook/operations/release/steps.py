@@ -59,6 +59,7 @@ class Run:
     converge: dict[str, Any] = field(default_factory=dict)   # what the provision phase converged
     current_phase: str | None = None   # the phase running now
     interrupted_in: str | None = None  # the phase an interrupt stopped (the record names it)
+    interrupted_by: str | None = None  # the signal's name (the task exits 130 for it, as for any interrupt)
     in_flight: list[str] | None = None   # the batch being switched, if any
     put_back: str | None = None   # after a failure: whether every answering host is back in rotation
     notes: list[str] = field(default_factory=list)   # what the record should say besides the outcome
@@ -115,9 +116,11 @@ def execute(env: Env, plan: Plan, art: artifact.Artifact, *, wait: int, replan=N
     with runner.WarmKernel(KERNEL_PRELOAD) as kernel:
         _execute_run(env, plan, art, run, lock=lock, slo=slo, wait=wait, replan=replan, kernel=kernel)
     if run.outcome != "succeeded":
-        raise ReleaseFailed(f"{plan.kind} of {plan.target} to {env.name} {run.outcome}: {run.reason}. "
-                            f"Record {run.record_id} has the details; `invoke status --env {env.name}` shows "
-                            f"what each host serves now.")
+        said = (f"{plan.kind} of {plan.target} to {env.name} {run.outcome}: {run.reason}. Record {run.record_id} "
+                f"has the details; `invoke status --env {env.name}` shows what each host serves now.")
+        if run.outcome == "interrupted":   # ended in order: the task exits 130, as every interrupted task does
+            raise interrupts.Stopped(said, run.interrupted_by or "SIGINT")
+        raise ReleaseFailed(said)
     log(f"{plan.kind} of {plan.target} to {env.name} succeeded in {time.monotonic() - run.t0:.0f}s "
         f"(record {run.record_id})")
     return plan.target
@@ -137,6 +140,7 @@ def _execute_run(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, lock
             if run.outcome != "interrupted":
                 run.interrupted_in = run.current_phase or "waiting for the lock"
                 run.outcome, run.reason = "interrupted", f"{interrupts.describe(e)} during {run.interrupted_in}"
+                run.interrupted_by = getattr(e, "signal", "SIGINT")
         except locks.LockHeld:
             raise   # refused: nothing ran, nothing to record
         except Exception as e:  # noqa: BLE001 - the lock itself failed (its store, its lease): still a record
@@ -170,6 +174,7 @@ def _phases_and_mark_good(env: Env, plan: Plan, art: artifact.Artifact, run: Run
         run.outcome = "succeeded"
     except KeyboardInterrupt as e:
         run.outcome = "interrupted"
+        run.interrupted_by = getattr(e, "signal", "SIGINT")
         run.interrupted_in = run.current_phase or "the plan"
         run.reason = f"{interrupts.describe(e)} during {run.interrupted_in}"
         log(f"{plan.kind} INTERRUPTED: {run.reason}; putting things back in order")
@@ -228,6 +233,7 @@ def _put_back(env: Env, plan: Plan, run: Run) -> None:
         except KeyboardInterrupt as e:
             entry["returned"] = f"not returned: {interrupts.describe(e)} while returning it"
             run.outcome = "interrupted"
+            run.interrupted_by = run.interrupted_by or getattr(e, "signal", "SIGINT")
         log(f"batch {entry['batch']}: {entry['returned']}")
         run.detail = f"{run.detail}\n{entry['returned']}" if run.detail else entry["returned"]
         if entry.get("result") in (None, "switching"):
