@@ -34,6 +34,12 @@ class Stopped(KeyboardInterrupt):
         super().__init__(message)
 
 
+def signal_of(e: BaseException) -> str:
+    """The name of the signal an interrupt came from (Interrupted and Stopped carry it; a bare
+    KeyboardInterrupt is Python's SIGINT)."""
+    return getattr(e, "signal", None) or "SIGINT"
+
+
 def describe(e: BaseException) -> str:
     if isinstance(e, Interrupted) or (isinstance(e, Stopped) and e.signal != "SIGINT"):
         return f"interrupted by {e.signal}"

@@ -132,7 +132,7 @@ def _ends_in_order(env: Env, what: str, left: str, recorded: Callable[[], str], 
     """A snapshot or drill interrupted (Ctrl-C, SIGTERM, SIGHUP) ends with what it `left`, in a sentence:
     both clean up on their way out and neither changes the environment's database. `recorded()` says
     which record was written by then (or why none was); `again` is the command that runs it again."""
-    from opsbook.engines.interrupts import Stopped, describe
+    from opsbook.engines.interrupts import Stopped, describe, signal_of
 
     try:
         yield
@@ -141,7 +141,7 @@ def _ends_in_order(env: Env, what: str, left: str, recorded: Callable[[], str], 
     except KeyboardInterrupt as e:
         raise Stopped(f"{what} of {env.name} {describe(e)}: {left}. {env.name}'s database was not changed. "
                       f"{recorded()}. "
-                      f"Run `{again}` again when ready.", getattr(e, "signal", "SIGINT")) from None
+                      f"Run `{again}` again when ready.", signal_of(e)) from None
 
 
 def manifest_note(path: base.SnapshotPath) -> str:

@@ -305,7 +305,7 @@ def _stopped_before(target: str, source: str, e: KeyboardInterrupt, when: str, r
     """An interrupt that came before the refresh touched anything, in one sentence: `when` it came, and
     what its record is (`recorded`)."""
     return interrupts.Stopped(f"the refresh of {target} from {source} was {interrupts.describe(e)} {when}. Nothing "
-                              f"was changed{recorded}. Refresh again when ready.", getattr(e, "signal", "SIGINT"))
+                              f"was changed{recorded}. Refresh again when ready.", interrupts.signal_of(e))
 
 
 @contextlib.contextmanager
@@ -397,7 +397,7 @@ class _Btrfs:
                 raise interrupts.Stopped(
                     f"the refresh of {self.target.name} from {self.source.name} was {interrupts.describe(e)} at step "
                     f"'{failed}' and ended in order. {left} Its record says so; refresh again to finish.",
-                    getattr(e, "signal", "SIGINT")) from None
+                    interrupts.signal_of(e)) from None
             raise RefreshFailed(f"the refresh of {self.target.name} from {self.source.name} failed at step "
                                 f"'{failed}': {e} {left} The record says more; fix the cause and refresh "
                                 f"again.") from e

@@ -103,7 +103,7 @@ def _before_the_lock(kind: str, what: str, env: Env) -> Iterator[list[str]]:
         raise interrupts.Stopped(
             f"the {kind} of {what} to {env.name} was {interrupts.describe(e)} before it took the lock{step}: "
             f"nothing was released and no record was written. `invoke status --env {env.name}` shows what each "
-            f"host serves; run the {kind} again when ready.", getattr(e, "signal", "SIGINT")) from None
+            f"host serves; run the {kind} again when ready.", interrupts.signal_of(e)) from None
 
 
 def _check_input(batch: str | None, wait: int) -> None:

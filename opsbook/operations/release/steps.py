@@ -140,7 +140,7 @@ def _execute_run(env: Env, plan: Plan, art: artifact.Artifact, run: Run, *, lock
             if run.outcome != "interrupted":
                 run.interrupted_in = run.current_phase or "waiting for the lock"
                 run.outcome, run.reason = "interrupted", f"{interrupts.describe(e)} during {run.interrupted_in}"
-                run.interrupted_by = getattr(e, "signal", "SIGINT")
+                run.interrupted_by = interrupts.signal_of(e)
         except locks.LockHeld:
             raise   # refused: nothing ran, nothing to record
         except Exception as e:  # noqa: BLE001 - the lock itself failed (its store, its lease): still a record
@@ -174,7 +174,7 @@ def _phases_and_mark_good(env: Env, plan: Plan, art: artifact.Artifact, run: Run
         run.outcome = "succeeded"
     except KeyboardInterrupt as e:
         run.outcome = "interrupted"
-        run.interrupted_by = getattr(e, "signal", "SIGINT")
+        run.interrupted_by = interrupts.signal_of(e)
         run.interrupted_in = run.current_phase or "the plan"
         run.reason = f"{interrupts.describe(e)} during {run.interrupted_in}"
         log(f"{plan.kind} INTERRUPTED: {run.reason}; putting things back in order")
@@ -233,7 +233,7 @@ def _put_back(env: Env, plan: Plan, run: Run) -> None:
         except KeyboardInterrupt as e:
             entry["returned"] = f"not returned: {interrupts.describe(e)} while returning it"
             run.outcome = "interrupted"
-            run.interrupted_by = run.interrupted_by or getattr(e, "signal", "SIGINT")
+            run.interrupted_by = run.interrupted_by or interrupts.signal_of(e)
         log(f"batch {entry['batch']}: {entry['returned']}")
         run.detail = f"{run.detail}\n{entry['returned']}" if run.detail else entry["returned"]
         if entry.get("result") in (None, "switching"):
