@@ -45,7 +45,9 @@ def pytest_collection_modifyitems(config, items):
     # (opsbook.engines.hostchecks.shards): this one keeps only its hosts' checks.
     import os
 
-    share = os.environ.get("OPSBOOK_HOST_CHECK_HOSTS")
+    from opsbook.engines.hostchecks import SHARD_VARIABLE
+
+    share = os.environ.get(SHARD_VARIABLE)
     if share:
         wanted = {f"ansible://{name}" for name in share.split(",")}
         keep, drop = [], []
