@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.core.paths import APP, DIST, ROOT
@@ -226,6 +228,12 @@ def build(version: str | None = None, log=print, source: Path = APP) -> Artifact
     if not VERSION_RE.match(version):
         raise ArtifactError(f"{version!r} is not a usable version: start with a digit; letters, digits, "
                             f". + _ - only. Nothing was built.")
+    try:   # the version is stamped into the service's wheel, which pip builds only for a PEP 440 version
+        Version(version)
+    except InvalidVersion:
+        raise ArtifactError(f"{version!r} is not a usable version: the service's wheel carries it, so it must be a "
+                            f"PEP 440 version, e.g. 1.2.0, 1.2.0rc1 or 1.2.0+hotfix.1 (a label goes after a +). "
+                            f"Nothing was built.") from None
     path = artifact_path(version)
     if path.exists():
         log(f"artifact {_shown(path)} exists; artifacts are immutable, not rebuilding")

@@ -104,3 +104,12 @@ def test_a_source_without_masking_rules_is_not_built(dist, tmp_path_factory):
     with pytest.raises(artifact.ArtifactError, match=r"masking.yml does not exist.*Nothing was built"):
         artifact.build("9.9.4+nomask", log=lambda _m: None, source=src)
     assert not list(dist.glob("*.tar.gz"))
+
+
+@pytest.mark.parametrize("version", ["1.1.0.pa", "1.2-beta.x", "2.0+"])
+def test_a_version_pip_cannot_build_is_refused_before_anything_is_built(dist, version):
+    # Each passes the path-safety pattern; pip would fail on it deep inside setuptools, with a traceback.
+    assert artifact.VERSION_RE.match(version)
+    with pytest.raises(artifact.ArtifactError, match=r"PEP 440 version.*\+hotfix\.1.*Nothing was built"):
+        artifact.build(version, log=lambda _m: None)
+    assert not list(dist.iterdir())
