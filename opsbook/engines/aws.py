@@ -20,6 +20,7 @@ environment, :func:`check_unique` refuses when two resources claim the same role
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -125,12 +126,34 @@ def session(t: Target):
             f"for account {t.account_id}, or fix the inventory.") from None
 
 
+# Clients made, by what decides who they act as and where (see client). A lock, because runbooks and the
+# release's threads ask for clients concurrently; a made client itself is thread-safe (boto3's documentation).
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+# The process environment that decides a client's credentials and endpoint besides the Target: a client
+# made before one of these changed is not reused after.
+_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL", "AWS_CA_BUNDLE")
+
+
 def client(t: Target, service: str):
-    """A boto3 client for the environment: its profile, region and endpoint; short timeouts."""
+    """A boto3 client for the environment: its profile, region and endpoint; short timeouts.
+
+    One per process for the same target, service and credential settings: making a client costs about
+    50 ms of CPU (its service model, endpoint rules and event handlers), and an AWS task asked for one
+    per call, 160 in one provision-and-destroy test. botocore refreshes a client's temporary credentials
+    (SSO, assumed roles) itself, as for any long-lived client."""
+    import os
+
     from botocore.config import Config
 
-    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
-    return session(t).client(service, endpoint_url=t.endpoint_url, config=config)
+    key = (t, service, tuple(os.environ.get(name) for name in _CLIENT_ENV))
+    with _CLIENTS_LOCK:
+        made = _CLIENTS.get(key)
+        if made is None:
+            config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
+            made = _CLIENTS[key] = session(t).client(service, endpoint_url=t.endpoint_url, config=config)
+        return made
 
 
 def process_env(env) -> dict[str, str]:
