@@ -258,9 +258,16 @@ def raw(env: Env, pattern: str, command: str) -> dict[str, tuple[int, str] | Non
     json_output = {"ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "json"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
                           env={**ansible_env(env), **json_output})
-    out: dict[str, tuple[int, str] | None] = {h.name: None for h in env.hosts(pattern)}
+    return read_answers(proc.stdout, [h.name for h in env.hosts(pattern)])
+
+
+def read_answers(stdout: str, hosts: list[str]) -> dict[str, tuple[int, str] | None]:
+    """host -> (exit code, stdout) from the json callback's output of an ad hoc run (`raw`), None for
+    a host with no answer in it. The first JSON document counts: a callback the operator enabled
+    (ANSIBLE_CALLBACKS_ENABLED=profile_tasks, say) prints its own lines after it."""
+    out: dict[str, tuple[int, str] | None] = dict.fromkeys(hosts)
     try:
-        doc = json.loads(proc.stdout[proc.stdout.index("{"):])
+        doc, _end = json.JSONDecoder().raw_decode(stdout, stdout.index("{"))
     except ValueError:
         return out
     for play in doc.get("plays", []):
