@@ -15,7 +15,10 @@ each a release of a version the fleet does not serve yet, after a release that c
    then the measured one of B with `--batch N/batches`.
 
 Prints each measured release's wall time, its record's phases and batches, failed requests and
-lost writes, and the ratio. Never pass/fail. Touches only the lab (this machine's podman network).
+lost writes, the machine's CPU over it (every process of this machine, the lab's hosts included: they
+are containers on it) and the ratio. On this machine every host shares the same cores, so a release
+cannot take less wall time than its CPU divided by the cores: that floor is printed too. Never
+pass/fail. Touches only the lab (this machine's podman network).
 At the end the extra hosts are removed, the lab is provisioned with its own inventory (lb1 back to
 its backends, db1 to its clients) and released A, so it is left as its inventory says, serving a
 release opsbook made.
@@ -42,6 +45,14 @@ from opsbook.engines.records import ledger
 from opsbook.engines.records.store import store_for
 
 SCALED = "labscale"
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds this machine has spent busy since boot (/proc/stat: every process and container)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]   # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def invoke(*args: str, extra_env: dict[str, str] | None = None) -> float:
@@ -94,12 +105,14 @@ def scaled_inventory(root: Path, hosts: int) -> tuple[Path, list[str]]:
 
 
 def measured(env_name: str, version: str, extra_env: dict[str, str] | None = None, *args: str) -> dict:
+    cpu0 = machine_cpu_s()
     wall = invoke("release", "--env", env_name, "--version", version, *args, extra_env=extra_env)
+    cpu = machine_cpu_s() - cpu0
     if extra_env:
         os.environ.update(extra_env)
     rec = ledger.releases(store_for(load(env_name)).ledger())[-1]
     figs = rec["figures"]
-    return {"env": env_name, "wall_s": wall, "record": rec["id"], "hosts": figs.get("hosts"),
+    return {"env": env_name, "wall_s": wall, "cpu_s": cpu, "record": rec["id"], "hosts": figs.get("hosts"),
             "batches": figs.get("batches"), "duration_s": figs.get("duration_s"),
             "phases": figs.get("phase_seconds") or {}, "failed": figs.get("failed_requests"),
             "lost": figs.get("missing_acknowledged_writes")}
@@ -146,13 +159,19 @@ def main() -> None:
         invoke("provision", "--env", "lab")
         invoke("release", "--env", "lab", "--version", a)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n{'fleet':<16} {'wall s':>7} {'record s':>8} {'failed':>6} {'lost':>4}  phases")
+    cores = os.cpu_count() or 1
+    print(f"\n{'fleet':<16} {'wall s':>7} {'record s':>8} {'cpu s':>6} {'floor s':>7} {'failed':>6} {'lost':>4}  "
+          f"phases")
     for r in (small, large):
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
         print(f"{r['hosts']} hosts/{r['batches']} batches {r['wall_s']:>5.1f} {r['duration_s']:>8.1f} "
-              f"{r['failed']!s:>6} {r['lost']!s:>4}  {phases}")
+              f"{r['cpu_s']:>6.1f} {r['cpu_s'] / cores:>7.1f} {r['failed']!s:>6} {r['lost']!s:>4}  {phases}")
+    print(f"\n(cpu s: this machine's CPU over the release, the lab's hosts included; floor s: that CPU over its "
+          f"{cores} cores, the least wall time it allows here)")
     print(f"\n{args.hosts} hosts / {base} hosts: {large['wall_s'] / small['wall_s']:.2f}x from the command "
-          f"({large['duration_s'] / small['duration_s']:.2f}x by the records); goal <= 1.5x")
+          f"({large['duration_s'] / small['duration_s']:.2f}x by the records; "
+          f"CPU {large['cpu_s'] / small['cpu_s']:.2f}x); "
+          f"goal <= 1.5x")
 
 
 if __name__ == "__main__":
