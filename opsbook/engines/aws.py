@@ -130,6 +130,7 @@ def session(t: Target):
 # release's threads ask for clients concurrently; a made client itself is thread-safe (boto3's documentation).
 _CLIENTS: dict[tuple, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
+_CLIENTS_KEPT = 64   # the oldest made is let go past this many (an operation uses a dozen)
 # The process environment that decides a client's credentials and endpoint besides the Target: a client
 # made before one of these changed is not reused after.
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -153,6 +154,8 @@ def client(t: Target, service: str):
         if made is None:
             config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
             made = _CLIENTS[key] = session(t).client(service, endpoint_url=t.endpoint_url, config=config)
+            while len(_CLIENTS) > _CLIENTS_KEPT:   # a long-lived process (the suite's) meets many endpoints
+                del _CLIENTS[next(iter(_CLIENTS))]
         return made
 
 

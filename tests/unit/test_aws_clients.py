@@ -53,3 +53,13 @@ def test_threads_asking_at_once_share_one_client(monkeypatch):
         t.join()
     assert len(got) == 8
     assert len({id(c) for c in got}) == 1
+
+
+def test_a_process_keeps_a_bounded_number_of_clients_the_oldest_let_go(monkeypatch):
+    _fake_credentials(monkeypatch, "many")
+    monkeypatch.setattr(aws, "_CLIENTS", {})
+    first = aws.client(T, "s3")
+    for port in range(aws._CLIENTS_KEPT):
+        aws.client(aws.Target(**{**T.__dict__, "endpoint_url": f"http://127.0.0.1:{10000 + port}"}), "s3")
+    assert len(aws._CLIENTS) == aws._CLIENTS_KEPT
+    assert aws.client(T, "s3") is not first   # made again: it was the oldest
