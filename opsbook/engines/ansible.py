@@ -57,9 +57,14 @@ def playbook_command(env: Env, playbook: str, *, extra_vars: dict | None = None,
     return cmd
 
 
-def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """Stop an ansible-playbook process group in order: SIGINT (Ansible ends the task it is in and
-    stops), then SIGTERM, then SIGKILL. Waits for it to be gone."""
+def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop an ansible-playbook process group in order: SIGINT (Ansible passes it to its workers and
+    stops), then SIGTERM (the same, by its own handler), then SIGKILL. Waits for it to be gone.
+
+    Ansible ends within a second of SIGINT as a rule. Not always: in one of five releases SIGTERM'd on
+    the lab (ansible-core 2.19), its handler's KeyboardInterrupt was lost and the switch playbook ran
+    on to its next gate, where it waited until SIGTERM; with 20 s of grace that release took 48 s to
+    end in order instead of 23 s. Hence 5 s."""
     import signal
 
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -156,6 +161,7 @@ class Background:
         self.started = time.monotonic()
         self.seconds: float | None = None   # how long it ran, once waited for
         self._lines: list[str] = []
+        self._stopped_at: int | None = None   # lines read when opsbook stopped it (stop_in_order)
         self._reader = threading.Thread(target=self._read, name=f"ansible {what}", daemon=True)
         self._reader.start()
 
@@ -163,7 +169,7 @@ class Background:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self._lines.append(line)
-            if self.echo:
+            if self.echo and self._stopped_at is None:
                 sys.stdout.write(line)
                 sys.stdout.flush()
         self.proc.wait()
@@ -179,10 +185,10 @@ class Background:
             while self._reader.is_alive():
                 self._reader.join(timeout=0.2)   # short joins: signals reach the main thread meanwhile
         except BaseException:
-            stop(self.proc)
+            self.stop_in_order()
             raise
         failures = _Failures()
-        for line in self._lines:
+        for line in self._lines[:self._stopped_at]:
             if not self.echo:
                 sys.stdout.write(line)
             failures.feed(line)
@@ -193,10 +199,25 @@ class Background:
     def __enter__(self) -> Background:
         return self
 
+    def stop_in_order(self) -> None:
+        """Stop it (`stop`) if it still runs. What it prints from then on is Ansible shutting down, not
+        the operator's business, and not always tidy: ansible-core's signal handler can end in its
+        own traceback ("Unexpected Exception, this is probably a bug: process object is closed") when
+        the signal meets a worker it has just closed. One line stands for it instead."""
+        if self.proc.poll() is not None:
+            return
+        self._stopped_at = len(self._lines)
+        stop(self.proc)
+        self._reader.join(timeout=5)
+        hidden = [line.strip() for line in self._lines[self._stopped_at:] if line.strip()]
+        if hidden:
+            tasks = [line.strip(" *") for line in hidden if line.startswith("TASK [")]
+            went_on = f"it went on to {tasks[-1]} before it ended; " if tasks else ""
+            print(f"[opsbook] {self.what}: ansible-playbook stopped by opsbook; {went_on}{len(hidden)} line(s) "
+                  f"of its output after the stop not shown, the last: {hidden[-1][:200]}", flush=True)
+
     def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            stop(self.proc)
-            self._reader.join(timeout=5)
+        self.stop_in_order()
 
 
 def start_playbook(env: Env, playbook: str, *, extra_vars: dict | None = None, limit: str | None = None,

@@ -80,3 +80,25 @@ def test_leaving_the_block_early_stops_it(local_env):
     time.sleep(0.5)
     assert subprocess.run(["pgrep", "-f", sleep], capture_output=True, check=False).returncode != 0
     assert not (tmp / "late").exists()
+
+
+def test_a_watched_playbook_opsbook_stops_shows_one_line_for_its_shutdown_output(local_env, capsys):
+    env, books, _tmp = local_env
+    sleep = f"sleep 300.{uuid.uuid4().int % 10**9:09d}"
+    book = _book(books, "watched.yml", f"    - name: Sleep while watched\n      ansible.builtin.command: {sleep}\n"
+                                       f"      changed_when: false\n")
+    with ansible.start_playbook(env, book, what="switching", echo=True) as run:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pgrep", "-f", sleep], capture_output=True, check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.1)
+        run.stop_in_order()
+        assert run.proc.poll() is not None
+    out = capsys.readouterr().out.splitlines()
+    assert any("TASK [Sleep while watched]" in line for line in out)   # shown as it came, before the stop
+    summary = [line for line in out if "ansible-playbook stopped by opsbook" in line]
+    assert len(summary) == 1, out
+    assert summary[0].startswith("[opsbook] switching: ")
+    # What Ansible printed while it shut down is in that line only, not echoed on lines of its own.
+    assert not [line for line in out if line.startswith("[ERROR]")], out
+    assert "line(s) of its output after the stop not shown, the last: " in summary[0]

@@ -600,7 +600,7 @@ def _end_switching(run: Run, why: str) -> None:
             deadline = time.monotonic() + 10
             while switching.playbook.running() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        ansible.stop(switching.playbook.proc)
+        switching.playbook.stop_in_order()
 
 
 def _verdict(gates: Path, name: str, text: str) -> None:
