@@ -61,7 +61,7 @@ def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """Stop an ansible-playbook process group in order: SIGINT (Ansible passes it to its workers and
     stops), then SIGTERM (the same, by its own handler), then SIGKILL. Waits for it to be gone.
 
-    Ansible ends within a second of SIGINT as a rule. Not always: in one of five releases SIGTERM'd on
+    Ansible ends within a second of SIGINT as a rule. Not always: in one of six releases SIGTERM'd on
     the lab (ansible-core 2.19), its handler's KeyboardInterrupt was lost and the switch playbook ran
     on to its next gate, where it waited until SIGTERM; with 20 s of grace that release took 48 s to
     end in order instead of 23 s. Hence 5 s."""
