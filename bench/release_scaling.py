@@ -41,6 +41,7 @@ import yaml
 from opsbook.core.inventory import INVENTORIES, INVENTORY_PATH_VARIABLE, load
 from opsbook.core.paths import ROOT
 from opsbook.engines import artifact
+from opsbook.engines.hoststats import MachineSampler
 from opsbook.engines.records import ledger
 from opsbook.engines.records.store import store_for
 
@@ -48,11 +49,9 @@ SCALED = "labscale"
 
 
 def machine_cpu_s() -> float:
-    """CPU seconds this machine has spent busy since boot (/proc/stat: every process and container)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]   # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds this machine has spent busy since boot (every process and container)."""
+    busy, _total = MachineSampler.read_cpu()
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def invoke(*args: str, extra_env: dict[str, str] | None = None) -> float:
