@@ -1,25 +1,26 @@
 """The snapshot operation: `invoke snapshot`, `invoke snapshot.list`, `invoke snapshot.drill`.
 
 `invoke snapshot --env E [--reason R] [--dry-run]`: under the environment's lock, a snapshot of its
-database through its snapshot path (`opsbook.engines.snapshots.paths.for_env`: an RDS DB snapshot
-or an Aurora cluster snapshot for an AWS environment; for the lab, a pgBackRest full backup on its
-database host with a restore point and the manifest of that point), tagged with the env, the record id and the
-reason and waited for with progress; then retention (`opsbook_snapshot_keep`, a count, and/or
-`opsbook_snapshot_max_age`, an age like 30d) deletes opsbook's own older snapshots, never the newest
-and never the safety point of one of the environment's newest release records
-(`opsbook_release_keep` of them). The record (runbooks/snapshot.ipynb) holds the snapshot, its
-progress, what retention did and the manifest (the lab) or why none was taken (AWS). A database that
-cannot be snapshotted now (the lab's does not answer, or pgBackRest does not; an RDS database that is
-not `available` or already being snapshotted) is refused before the lock, with no record.
+database through its snapshot path (`opsbook.engines.snapshots.paths.for_env`: an RDS DB snapshot or an
+Aurora cluster snapshot for an AWS environment; for the lab, a pgBackRest full backup of its database
+host into the repository on its repository host (db2) with a restore point and the manifest of that
+point), tagged with the env, the record id and the reason and waited for with progress; then retention
+(`opsbook_snapshot_keep`, a count, and/or `opsbook_snapshot_max_age`, an age like 30d) deletes opsbook's
+own older snapshots, never the newest and never the safety point of one of the environment's newest
+release records (`opsbook_release_keep` of them). The record (runbooks/snapshot.ipynb) holds the
+snapshot, its progress, what retention did and the manifest (the lab) or why none was taken (AWS). A
+database that cannot be snapshotted now (the lab's does not answer, or pgBackRest does not; an RDS
+database that is not `available` or already being snapshotted) is refused before the lock, with no
+record.
 
-`invoke snapshot.list --env E`: every snapshot of the environment with its age, size and the
-record that took it. Read-only, no record.
+`invoke snapshot.list --env E`: every snapshot of the environment with its age, size and the record that
+took it. Read-only, no record.
 
 `invoke snapshot.drill --env E [--snapshot ID]`: the restore drill, as a record
-(runbooks/restore_drill.ipynb). The lab: the backup restored to its restore point in a scratch
-cluster on the database host, its manifest recomputed and compared, pg_amcheck, timings. From this
-controller an AWS snapshot cannot be restored and read, so the drill says NOT VERIFIED and never
-passes.
+(runbooks/restore_drill.ipynb). The lab: the backup restored to its restore point in a scratch cluster
+on the repository host (off the database host), its manifest recomputed and compared, pg_amcheck,
+timings. From this controller an AWS snapshot cannot be restored and read, so the drill says NOT
+VERIFIED and never passes.
 """
 
 from __future__ import annotations

@@ -143,7 +143,8 @@ def _connects(src: str, address: str, port: int) -> bool:
 
 def test_the_firewall_refuses_hosts_that_do_not_need_a_port(lab_env):
     """The service port and Postgres accept connections only from the hosts that need them; SSH
-    only from the controller. Tried from hosts that must be refused and from hosts that must not."""
+    only from the controller (and, between db1 and db2, for pgBackRest). Tried from hosts that must be
+    refused and from hosts that must not."""
     from opsbook.engines import ansible
 
     want = ansible.fingerprint(lab_env)
@@ -163,6 +164,10 @@ def test_the_firewall_refuses_hosts_that_do_not_need_a_port(lab_env):
     assert _connects("app1", addr["lb1"], lab_env.var("lb_http_port"))
     assert not _connects("app1", addr["db1"], 22)
     assert not _connects("lb1", addr["app1"], 22)
+    # pgBackRest: db1 pushes its WAL to its repository host db2, db2 reads db1 for backups; nobody else.
+    assert _connects("db1", addr["db2"], 22)
+    assert _connects("db2", addr["db1"], 22)
+    assert not _connects("app1", addr["db2"], 22)
     import socket
 
     for host, port in (("app1", app_port), ("db1", db_port), ("lb1", 22)):

@@ -1,6 +1,7 @@
-"""Snapshots of the lab's database with pgBackRest on db1, over SSH, through the invoke tasks: a
-snapshot with its restore point and manifest, listed with the record that took it; a drill that
-restores it in a scratch cluster on db1, compares and passes; the same drill with one row tampered
+"""Snapshots of the lab's database (db1) with pgBackRest, its repository on db2, over SSH, through the
+invoke tasks: a snapshot with its restore point and manifest, kept on db2 and not on db1, listed with
+the record that took it; a drill that restores it in a scratch cluster on db2, compares and passes
+(also with db1's database stopped); the same drill with one row tampered
 in the restored copy fails; an unknown snapshot is refused with the list; retention keeps the
 inventory's count; the scratch cluster is gone afterwards whatever the verdict."""
 
@@ -27,15 +28,16 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 @pytest.fixture
 def backed_up(lab_env, serving_fleet, lb_url):
-    """db1 archives its WAL into a pgBackRest stanza, and the service database holds rows (written
+    """db1 archives its WAL into a pgBackRest stanza on db2, and the service database holds rows (written
     through the service), whatever the lab's state (a fresh lab has never been released to; an older
-    checkout's db1 did not archive)."""
+    checkout's db1 did not archive, or kept its repository itself)."""
     write_course(lb_url, 50)
     with psycopg.connect(admin_conninfo(lab_env), autocommit=True) as conn:
         archiving = conn.execute("SHOW archive_mode").fetchone()[0] == "on"
-    stanza = ssh("db1", "test -f /var/lib/postgresql/pgbackrest/backup/main/backup.info && echo yes || echo no")
-    if not archiving or stanza != "yes":
-        invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
+    stanza = ssh("db2", "test -f /var/lib/postgresql/pgbackrest/backup/main/backup.info && echo yes || echo no")
+    remote = ssh("db1", "grep -qx 'repo1-host=.*' /etc/pgbackrest.conf && echo yes || echo no")
+    if not archiving or stanza != "yes" or remote != "yes":
+        invoke("provision", "--env", "lab", "--hosts", "db1,db2", check=True)
     return lab_env
 
 
@@ -44,16 +46,16 @@ def newest(env, runbook: str) -> dict:
 
 
 def scratch_dirs() -> set[str]:
-    return set(ssh("db1", "ls -d /var/lib/postgresql/opsbook-drill-* 2>/dev/null || true").split())
+    return set(ssh("db2", "ls -d /var/lib/postgresql/opsbook-drill-* 2>/dev/null || true").split())
 
 
-def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
+def test_snapshot_list_drill_tamper_and_retention_off_db1(backed_up):
     env = backed_up
     path = LabSnapshots(env)
     earlier = scratch_dirs()
     # What a snapshot stopped during its backup leaves (interrupted or killed; pgBackRest finishes the
-    # backup on db1): a backup carrying opsbook's annotation and no metadata. It is listed as opsbook's,
-    # incomplete, with the record that started it, and the next snapshot deletes it first.
+    # backup on db2): a backup carrying opsbook's annotation and no metadata. It is listed as opsbook's,
+    # incomplete, with the record that started it, and the next snapshot deletes it once it has its own.
     left = pgbr.backup(path.repo, "full", annotations={ANNOTATION_ENV: "lab", ANNOTATION_RECORD: "20260101T000000Z-x"})
     listed = {s.id: s for s in path.list()}
     assert listed[left.id].ours
@@ -74,6 +76,10 @@ def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
     assert ours[0].status == "available"
     assert ours[0].record_id == entry["id"]
     assert ours[0].reason == "suite: lab snapshot path"
+    # The backup and opsbook's metadata are on the repository host, not on the database host.
+    assert ssh("db2", f"test -d /var/lib/postgresql/pgbackrest/backup/main/{sid} && "
+                      f"test -f /var/lib/postgresql/pgbackrest/opsbook/{sid}.json && echo yes") == "yes"
+    assert ssh("db1", f"ls -d /var/lib/postgresql/pgbackrest/backup/main/{sid} 2>/dev/null || echo none") == "none"
 
     # Retention: the inventory keeps 3 of opsbook's own; what went is exactly what the record says it deleted.
     # A release's safety point is kept beside them while its record is among the newest (an earlier
@@ -132,8 +138,9 @@ def test_snapshot_list_drill_tamper_and_retention_on_db1(backed_up):
 def test_a_release_that_requires_a_safety_point_takes_one_on_db1_or_uses_a_recent_one(backed_up, monkeypatch):
     """The lab releases with opsbook_release_snapshot off (fast releases); where the inventory says
     required (prod's does), the release's safety-point step (what a release runs under its lock
-    before its expand migrations) takes a pgBackRest backup on db1, tagged with the release's record,
-    which names it; with db1's database stopped it cannot take one, and a snapshot younger than
+    before its expand migrations) takes a pgBackRest backup of db1, tagged with the release's record,
+    which names it; with db1's database stopped it cannot take one (a drill of it on db2 still passes:
+    the repository is off db1), and a snapshot younger than
     opsbook_release_snapshot_max_age stands in; with none that young, the release is refused."""
     from opsbook.core.errors import OpsbookError
     from opsbook.engines.records.store import new_record_id
@@ -161,6 +168,11 @@ def test_a_release_that_requires_a_safety_point_takes_one_on_db1_or_uses_a_recen
 
     ssh("db1", "systemctl stop 'postgresql@*' postgresql")   # the cluster's own unit: waited for until stopped
     try:
+        # The repository is off db1: its snapshot restores and verifies on db2 without db1's database.
+        drilled = invoke("snapshot.drill", "--env", "lab", "--snapshot", sid)
+        assert drilled.returncode == 0, drilled.stdout[-3000:] + drilled.stderr[-3000:]
+        assert "on db2, off db1" in drilled.stdout
+        assert newest(env, "restore_drill")["figures"]["passed"] is True
         used = safety.decide_for(env, ["0099_example"])
         assert used.action == safety.USE, used.why
         assert used.snapshot["id"] == sid
@@ -185,8 +197,8 @@ def test_a_release_that_requires_a_safety_point_takes_one_on_db1_or_uses_a_recen
         ssh("db1", "systemctl start postgresql")
 
 
-def test_a_drill_stopped_while_it_restores_leaves_nothing_on_db1(backed_up):
-    """SIGTERM while pgBackRest restores into the scratch cluster: the restore goes on on db1 when its ssh
+def test_a_drill_stopped_while_it_restores_leaves_nothing_on_db2(backed_up):
+    """SIGTERM while pgBackRest restores into the scratch cluster: the restore goes on on db2 when its ssh
     client dies, so the drill stops it before it removes the directory; the task says what it left, the
     record says the drill did not pass. A scratch directory that lost its owner file (a drill stopped
     while making or removing it) is removed by the next drill once it is old enough to be no live drill's."""
@@ -194,7 +206,7 @@ def test_a_drill_stopped_while_it_restores_leaves_nothing_on_db1(backed_up):
     if not [s for s in LabSnapshots(env).list() if s.ours and s.status == "available"]:
         invoke("snapshot", "--env", "lab", "--reason", "suite: a snapshot to drill", check=True)
     orphan = "/var/lib/postgresql/opsbook-drill-suiteOrphan"
-    ssh("db1", f"install -d -o postgres -g postgres -m 0700 {orphan}/data && touch -d '20 minutes ago' {orphan}")
+    ssh("db2", f"install -d -o postgres -g postgres -m 0700 {orphan}/data && touch -d '20 minutes ago' {orphan}")
     earlier = scratch_dirs()
     cmd = [sys.executable, "-m", "invoke", "snapshot.drill", "--env", "lab"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -211,9 +223,9 @@ def test_a_drill_stopped_while_it_restores_leaves_nothing_on_db1(backed_up):
     out = "".join(seen) + rest
     assert proc.returncode == 130, out[-3000:]
     assert "restore drill of lab interrupted by SIGTERM: it did not pass" in out, out[-3000:]
-    assert f"removed {orphan} on db1" in out
+    assert f"removed {orphan} on db2" in out
     assert scratch_dirs() <= earlier - {orphan}, out[-3000:]
-    assert ssh("db1", "pgrep -af 'pgbackres[t].* restore' || true") == ""
+    assert ssh("db2", "pgrep -af 'pgbackres[t].* restore' || true") == ""
     drill = newest(env, "restore_drill")
     assert drill["figures"]["passed"] is False
     assert drill["outcome"] != "succeeded"

@@ -4,8 +4,8 @@ An environment's snapshot path is chosen by its kind (``opsbook.engines.snapshot
 
 - an AWS environment: RDS DB snapshots (``aws_env_db_kind: rds``) or Aurora cluster snapshots
   (``aurora``) of the database tagged for it (``opsbook.engines.snapshots.aws``);
-- the lab: pgBackRest on its database host (``db1``) over SSH (``opsbook.engines.snapshots.lab``
-  over the machinery in ``opsbook.engines.snapshots.pgbackrest``).
+- the lab: pgBackRest on the repository host (``db2``) of its database host (``db1``), over SSH
+  (``opsbook.engines.snapshots.lab`` over the machinery in ``opsbook.engines.snapshots.pgbackrest``).
 
 Retention (:func:`retention`) and the ages an inventory writes (``7d``, ``12h``) are the same for
 every path. Only snapshots opsbook took (tagged so) are ever deleted; never the newest; never one

@@ -1,26 +1,26 @@
-"""Snapshots of a lab environment's database: pgBackRest on its database host, over SSH.
+"""Snapshots of a lab environment's database: pgBackRest on its repository host, over SSH.
 
 The machinery is ``opsbook.engines.snapshots.pgbackrest`` (backup, the restore point the manifest
-describes, the drill); this module points it at the environment's database host
-(``bl_api_db_host``, db1) through :class:`~opsbook.engines.remote.SshRunner`, and keeps what
-pgBackRest does not: which backups opsbook took, for which record and reason, and the manifest of
-each one's point.
+describes, the drill); this module points it at the host that keeps the environment's repository
+through :class:`~opsbook.engines.remote.SshRunner`, and keeps what pgBackRest does not: which backups
+opsbook took, for which record and reason, and the manifest of each one's point.
 
 **Where things live** (the postgres role, ``postgres_backup: pgbackrest``, sets them up):
 
-- the repository: ``postgres_backup_repo`` on the database host (a lab db host keeps it on its data
-  volume, which outlives the container). It is on the same host as the database, so it proves that
-  a snapshot restores, not that it survives the loss of that host; an off-host repository
-  (another host, or object storage) is the next step and is not built;
-- WAL: archived into the repository by the cluster (``archive_command``), so a backup restores to
-  any later point, and the drill to the snapshot's own restore point;
+- the repository: ``postgres_backup_repo`` on the database host's ``postgres_backup_repo_host`` (the
+  lab: db1's on db2, on its data volume, which outlives the container), so losing the database host
+  does not lose its backups, and a drill there shows they restore without it. pgBackRest runs there
+  and reads the cluster over SSH (a dedicated repository host); with ``postgres_backup_repo_host``
+  empty the repository is on the database host itself, as before;
+- WAL: archived into the repository by the cluster (``archive_command``, pushed over SSH), so a backup
+  restores to any later point, and the drill to the snapshot's own restore point;
 - opsbook's own record of a snapshot: ``<repo>/opsbook/<backup label>.json`` (env, record, reason,
   restore point and its LSN, the write pause, and the manifest), written as ``postgres`` 0640 next to
   the backup it describes. A backup without one was not taken by opsbook (or opsbook was killed
   between the backup and its point): it is listed, never deleted by retention, and a drill of it says
   NOT VERIFIED (there is no manifest to compare with).
 
-**The drill** restores into a scratch directory under the database host's data volume
+**The drill** restores into a scratch directory under the repository host's data volume
 (``/var/lib/postgresql``), a cluster with archiving off, no TCP listener and a socket in a 0700
 directory; opsbook reads it through an SSH forward of that socket to a port on 127.0.0.1 of the
 controller (``tunnel.SocketForwards``). The service cannot reach it, it cannot push WAL into the
@@ -86,11 +86,14 @@ class LabSnapshots:
                 f"{env.name} --hosts {self.db_host}`; the cluster restarts once to archive its WAL).")
         self.stanza = str(env.host_var(self.db_host, "postgres_backup_stanza", "main"))
         self.repo_path = str(env.host_var(self.db_host, "postgres_backup_repo", "/var/lib/postgresql/pgbackrest"))
+        # Where the repository is and pgBackRest's commands run: another host (the lab: db2), or db1 itself.
+        self.repo_host = str(env.host_var(self.db_host, "postgres_backup_repo_host", "") or self.db_host)
         version = env.host_var(self.db_host, "postgres_version", 15)
         cluster = env.host_var(self.db_host, "postgres_cluster", "main")
-        self.runner = runner or SshRunner(env, self.db_host)
+        self.runner = runner or SshRunner(env, self.repo_host)
         self.repo = pgbr.Repository(self.stanza, CONFIG, Path(f"/var/lib/postgresql/{version}/{cluster}"),
-                                    runner=self.runner, sockets=SocketForwards(env, self.db_host))
+                                    runner=self.runner, sockets=SocketForwards(env, self.repo_host),
+                                    cluster_elsewhere=self.repo_host != self.db_host)
         self.manifest_note = ""
 
     # -- opsbook's metadata beside each backup -------------------------------------------------
@@ -122,7 +125,7 @@ class LabSnapshots:
         if annotated and not meta:
             reason = "left by a snapshot stopped before its restore point was marked (the next snapshot deletes it)"
         return Snapshot(
-            id=b.id, kind=self.kind, source=f"{self.db_host} (stanza {self.stanza})",
+            id=b.id, kind=self.kind, source=f"{self.db_host} (stanza {self.stanza}, repository on {self.repo_host})",
             status="available" if has_point else ("incomplete" if meta or annotated else "available"),
             created=(meta or {}).get("point_at") or b.stopped,
             size_gb=round(b.size / 1e9, 3), engine="postgres",
@@ -134,7 +137,7 @@ class LabSnapshots:
         return None
 
     def can_take(self) -> tuple[bool, str]:
-        """Whether a snapshot can be taken now: the repository answers on the database host, and so does
+        """Whether a snapshot can be taken now: the repository answers on its host, and so does
         the database (a backup of a stopped cluster fails only once it has started, and the restore
         point needs a session)."""
         import psycopg
@@ -144,7 +147,7 @@ class LabSnapshots:
         try:
             pgbr.list_backups(self.repo)
         except (pgbr.BackupError, CommandFailed) as e:
-            return False, f"pgBackRest on {self.db_host} does not answer ({e})"
+            return False, f"pgBackRest on {self.repo_host} (the repository of {self.db_host}) does not answer ({e})"
         try:
             with psycopg.connect(admin_conninfo(self.env)) as conn:
                 conn.execute("SELECT 1")
@@ -183,13 +186,17 @@ class LabSnapshots:
             log(f"{self.env.name}: {step}")
 
         # Under the environment's lock (a snapshot's or a release's): no other snapshot is being made, so
-        # an incomplete one of opsbook's was left by a snapshot that was stopped; it goes first.
-        for left in (s for s in self.list() if s.ours and s.status == "incomplete"):
-            say(f"deleting backup {left.id}, left incomplete by a snapshot that was stopped (record {left.record_id})")
-            self._forget(left.id, log)
-        say(f"full backup of {self.db_host} (stanza {self.stanza}) with pgBackRest")
+        # an incomplete one of opsbook's was left by a snapshot that was stopped; it goes once the new
+        # backup exists (pgBackRest never expires a repository's only full backup: a first snapshot
+        # stopped half-way left exactly that, and deleting it first failed, seen on the lab).
+        left = [s for s in self.list() if s.ours and s.status == "incomplete"]
+        say(f"full backup of {self.db_host} (stanza {self.stanza}) with pgBackRest into its repository on "
+            f"{self.repo_host}")
         b = pgbr.backup(self.repo, "full", annotations={ANNOTATION_ENV: self.env.name, ANNOTATION_RECORD: record_id})
         say(f"backup {b.id}: {b.size / 1e6:.1f} MB of database, {b.repo_size / 1e6:.1f} MB in the repository")
+        for old in left:
+            say(f"deleting backup {old.id}, left incomplete by a snapshot that was stopped (record {old.record_id})")
+            self._forget(old.id, log)
         meta = {"env": self.env.name, "record_id": record_id, "reason": reason, "operator": facts.operator(),
                 "backup": b.id}
         self._write_meta(b.id, meta)
@@ -216,7 +223,7 @@ class LabSnapshots:
             f"{len(tables)} tables, {rows} rows, {len(m.get('sequences') or {})} sequences, schema hash "
             f"{(m.get('schema') or {}).get('hash', '?')[:16]}; read at "
             f"{(m.get('figures') or {}).get('mb_per_s')} MB/s. "
-            f"Kept beside the backup in {self._meta_path(b.id)} on {self.db_host}; `invoke snapshot.drill --env "
+            f"Kept beside the backup in {self._meta_path(b.id)} on {self.repo_host}; `invoke snapshot.drill --env "
             f"{self.env.name} --snapshot {b.id}` restores the backup to that point and compares.")
         say(f"snapshot {b.id} at {name}: {len(tables)} tables, {rows} rows; writes paused {pause_ms} ms")
         return self._snapshot(b, meta)
@@ -229,7 +236,7 @@ class LabSnapshots:
         except (pgbr.BackupError, CommandFailed) as e:
             log(f"{self.env.name}: could not delete the unfinished backup {label} ({e}); it is listed as "
                 f"`incomplete` and never drilled as a snapshot. Delete it with `pgbackrest --stanza={self.stanza} "
-                f"expire --set={label}` on {self.db_host}.")
+                f"expire --set={label}` on {self.repo_host}.")
 
     def delete(self, snapshot: Snapshot, *, log: Callable[[str], None] = print) -> None:
         """Delete one of opsbook's own snapshots of this environment (its metadata re-read here decides)."""
@@ -243,7 +250,7 @@ class LabSnapshots:
 
     def drill(self, snapshot_id: str | None = None, *, log: Callable[[str], None] = print,
               before_verify: Callable[[pgbr.Scratch], None] | None = None) -> DrillVerdict:
-        """Restore the snapshot into a scratch cluster on the database host, recompute and compare its
+        """Restore the snapshot into a scratch cluster on the repository host, recompute and compare its
         manifest, run pg_amcheck, time it. `before_verify` (tests) sees the restored cluster first."""
         snaps = self.list()
         if snapshot_id:
@@ -270,7 +277,8 @@ class LabSnapshots:
         backup = next(b for b in pgbr.list_backups(self.repo) if b.id == snap.id)
         ps = pgbr.Snapshot(backup, meta["restore_point"], meta.get("restore_point_lsn", ""),
                            float(meta.get("write_pause_ms") or 0), meta["manifest"])
-        log(f"{self.env.name}: drilling snapshot {snap.id} (restore point {ps.restore_point}) on {self.db_host}")
+        log(f"{self.env.name}: drilling snapshot {snap.id} (restore point {ps.restore_point}) on {self.repo_host}"
+            + (f", off {self.db_host}" if self.repo_host != self.db_host else ""))
         result = pgbr.drill(self.repo, ps, meta["manifest"]["database"], scratch_parent=SCRATCH_PARENT,
                             before_verify=before_verify, progress=lambda m: log(f"{self.env.name}: {m}"),
                             workers=manifests.DEFAULT_WORKERS)

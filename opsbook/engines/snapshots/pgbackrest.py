@@ -107,11 +107,15 @@ class Repository(_OnHost):
     """A pgBackRest stanza: the cluster it backs up and where its repository lives."""
 
     stanza: str
-    config: Path                       # the pgbackrest.conf on the cluster's host
+    config: Path                       # the pgbackrest.conf on the host the commands run on
     pg_path: Path                      # the cluster's data directory
     run_as: tuple[str, ...] = ()       # non-empty: commands run as the cluster's OS user (postgres)
     runner: Runner | None = None       # where the commands run (None: this machine)
     sockets: Any = None                # how a Unix socket directory on that host is reached (None: locally)
+    # The commands run on a repository host whose configuration reaches the cluster on another host
+    # (pg1-host): a restore there is local to this host (`--reset-pg1-host`, which pgBackRest also
+    # writes into the restored cluster's restore_command, so its archive-get reads the repository here).
+    cluster_elsewhere: bool = False
 
     @property
     def archive_command(self) -> str:
@@ -411,9 +415,9 @@ def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 18
     data = base / "data"
     times: dict[str, float] = {}
     t0 = time.monotonic()
-    _run(repo, "restore", f"--set={snap.backup.id}", f"--pg1-path={data}", "--type=name",
-         f"--target={snap.restore_point}", "--target-action=promote", "--archive-mode=off",
-         timeout=timeout)
+    _run(repo, "restore", *(["--reset-pg1-host"] if repo.cluster_elsewhere else []), f"--set={snap.backup.id}",
+         f"--pg1-path={data}", "--type=name", f"--target={snap.restore_point}", "--target-action=promote",
+         "--archive-mode=off", timeout=timeout)
     times["restore"] = time.monotonic() - t0
     # A cluster whose configuration lives outside its data directory (Debian's /etc/postgresql/…, as on a
     # lab db host) restores without postgresql.conf and pg_ident.conf: empty ones, the settings below.
