@@ -80,3 +80,27 @@ def test_wal_archiving_where_it_is_on_has_not_failed_since_it_last_worked(host, 
     assert healthy == "t", (
         f"WAL archiving fails: segment {failed_wal} failed at {last_failed}, the last success was {last_ok}; see "
         f"/var/log/pgbackrest/ and `pgbackrest --stanza=main check` on this host")
+
+
+def test_a_repository_kept_here_for_another_host_answers(host):
+    """A host that keeps another database host's pgBackRest repository (its /etc/pgbackrest.conf names
+    that host as pg1-host: the lab's db2 for db1) must be able to read it: the stanza is there and
+    pgBackRest reports it ok. (That its cluster's WAL arrives is the check above, on the database host.)"""
+    import json
+
+    conf = host.file("/etc/pgbackrest.conf")
+    if not conf.exists:
+        return
+    with host.sudo():
+        text = conf.content_string
+    stanzas = [line.strip()[1:-1] for line in text.splitlines() if line.strip().startswith("[")]
+    if not any(line.strip().startswith("pg1-host=") for line in text.splitlines()):
+        return   # the repository (if any) is the cluster's own, on this host
+    with host.sudo("postgres"):
+        out = host.run("pgbackrest --output=json info")
+    assert out.rc == 0, f"pgbackrest info fails on this repository host: {out.stderr.strip()[-500:]}"
+    status = {s["name"]: s["status"] for s in json.loads(out.stdout)}
+    for stanza in (s for s in stanzas if s != "global"):
+        assert stanza in status, (f"stanza {stanza} is not in the repository here: converge this host and its "
+                                  f"database host")
+        assert status[stanza]["code"] == 0, f"stanza {stanza}: {status[stanza]['message']}"
