@@ -72,10 +72,10 @@ def main() -> int:
         rate = args.segments / took
         print(f"configured (archive-async): {args.segments} segments made in {made:.1f} s, all archived after "
               f"{took:.1f} s: {rate:.1f} segments/s, {rate * SEGMENT_MB:.0f} MB/s of WAL")
-        config = db1.run(["cat", "/etc/pgbackrest.conf"], user="postgres", timeout=60).out
-        stanza = next((line.strip()[1:-1] for line in config.splitlines()
-                       if line.startswith("[") and not line.startswith("[global")), "main")
-        path = f"/var/lib/postgresql/{env.host_var(db_host, 'postgres_version', 15)}/main/pg_wal/{archived}"
+        stanza = env.host_var(db_host, "postgres_backup_stanza", "main")
+        version = env.host_var(db_host, "postgres_version", 15)
+        cluster = env.host_var(db_host, "postgres_cluster", "main")
+        path = f"/var/lib/postgresql/{version}/{cluster}/pg_wal/{archived}"
         if db1.run(["test", "-f", path], user="postgres", check=False, timeout=60).code != 0:
             print(f"baseline: skipped ({archived} is no longer in pg_wal to push again)")
             return 0
