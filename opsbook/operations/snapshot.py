@@ -101,8 +101,8 @@ def take(env: Env, reason: str | None = None, *, dry_run: bool = False,
     can, why_not = path.can_take()
     if not can:
         raise base.SnapshotError(f"no snapshot of {env.name} can be taken now: {why_not}. Nothing was changed and no "
-                                 f"record was written. Bring the database back (`invoke status --env {env.name}` "
-                                 f"says whether it answers), then run `invoke snapshot --env {env.name}` again.")
+                                 f"record was written. Fix that (`invoke status --env {env.name}` says whether the "
+                                 f"database answers), then run `invoke snapshot --env {env.name}` again.")
     started = datetime.now(UTC)
     record_id = new_record_id("snapshot")
     data: dict[str, Any] = {"env": env.name, "kind": path.kind, "reason": reason, "operator": facts.operator(),

@@ -197,6 +197,29 @@ def test_a_release_that_requires_a_safety_point_takes_one_on_db1_or_uses_a_recen
         ssh("db1", "systemctl start postgresql")
 
 
+def test_a_repository_host_not_converged_is_refused_before_anything(backed_up):
+    """db2 recreated and not converged since keeps Debian's own pgbackrest.conf, whose `info` answers for a
+    repository that does not exist: `invoke snapshot` is refused before its lock, naming the converge, with
+    no record (before, the backup began and failed under the lock: "backup command requires option:
+    pg1-path"). Simulated by moving db2's configuration aside and putting back Debian's."""
+    env = backed_up
+    records = len(store_for(env).ledger())
+    ssh("db2", "mv /etc/pgbackrest.conf /etc/pgbackrest.conf.suite && "
+               "printf '[global]\\nrepo1-path=/var/lib/pgbackrest\\n' > /etc/pgbackrest.conf && "
+               "chown root:postgres /etc/pgbackrest.conf && chmod 0640 /etc/pgbackrest.conf")
+    try:
+        taken = invoke("snapshot", "--env", "lab", "--reason", "suite: db2 not converged")
+        out = taken.stdout + taken.stderr
+        assert taken.returncode == 1, out
+        assert "pgBackRest on db2 has no usable stanza main for db1 (missing stanza path)" in out, out
+        assert "`invoke provision --env lab --hosts db1,db2`" in out, out
+        assert "Nothing was changed and no record was written" in out, out
+        assert len(store_for(env).ledger()) == records
+        assert "free" in invoke("lock", "--env", "lab", check=True).stdout
+    finally:
+        ssh("db2", "mv /etc/pgbackrest.conf.suite /etc/pgbackrest.conf")
+
+
 def test_a_drill_stopped_while_it_restores_leaves_nothing_on_db2(backed_up):
     """SIGTERM while pgBackRest restores into the scratch cluster: the restore goes on on db2 when its ssh
     client dies, so the drill stops it before it removes the directory; the task says what it left, the

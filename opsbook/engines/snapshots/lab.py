@@ -145,9 +145,15 @@ class LabSnapshots:
         from opsbook.engines.database import admin_conninfo
 
         try:
-            pgbr.list_backups(self.repo)
+            code, message = pgbr.stanza_status(self.repo)
         except (pgbr.BackupError, CommandFailed) as e:
             return False, f"pgBackRest on {self.repo_host} (the repository of {self.db_host}) does not answer ({e})"
+        if code not in pgbr.STANZA_USABLE:
+            # e.g. a repository host recreated and not converged since: Debian's own pgbackrest.conf answers
+            # `info` for a repository that does not exist, and the backup would fail once started
+            return False, (f"pgBackRest on {self.repo_host} has no usable stanza {self.stanza} for {self.db_host} "
+                           f"({message}); converge both with `invoke provision --env {self.env.name} --hosts "
+                           f"{','.join(dict.fromkeys([self.db_host, self.repo_host]))}`")
         try:
             with psycopg.connect(admin_conninfo(self.env)) as conn:
                 conn.execute("SELECT 1")

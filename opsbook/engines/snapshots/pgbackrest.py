@@ -237,6 +237,21 @@ def list_backups(repo: Repository) -> list[Backup]:
     return out
 
 
+# pgBackRest's stanza status codes that still take a backup: ok, and "no valid backups" (a new stanza).
+STANZA_USABLE = (0, 2)
+
+
+def stanza_status(repo: Repository) -> tuple[int, str]:
+    """The stanza's status in the repository as `pgbackrest info` gives it: (code, message), e.g.
+    (0, "ok"), (2, "no valid backups"), (1, "missing stanza path") where the host's configuration does
+    not point at a repository holding the stanza (a repository host recreated and not converged)."""
+    for stanza in json.loads(_run(repo, "info", "--output=json") or "[]"):
+        if stanza.get("name") == repo.stanza:
+            status = stanza.get("status") or {}
+            return int(status.get("code", 99)), str(status.get("message", "no status"))
+    return 99, f"no stanza {repo.stanza} in the repository"
+
+
 # --- the point the manifest and the restore share ---------------------------------------------
 @dataclass
 class Snapshot:
