@@ -219,13 +219,16 @@ def _iso(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
+def _stanza_info(repo: Repository) -> dict[str, Any] | None:
+    """The stanza's entry in pgBackRest's `info --output=json` (None: the repository does not list it)."""
+    return next((s for s in json.loads(_run(repo, "info", "--output=json") or "[]")
+                 if s.get("name") == repo.stanza), None)
+
+
 def list_backups(repo: Repository) -> list[Backup]:
     """Every backup of the stanza, oldest first (pgBackRest's `info --output=json`)."""
-    data = json.loads(_run(repo, "info", "--output=json") or "[]")
     out = []
-    for stanza in data:
-        if stanza.get("name") != repo.stanza:
-            continue
+    for stanza in filter(None, [_stanza_info(repo)]):
         for b in stanza.get("backup", []):
             out.append(Backup(
                 id=b["label"], type=b["type"], started=_iso(b["timestamp"]["start"]),
@@ -245,11 +248,11 @@ def stanza_status(repo: Repository) -> tuple[int, str]:
     """The stanza's status in the repository as `pgbackrest info` gives it: (code, message), e.g.
     (0, "ok"), (2, "no valid backups"), (1, "missing stanza path") where the host's configuration does
     not point at a repository holding the stanza (a repository host recreated and not converged)."""
-    for stanza in json.loads(_run(repo, "info", "--output=json") or "[]"):
-        if stanza.get("name") == repo.stanza:
-            status = stanza.get("status") or {}
-            return int(status.get("code", 99)), str(status.get("message", "no status"))
-    return 99, f"no stanza {repo.stanza} in the repository"
+    stanza = _stanza_info(repo)
+    if stanza is None:
+        return 99, f"no stanza {repo.stanza} in the repository"
+    status = stanza.get("status") or {}
+    return int(status.get("code", 99)), str(status.get("message", "no status"))
 
 
 # --- the point the manifest and the restore share ---------------------------------------------
