@@ -161,6 +161,43 @@ def test_a_drill_that_cannot_restore_does_not_pass(archived_cluster, full_snapsh
         assert result.verdict.startswith("NOT VERIFIED"), result.verdict
 
 
+def test_a_drill_with_no_room_for_its_copy_is_refused_before_anything_is_restored(archived_cluster, full_snapshot):
+    """The scratch copy shares its filesystem with the repository (the lab: db2's data volume): a
+    restore that filled it would stop the repository taking WAL. On a real 8 MiB filesystem, smaller
+    than the backup, pgBackRest never starts (without the check it writes until ENOSPC); on this
+    machine's own disk, a reserve larger than what is free refuses the same way."""
+    import os
+    import subprocess
+
+    repo, _ = archived_cluster
+    assert full_snapshot.backup.size > 16 * 1024 * 1024
+    if os.geteuid() != 0:
+        pytest.fail("mounting the small filesystem needs root, as CI runs")
+    small = Path(tempfile.mkdtemp(prefix="opsbook-small-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(small)], check=True)
+    try:
+        result = pgbr.drill(repo, full_snapshot, DB, scratch_parent=str(small))
+        assert not result.verified
+        assert not result.passed
+        assert result.verdict.startswith("NOT VERIFIED: no room for the restored copy"), result.verdict
+        assert "Nothing was restored" in result.verdict
+        assert result.seconds == {}                      # no restore ran
+        assert list(small.iterdir()) == []               # and its scratch directory is gone
+        assert shutil.disk_usage(small).used < 1024 * 1024
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+        small.rmdir()
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    result = pgbr.drill(repo, full_snapshot, DB, keep_free=free)
+    assert not result.verified
+    assert not result.passed
+    assert "MiB must stay free there (opsbook_drill_keep_free_mb" in result.verdict, result.verdict
+    # With the reserve the disk can spare, the same drill passes.
+    result = pgbr.drill(repo, full_snapshot, DB, keep_free=64 * 1024 * 1024)
+    assert result.passed, result.verdict
+
+
 def test_a_corrupted_backup_file_is_not_verified(archived_cluster):
     """A byte flipped in the repository: pgBackRest's restore refuses it, and the drill says it could
     not verify (the GitLab lesson: a backup nobody restored is not a backup)."""

@@ -24,7 +24,9 @@ opsbook took, for which record and reason, and the manifest of each one's point.
 (``/var/lib/postgresql``), a cluster with archiving off, no TCP listener and a socket in a 0700
 directory; opsbook reads it through an SSH forward of that socket to a port on 127.0.0.1 of the
 controller (``tunnel.SocketForwards``). The service cannot reach it, it cannot push WAL into the
-repository, and it is stopped and removed when the drill ends, whatever the verdict.
+repository, and it is stopped and removed when the drill ends, whatever the verdict. A drill whose
+copy would leave less than ``opsbook_drill_keep_free_mb`` free on that volume is refused before
+anything is restored: the repository shares the volume, and a full disk would stop it taking WAL.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from opsbook.engines.tunnel import SocketForwards
 
 CONFIG = Path("/etc/pgbackrest.conf")          # where the postgres role writes it (pgBackRest's default)
 SCRATCH_PARENT = "/var/lib/postgresql"        # the db host's data volume: room for a restored copy
+# What a drill leaves free on that volume, at least, once its copy is restored (the repository, and on db2
+# staging's clones, share it): `opsbook_drill_keep_free_mb` in the inventory, this when it is unset.
+DRILL_KEEP_FREE_MB = 1024
 
 
 def _meta_dir(repo_path: str) -> str:
@@ -285,9 +290,10 @@ class LabSnapshots:
                            float(meta.get("write_pause_ms") or 0), meta["manifest"])
         log(f"{self.env.name}: drilling snapshot {snap.id} (restore point {ps.restore_point}) on {self.repo_host}"
             + (f", off {self.db_host}" if self.repo_host != self.db_host else ""))
+        keep_free_mb = float(self.env.var("opsbook_drill_keep_free_mb", DRILL_KEEP_FREE_MB))  # checked on load
         result = pgbr.drill(self.repo, ps, meta["manifest"]["database"], scratch_parent=SCRATCH_PARENT,
                             before_verify=before_verify, progress=lambda m: log(f"{self.env.name}: {m}"),
-                            workers=manifests.DEFAULT_WORKERS)
+                            workers=manifests.DEFAULT_WORKERS, keep_free=int(keep_free_mb * 1024 * 1024))
         details.update({"seconds": result.seconds, "differences": result.differences[:50],
                         "differences_total": len(result.differences), "amcheck": result.amcheck[-2000:],
                         "database": meta["manifest"]["database"], "size_mb": round(backup.size / 1e6, 1)})

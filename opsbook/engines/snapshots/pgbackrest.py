@@ -425,6 +425,37 @@ class DrillResult:
         return f"FAILED: {found} problem(s) in the restored copy of {self.backup} (listed)"
 
 
+# Room a restored copy needs beyond the backup's database size: archive recovery fetches one WAL segment at a
+# time (RECOVERYXLOG, replaced by the next) and the promotion starts a new timeline and checkpoints, so a few
+# segments; 64 MiB covers them with room to spare.
+RESTORE_WAL_ALLOWANCE = 64 * 1024 * 1024
+
+
+def free_bytes(host: Runner, path: str) -> int:
+    """Bytes available to an unprivileged writer on the filesystem holding `path` on `host` (df's avail)."""
+    out = host.run(["df", "-B1", "--output=avail", path], timeout=60).out.split()
+    return int(out[-1])
+
+
+def room_problem(repo: Repository, snap: Snapshot, path: str, keep_free: int) -> str | None:
+    """Why the filesystem holding `path` (a scratch directory) on the repository's host has no room for
+    `snap` restored while leaving `keep_free` bytes free (None: it has). The drill's scratch copy usually
+    shares that filesystem with the repository (the lab: db2's data volume), so a restore that filled it
+    would stop the repository taking WAL and backups: refused before pgBackRest writes anything.
+    pgBackRest's restore does not check this itself; it fails with ENOSPC once the disk is full."""
+    free = free_bytes(repo.host, path)
+    needed = snap.backup.size + RESTORE_WAL_ALLOWANCE
+    if free - needed >= keep_free:
+        return None
+    mb = 1024 * 1024
+    return (f"no room for the restored copy on {repo.host.host}: backup {snap.backup.id} restores to "
+            f"{snap.backup.size / mb:,.0f} MiB of database (+{RESTORE_WAL_ALLOWANCE // mb} MiB for recovery's "
+            f"WAL), the filesystem holding {Path(path).parent} has {free / mb:,.0f} MiB free, and "
+            f"{keep_free / mb:,.0f} MiB must stay free there (opsbook_drill_keep_free_mb: the repository "
+            f"shares it). Nothing was restored and the repository was not touched. Free "
+            f"{(needed + keep_free - free) / mb:,.0f} MiB on {repo.host.host}, then drill again.")
+
+
 def restore(repo: Repository, snap: Snapshot, base: Path, *, timeout: float = 1800) -> tuple[Scratch, dict]:
     """Restore `snap` into `base/data`, start it where only we can reach it, wait until it has
     replayed to the restore point and been promoted. Returns the cluster and its timings."""
@@ -580,13 +611,15 @@ def drill(
     scratch_parent: str | None = None, keep: bool = False,
     chunk_rows: int | None = None, workers: int = manifests.DEFAULT_WORKERS,
     before_verify: Callable[[Scratch], None] | None = None, progress: Callable[[str], None] | None = None,
+    keep_free: int = 0,
 ) -> DrillResult:
     """Restore `snap` into a scratch cluster, recompute the manifest of `dbname` there, compare it
     with the one taken at the snapshot's point, run pg_amcheck, and time it all. Never raises for a
     failed check: the result says what failed, and a drill that could not verify does not pass.
     `before_verify` sees the restored cluster before it is checked (tests tamper with it there).
     The scratch cluster lives in `scratch_dir`, or a new directory under `scratch_parent` (default:
-    the host's temporary directory) on the repository's host."""
+    the host's temporary directory) on the repository's host. `keep_free`: bytes that must stay free on
+    the scratch directory's filesystem once the copy is restored (checked first: see `room_problem`)."""
     say = progress or (lambda _m: None)
     result = DrillResult(snap.backup.id, snap.restore_point)
     scratch = None
@@ -598,24 +631,26 @@ def drill(
             ["mktemp", "-d", *(["-p", scratch_parent] if scratch_parent else ["-t"]), "opsbook-drill-XXXXXXXX"],
             timeout=60).out.strip())
         write_file(repo.host, str(base / OWNER_FILE), _owner(snap.backup.id), mode="0644")
-        say(f"restoring {snap.backup.id} to {snap.restore_point} into {base}")
-        scratch, times = restore(repo, snap, base)
-        result.seconds.update({k: round(v, 2) for k, v in times.items()})
-        if before_verify:
-            before_verify(scratch)
-        say("recomputing the manifest")
-        t = time.monotonic()
-        actual = manifests.take(scratch.db(dbname), chunk_rows=chunk_rows or snap.manifest["chunk_rows"],
-                                workers=workers, like=snap.manifest, progress=progress)
-        result.seconds["manifest"] = round(time.monotonic() - t, 2)
-        result.differences = manifests.compare(snap.manifest, actual)
-        say("pg_amcheck")
-        t = time.monotonic()
-        clean, said = amcheck(scratch, dbname)
-        result.seconds["amcheck"] = round(time.monotonic() - t, 2)
-        result.amcheck = "" if clean else said
-        result.verified = True
-        result.passed = not result.differences and clean
+        result.problem = room_problem(repo, snap, str(base), keep_free)
+        if result.problem is None:
+            say(f"restoring {snap.backup.id} to {snap.restore_point} into {base}")
+            scratch, times = restore(repo, snap, base)
+            result.seconds.update({k: round(v, 2) for k, v in times.items()})
+            if before_verify:
+                before_verify(scratch)
+            say("recomputing the manifest")
+            t = time.monotonic()
+            actual = manifests.take(scratch.db(dbname), chunk_rows=chunk_rows or snap.manifest["chunk_rows"],
+                                    workers=workers, like=snap.manifest, progress=progress)
+            result.seconds["manifest"] = round(time.monotonic() - t, 2)
+            result.differences = manifests.compare(snap.manifest, actual)
+            say("pg_amcheck")
+            t = time.monotonic()
+            clean, said = amcheck(scratch, dbname)
+            result.seconds["amcheck"] = round(time.monotonic() - t, 2)
+            result.amcheck = "" if clean else said
+            result.verified = True
+            result.passed = not result.differences and clean
     except Exception as e:  # noqa: BLE001 - any failure means "not verified", said in the result
         result.problem = f"{type(e).__name__}: {str(e).strip()}"
     finally:
