@@ -48,6 +48,7 @@ NUMBERS: dict[str, Number] = {
     "opsbook_snapshot_keep": Number(1, whole=True),
     "opsbook_refresh_keep": Number(1, whole=True),
     "opsbook_drill_keep_free_mb": Number(0, unit="MiB"),
+    "opsbook_refresh_keep_free_mb": Number(0, unit="MiB"),
     "opsbook_scale_check_step_seconds": Number(0, above=True),
     "opsbook_scale_check_max_seconds": Number(0, above=True),
 }

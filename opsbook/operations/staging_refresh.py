@@ -364,6 +364,7 @@ class _Btrfs:
         made = switched = False
         try:
             self.standby()
+            self.room()
             self.clone()
             made = True
             self.prepare()
@@ -410,6 +411,14 @@ class _Btrfs:
             done = self.engine.ensure_standby(self.path.source)
             row["result"] = done["standby"]
             self.data["filesystem"] = done["filesystem"]
+
+    def room(self) -> None:
+        with self.step("room", f"space for a masked clone on {self.path.host}, in the image and under it") as row:
+            size = _database_bytes(self.engine.standby_conninfo(self.dbname), self.dbname)
+            problem = self.engine.room_problem(size)
+            if problem:
+                raise RefreshFailed(problem)
+            row["result"] = f"the database is {size / 1024 / 1024:,.0f} MiB: room for it masked"
 
     def clone(self) -> None:
         with self.step("clone", "catch up, snapshot, promote (private: no TCP listener)") as row:

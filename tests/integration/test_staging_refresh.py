@@ -264,7 +264,7 @@ def test_a_refresh_serves_a_masked_copy_with_the_targets_credentials_and_records
     assert (f["source"], f["target"], f["kind"], f["leaks"]) == ("srcprod", "srcstage", "btrfs", 0)
     assert f["masked_rows"] == events
     assert f["clone_total_bytes"] > f["clone_exclusive_bytes"] > 0
-    assert set(f["step_seconds"]) == {"standby", "clone", "only the service database", "mask", "verify",
+    assert set(f["step_seconds"]) == {"standby", "room", "clone", "only the service database", "mask", "verify",
                                       "credentials", "switch", "app hosts", "prune"}
     html = store_for(stage).get(entry["html"]).decode()
     for section in ("Steps and their times", "Leak scan", "0 leak(s)", "The clone"):
@@ -302,6 +302,38 @@ def test_a_refresh_failing_half_way_leaves_the_previous_database_serving(world, 
     assert failed["figures"]["serving"] == serving
     assert "known_students" in failed["error"]
     assert locks.lock_for(stage).holder() is None
+
+
+@pytest.mark.kernel
+def test_a_refresh_with_no_room_for_its_clone_is_refused_before_the_clone(world, envs):
+    """The loop image is sparse and takes its growth from the filesystem under it, which the clone host's
+    other data shares; a masked clone holds about twice its database of its own. A reserve this machine
+    cannot keep free refuses the refresh before any clone is made, the previous database serving."""
+    _src, root, port = world
+    prod, stage = envs
+    engine = paths.btrfs_refresh(prod, stage).engine
+    serving, names = engine.current(), engine.names()
+    assert serving, "an earlier test's refresh serves"
+    # (main.yml itself: Ansible's group_vars plugin keeps the list of files it found for the process)
+    main = root / "inventories" / "srcstage" / "group_vars" / "all" / "main.yml"
+    before = main.read_text()
+    main.write_text(yaml.safe_dump({**yaml.safe_load(before), "opsbook_refresh_keep_free_mb": 100_000_000}))  # 95 TiB
+    try:
+        with pytest.raises(sr.RefreshFailed, match=r"(?s)failed at step 'room': no room for a new clone on .*"
+                                                   r"btrfs filesystem at .* MiB free.*the loop image .* may grow by.*"
+                                                   r"Nothing of srcstage was changed"):
+            sr.refresh(prod, Env("srcstage"), out=_quiet)   # read again, with the reserve
+    finally:
+        main.write_text(before)
+    assert engine.current() == serving
+    assert engine.names() == names
+    failed = _refreshes(stage)[-1]
+    assert failed["outcome"] == "failed"
+    assert "no room for a new clone" in failed["error"]
+    assert _one(_stage(port), "SELECT count(*) FROM courses") >= 4      # still served
+    # The same, with the reserve the inventory leaves (unset: 1024 MiB), fits.
+    size = _one(_stage(port, "postgres", STAGE_ADMIN_PASSWORD), f"SELECT pg_database_size('{DB}')")
+    assert engine.room_problem(size) is None
 
 
 @pytest.mark.kernel

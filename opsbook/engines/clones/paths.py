@@ -7,7 +7,8 @@
   which must also be the host the target's service connects to (``bl_api_db_host``); the clone that
   serves listens on the target's ``bl_api_db_port``.
   ``opsbook_refresh_dir`` (``/var/lib/opsbook/refresh``), ``opsbook_refresh_image_gb`` (20),
-  ``opsbook_refresh_keep`` (2: the serving clone and the one before it), ``opsbook_refresh_slot``
+  ``opsbook_refresh_keep`` (2: the serving clone and the one before it), ``opsbook_refresh_keep_free_mb``
+  (1024: what a refresh leaves free in the image and on the filesystem under it), ``opsbook_refresh_slot``
   (``opsbook_refresh_<target>``), ``opsbook_refresh_standby_port`` (5499),
   ``opsbook_refresh_listen_addresses`` and ``opsbook_refresh_hba_file`` (a clone's, when it serves;
   unset: what its copied configuration says).
@@ -80,6 +81,7 @@ def btrfs_refresh(source, target, *, log: Callable[[str], None] = print) -> Btrf
         slot=str(target.var("opsbook_refresh_slot", "") or slot_for(target.name)),
         listen_addresses=target.var("opsbook_refresh_listen_addresses", None) or None,
         hba_file=target.var("opsbook_refresh_hba_file", None) or None,
+        keep_free_mb=float(target.var("opsbook_refresh_keep_free_mb", 1024)),   # checked when the env loads
     )
     source_db = Source(
         host=database.address(source), port=int(source.var("bl_api_db_port")),
