@@ -220,6 +220,35 @@ def test_a_repository_host_not_converged_is_refused_before_anything(backed_up):
         ssh("db2", "mv /etc/pgbackrest.conf.suite /etc/pgbackrest.conf")
 
 
+def test_no_room_on_the_repository_host_refuses_a_snapshot_and_a_drill_before_they_write(backed_up, monkeypatch):
+    """db2's volume keeps the repository and takes a drill's restored copy; pgBackRest checks no space and
+    writes until the disk is full, which would also stop it taking db1's WAL. With a reserve of everything
+    db2 has free (the inventory's opsbook_repo_keep_free_mb, set here on the engine: changing the lab's
+    inventory would make every host need a converge), both are refused before anything is written; the
+    free space, the database's size and the backups are read from the lab itself."""
+    env = backed_up
+    snaps = LabSnapshots(env)
+    if not [s for s in snaps.list() if s.ours and s.status == "available"]:
+        invoke("snapshot", "--env", "lab", "--reason", "suite: a snapshot to drill", check=True)
+    backups = [b.id for b in pgbr.list_backups(snaps.repo)]
+    earlier = scratch_dirs()
+    free = int(ssh("db2", "df -B1 --output=avail /var/lib/postgresql/pgbackrest | tail -1"))
+    monkeypatch.setattr(LabSnapshots, "_keep_free", lambda self: free)
+    can, why = snaps.can_take()
+    assert not can
+    assert why.startswith("no room for a full backup in the repository on db2: the cluster on db1 holds"), why
+    assert "compresses like its last full backup" in why, why
+    verdict = snaps.drill(log=lambda _m: None)
+    assert not verdict.verified
+    assert not verdict.passed
+    assert verdict.problem.startswith("no room for the restored copy on db2"), verdict.problem
+    assert "Nothing was restored" in verdict.problem
+    assert scratch_dirs() == earlier
+    assert [b.id for b in pgbr.list_backups(snaps.repo)] == backups
+    monkeypatch.undo()
+    assert snaps.can_take() == (True, "")
+
+
 def test_a_drill_stopped_while_it_restores_leaves_nothing_on_db2(backed_up):
     """SIGTERM while pgBackRest restores into the scratch cluster: the restore goes on on db2 when its ssh
     client dies, so the drill stops it before it removes the directory; the task says what it left, the

@@ -192,7 +192,7 @@ def test_a_drill_with_no_room_for_its_copy_is_refused_before_anything_is_restore
     result = pgbr.drill(repo, full_snapshot, DB, keep_free=free)
     assert not result.verified
     assert not result.passed
-    assert "MiB must stay free there (opsbook_drill_keep_free_mb" in result.verdict, result.verdict
+    assert "MiB must stay free there (opsbook_repo_keep_free_mb" in result.verdict, result.verdict
     # With the reserve the disk can spare, the same drill passes.
     result = pgbr.drill(repo, full_snapshot, DB, keep_free=64 * 1024 * 1024)
     assert result.passed, result.verdict

@@ -25,8 +25,9 @@ opsbook took, for which record and reason, and the manifest of each one's point.
 directory; opsbook reads it through an SSH forward of that socket to a port on 127.0.0.1 of the
 controller (``tunnel.SocketForwards``). The service cannot reach it, it cannot push WAL into the
 repository, and it is stopped and removed when the drill ends, whatever the verdict. A drill whose
-copy would leave less than ``opsbook_drill_keep_free_mb`` free on that volume is refused before
+copy would leave less than ``opsbook_repo_keep_free_mb`` free on that volume is refused before
 anything is restored: the repository shares the volume, and a full disk would stop it taking WAL.
+A snapshot whose backup may not fit with that much left is refused the same way, before its lock.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from opsbook.engines.tunnel import SocketForwards
 
 CONFIG = Path("/etc/pgbackrest.conf")          # where the postgres role writes it (pgBackRest's default)
 SCRATCH_PARENT = "/var/lib/postgresql"        # the db host's data volume: room for a restored copy
-# What a drill leaves free on that volume, at least, once its copy is restored (the repository, and on db2
-# staging's clones, share it): `opsbook_drill_keep_free_mb` in the inventory, this when it is unset.
-DRILL_KEEP_FREE_MB = 1024
+# What a snapshot's backup or a drill's restored copy leaves free, at least, on the repository's volume (the
+# drill's scratch copy shares it): `opsbook_repo_keep_free_mb` in the inventory, this when it is unset.
+REPO_KEEP_FREE_MB = 1024
 
 
 def _meta_dir(repo_path: str) -> str:
@@ -161,10 +162,36 @@ class LabSnapshots:
                            f"{','.join(dict.fromkeys([self.db_host, self.repo_host]))}`")
         try:
             with psycopg.connect(admin_conninfo(self.env)) as conn:
-                conn.execute("SELECT 1")
+                size = int(conn.execute("SELECT sum(pg_database_size(oid)) FROM pg_database").fetchone()[0])
         except psycopg.Error as e:
             return False, f"the database on {self.db_host} does not answer ({str(e).strip().splitlines()[0]})"
-        return True, ""
+        return self._room_for_backup(size)
+
+    def _keep_free(self) -> int:
+        return int(float(self.env.var("opsbook_repo_keep_free_mb", REPO_KEEP_FREE_MB)) * 1024 * 1024)  # checked on load
+
+    def _room_for_backup(self, cluster_bytes: int) -> tuple[bool, str]:
+        """Whether a full backup of a cluster of `cluster_bytes` fits in the repository leaving the reserve free.
+        pgBackRest compresses, so the newest full backup's ratio (repository bytes per database byte) sizes
+        the new one, with 10 % for growth; with no backup yet, the database's own size (no compression
+        assumed). pgBackRest's backup checks no space itself: it writes until the disk is full, which would
+        also stop the repository taking the cluster's WAL. Retention deletes old snapshots only once the new
+        one exists, so the room must be there first."""
+        fulls = [b for b in pgbr.list_backups(self.repo) if b.type == "full" and b.size]
+        ratio = (fulls[-1].repo_size / fulls[-1].size) if fulls else 1.0
+        need = int(cluster_bytes * min(1.0, ratio) * 1.1)
+        free, keep = pgbr.free_bytes(self.runner, self.repo_path), self._keep_free()
+        if free - need >= keep:
+            return True, ""
+        mb = 1024 * 1024
+        return False, (f"no room for a full backup in the repository on {self.repo_host}: the cluster on "
+                       f"{self.db_host} holds {cluster_bytes / mb:,.0f} MiB, which "
+                       + (f"compresses like its last full backup to about {need / mb:,.0f} MiB" if fulls else
+                          f"with no earlier backup to size it may take {need / mb:,.0f} MiB")
+                       + f"; {self.repo_path} has {free / mb:,.0f} MiB free, and {keep / mb:,.0f} MiB must stay free "
+                       f"there (opsbook_repo_keep_free_mb). Free {(need + keep - free) / mb:,.0f} MiB on "
+                       f"{self.repo_host} (`invoke snapshot.list --env {self.env.name}` shows what each snapshot "
+                       f"holds), then snapshot again")
 
     def in_use(self) -> dict[str, str]:
         """The backups a drill restores now (retention keeps them: deleting one under its restore makes the
@@ -290,10 +317,9 @@ class LabSnapshots:
                            float(meta.get("write_pause_ms") or 0), meta["manifest"])
         log(f"{self.env.name}: drilling snapshot {snap.id} (restore point {ps.restore_point}) on {self.repo_host}"
             + (f", off {self.db_host}" if self.repo_host != self.db_host else ""))
-        keep_free_mb = float(self.env.var("opsbook_drill_keep_free_mb", DRILL_KEEP_FREE_MB))  # checked on load
         result = pgbr.drill(self.repo, ps, meta["manifest"]["database"], scratch_parent=SCRATCH_PARENT,
                             before_verify=before_verify, progress=lambda m: log(f"{self.env.name}: {m}"),
-                            workers=manifests.DEFAULT_WORKERS, keep_free=int(keep_free_mb * 1024 * 1024))
+                            workers=manifests.DEFAULT_WORKERS, keep_free=self._keep_free())
         details.update({"seconds": result.seconds, "differences": result.differences[:50],
                         "differences_total": len(result.differences), "amcheck": result.amcheck[-2000:],
                         "database": meta["manifest"]["database"], "size_mb": round(backup.size / 1e6, 1)})

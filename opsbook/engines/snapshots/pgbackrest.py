@@ -451,7 +451,7 @@ def room_problem(repo: Repository, snap: Snapshot, path: str, keep_free: int) ->
     return (f"no room for the restored copy on {repo.host.host}: backup {snap.backup.id} restores to "
             f"{snap.backup.size / mb:,.0f} MiB of database (+{RESTORE_WAL_ALLOWANCE // mb} MiB for recovery's "
             f"WAL), the filesystem holding {Path(path).parent} has {free / mb:,.0f} MiB free, and "
-            f"{keep_free / mb:,.0f} MiB must stay free there (opsbook_drill_keep_free_mb: the repository "
+            f"{keep_free / mb:,.0f} MiB must stay free there (opsbook_repo_keep_free_mb: the repository "
             f"shares it). Nothing was restored and the repository was not touched. Free "
             f"{(needed + keep_free - free) / mb:,.0f} MiB on {repo.host.host}, then drill again.")
 
