@@ -414,7 +414,10 @@ class _Btrfs:
 
     def room(self) -> None:
         with self.step("room", f"space for a masked clone on {self.path.host}, in the image and under it") as row:
-            size = _database_bytes(self.engine.standby_conninfo(self.dbname), self.dbname)
+            # The source's size, not the standby's: the standby may still be replaying a backlog (the clone
+            # step catches it up), and in the middle of it the database may not even exist (seen: the suite
+            # dropped and made the service database again on the source).
+            size = _database_bytes(self.path.source.conninfo(), self.dbname)
             problem = self.engine.room_problem(size)
             if problem:
                 raise RefreshFailed(problem)
