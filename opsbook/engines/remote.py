@@ -186,6 +186,11 @@ def read_file(runner: Runner, path: str, *, user: str | None = None) -> str | No
     return r.out if r.code == 0 else None
 
 
+def free_bytes(runner: Runner, path: str) -> int:
+    """Bytes available to an unprivileged writer on the filesystem holding `path` on the runner's host (df's avail)."""
+    return int(runner.run(["df", "-B1", "--output=avail", path], timeout=60).out.split()[-1])
+
+
 def write_file(runner: Runner, path: str, text: str, *, user: str | None = None, mode: str = "0600") -> None:
     """Write a text file on the runner's host (created with `mode`, owned by `user`)."""
     runner.run(["/bin/sh", "-c", f'umask 077 && cat > "$1" && chmod {mode} "$1"', "sh", path], user=user,

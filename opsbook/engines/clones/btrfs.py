@@ -60,7 +60,7 @@ from typing import Any
 from opsbook.core.errors import OpsbookError
 from opsbook.engines.clones.runner import CommandFailed, Runner, read_file, write_file
 from opsbook.engines.pgcluster import recovery_minimums
-from opsbook.engines.remote import LOCAL_SOCKETS
+from opsbook.engines.remote import LOCAL_SOCKETS, free_bytes
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -289,7 +289,7 @@ class BtrfsClones:
         if self._exists(self.image):
             size, blocks, block = (int(x) for x in self.r.run(["stat", "-c", "%s %b %B", self.image]).out.split())
             grows = max(0, min(need, size - blocks * block))   # what the sparse image can still take
-            under = int(self.r.run(["df", "-B1", "--output=avail", self.base]).out.split()[-1])
+            under = free_bytes(self.r, self.base)
             if under - grows < keep:
                 problems.append(f"the loop image {self.image} ({size / mb:,.0f} MiB, {blocks * block / mb:,.0f} MiB "
                                 f"of it allocated) may grow by {grows / mb:,.0f} MiB, and the filesystem under it "

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from opsbook.core import facts
-from opsbook.engines.remote import CommandFailed, SshRunner, read_file, write_file
+from opsbook.engines.remote import CommandFailed, SshRunner, free_bytes, read_file, write_file
 from opsbook.engines.snapshots import manifest as manifests
 from opsbook.engines.snapshots import pgbackrest as pgbr
 from opsbook.engines.snapshots.base import DrillVerdict, PathNotBuilt, Snapshot, SnapshotError, newest_first
@@ -151,7 +151,7 @@ class LabSnapshots:
         from opsbook.engines.database import admin_conninfo
 
         try:
-            code, message = pgbr.stanza_status(self.repo)
+            code, message, backups = pgbr.stanza_status(self.repo)
         except (pgbr.BackupError, CommandFailed) as e:
             return False, f"pgBackRest on {self.repo_host} (the repository of {self.db_host}) does not answer ({e})"
         if code not in pgbr.STANZA_USABLE:
@@ -165,22 +165,23 @@ class LabSnapshots:
                 size = int(conn.execute("SELECT sum(pg_database_size(oid)) FROM pg_database").fetchone()[0])
         except psycopg.Error as e:
             return False, f"the database on {self.db_host} does not answer ({str(e).strip().splitlines()[0]})"
-        return self._room_for_backup(size)
+        return self._room_for_backup(size, backups)
 
     def _keep_free(self) -> int:
         return int(float(self.env.var("opsbook_repo_keep_free_mb", REPO_KEEP_FREE_MB)) * 1024 * 1024)  # checked on load
 
-    def _room_for_backup(self, cluster_bytes: int) -> tuple[bool, str]:
-        """Whether a full backup of a cluster of `cluster_bytes` fits in the repository leaving the reserve free.
+    def _room_for_backup(self, cluster_bytes: int, backups: list[pgbr.Backup]) -> tuple[bool, str]:
+        """Whether a full backup of a cluster of `cluster_bytes` fits in the repository holding `backups`
+        (oldest first), leaving the reserve free.
         pgBackRest compresses, so the newest full backup's ratio (repository bytes per database byte) sizes
         the new one, with 10 % for growth; with no backup yet, the database's own size (no compression
         assumed). pgBackRest's backup checks no space itself: it writes until the disk is full, which would
         also stop the repository taking the cluster's WAL. Retention deletes old snapshots only once the new
         one exists, so the room must be there first."""
-        fulls = [b for b in pgbr.list_backups(self.repo) if b.type == "full" and b.size]
+        fulls = [b for b in backups if b.type == "full" and b.size]
         ratio = (fulls[-1].repo_size / fulls[-1].size) if fulls else 1.0
         need = int(cluster_bytes * min(1.0, ratio) * 1.1)
-        free, keep = pgbr.free_bytes(self.runner, self.repo_path), self._keep_free()
+        free, keep = free_bytes(self.runner, self.repo_path), self._keep_free()
         if free - need >= keep:
             return True, ""
         mb = 1024 * 1024

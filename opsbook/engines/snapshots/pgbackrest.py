@@ -58,7 +58,15 @@ from typing import Any
 
 from opsbook.core.errors import OpsbookError
 from opsbook.engines.pgcluster import recovery_minimums
-from opsbook.engines.remote import LOCAL_SOCKETS, CommandFailed, LocalRunner, Runner, read_file, write_file
+from opsbook.engines.remote import (
+    LOCAL_SOCKETS,
+    CommandFailed,
+    LocalRunner,
+    Runner,
+    free_bytes,
+    read_file,
+    write_file,
+)
 from opsbook.engines.snapshots import manifest as manifests
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -225,34 +233,35 @@ def _stanza_info(repo: Repository) -> dict[str, Any] | None:
                  if s.get("name") == repo.stanza), None)
 
 
+def _backups(stanza: dict[str, Any] | None) -> list[Backup]:
+    return [Backup(
+        id=b["label"], type=b["type"], started=_iso(b["timestamp"]["start"]),
+        stopped=_iso(b["timestamp"]["stop"]), size=b["info"]["size"],
+        repo_size=b["info"]["repository"]["delta"], lsn_start=b["lsn"]["start"],
+        lsn_stop=b["lsn"]["stop"], prior=b.get("prior"),
+        annotation={str(k): str(v) for k, v in (b.get("annotation") or {}).items()},
+    ) for b in (stanza or {}).get("backup", [])]
+
+
 def list_backups(repo: Repository) -> list[Backup]:
     """Every backup of the stanza, oldest first (pgBackRest's `info --output=json`)."""
-    out = []
-    for stanza in filter(None, [_stanza_info(repo)]):
-        for b in stanza.get("backup", []):
-            out.append(Backup(
-                id=b["label"], type=b["type"], started=_iso(b["timestamp"]["start"]),
-                stopped=_iso(b["timestamp"]["stop"]), size=b["info"]["size"],
-                repo_size=b["info"]["repository"]["delta"], lsn_start=b["lsn"]["start"],
-                lsn_stop=b["lsn"]["stop"], prior=b.get("prior"),
-                annotation={str(k): str(v) for k, v in (b.get("annotation") or {}).items()},
-            ))
-    return out
+    return _backups(_stanza_info(repo))
 
 
 # pgBackRest's stanza status codes that still take a backup: ok, and "no valid backups" (a new stanza).
 STANZA_USABLE = (0, 2)
 
 
-def stanza_status(repo: Repository) -> tuple[int, str]:
-    """The stanza's status in the repository as `pgbackrest info` gives it: (code, message), e.g.
+def stanza_status(repo: Repository) -> tuple[int, str, list[Backup]]:
+    """The stanza's status in the repository as `pgbackrest info` gives it, (code, message), e.g.
     (0, "ok"), (2, "no valid backups"), (1, "missing stanza path") where the host's configuration does
-    not point at a repository holding the stanza (a repository host recreated and not converged)."""
+    not point at a repository holding the stanza (a repository host recreated and not converged); and
+    its backups, oldest first, from the same `info` (one command over SSH for both)."""
     stanza = _stanza_info(repo)
     if stanza is None:
-        return 99, f"no stanza {repo.stanza} in the repository"
+        return 99, f"no stanza {repo.stanza} in the repository", []
     status = stanza.get("status") or {}
-    return int(status.get("code", 99)), str(status.get("message", "no status"))
+    return int(status.get("code", 99)), str(status.get("message", "no status")), _backups(stanza)
 
 
 # --- the point the manifest and the restore share ---------------------------------------------
@@ -429,12 +438,6 @@ class DrillResult:
 # time (RECOVERYXLOG, replaced by the next) and the promotion starts a new timeline and checkpoints, so a few
 # segments; 64 MiB covers them with room to spare.
 RESTORE_WAL_ALLOWANCE = 64 * 1024 * 1024
-
-
-def free_bytes(host: Runner, path: str) -> int:
-    """Bytes available to an unprivileged writer on the filesystem holding `path` on `host` (df's avail)."""
-    out = host.run(["df", "-B1", "--output=avail", path], timeout=60).out.split()
-    return int(out[-1])
 
 
 def room_problem(repo: Repository, snap: Snapshot, path: str, keep_free: int) -> str | None:
