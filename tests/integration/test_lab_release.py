@@ -3,15 +3,18 @@ through the load balancer, and the bad inputs an operator can meet. Real hosts o
 
 from __future__ import annotations
 
+import http.client
 import re
 import subprocess
 import sys
+import time
+from urllib.parse import urlsplit
 
 import pytest
 
 from opsbook.core.paths import ROOT
 from opsbook.engines.ansible import ansible_env
-from tests.fixtures.lab import http_json, invoke, new_uuid, ssh
+from tests.fixtures.lab import ensure_converged, http_json, invoke, new_uuid, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -251,6 +254,37 @@ def test_bad_request_through_the_load_balancer_is_a_4xx_json(lb_url, serving_fle
     status, body = http_json(f"{lb_url}/record_responses", {"responses": [{"course_uuid": "not-a-uuid"}]})
     assert 400 <= status < 500
     assert "error" in body
+
+
+def test_a_reload_of_the_load_balancer_answers_a_kept_alive_client_instead_of_closing_on_it(lab_env, lb_url,
+                                                                                            serving_fleet):
+    """A converge that changes haproxy.cfg reloads haproxy under traffic (a release's provisioning
+    does). The old process must answer a request that arrives on a connection it holds idle, with
+    `Connection: close`, rather than close it: a client that sends as the close arrives gets no
+    answer (the CI saw one failed request so, "Server disconnected without sending a response")."""
+    ensure_converged(lab_env, "lb1")    # haproxy.cfg as the roles checked out now write it
+    url = urlsplit(lb_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=10)
+    try:
+        conn.request("GET", "/ping")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        assert not first.will_close
+        workers = set(ssh("lb1", "pgrep -P \"$(systemctl show -p MainPID --value haproxy)\" || true").split())
+        ssh("lb1", "systemctl reload haproxy")
+        deadline = time.monotonic() + 20
+        while not set(ssh("lb1", "pgrep -P \"$(systemctl show -p MainPID --value haproxy)\" || true").split()) - workers:
+            assert time.monotonic() < deadline, "haproxy started no new worker within 20 s of its reload"
+            time.sleep(0.2)
+        time.sleep(1)    # the old worker is in its soft stop now: it holds the idle connection
+        conn.request("GET", "/ping")    # on the same connection (http.client does not reconnect)
+        second = conn.getresponse()
+        second.read()
+    finally:
+        conn.close()
+    assert second.status == 200
+    assert second.will_close, "the old worker answered without Connection: close"
 
 
 # --- records of what ran against the lab ----------------------------------------------------
