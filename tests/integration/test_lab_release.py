@@ -271,10 +271,13 @@ def test_a_reload_of_the_load_balancer_answers_a_kept_alive_client_instead_of_cl
         first.read()
         assert first.status == 200
         assert not first.will_close
-        workers = set(ssh("lb1", "pgrep -P \"$(systemctl show -p MainPID --value haproxy)\" || true").split())
+        def workers() -> set[str]:
+            return set(ssh("lb1", "pgrep -P \"$(systemctl show -p MainPID --value haproxy)\" || true").split())
+
+        before = workers()
         ssh("lb1", "systemctl reload haproxy")
         deadline = time.monotonic() + 20
-        while not set(ssh("lb1", "pgrep -P \"$(systemctl show -p MainPID --value haproxy)\" || true").split()) - workers:
+        while not workers() - before:
             assert time.monotonic() < deadline, "haproxy started no new worker within 20 s of its reload"
             time.sleep(0.2)
         time.sleep(1)    # the old worker is in its soft stop now: it holds the idle connection
