@@ -39,8 +39,16 @@ def provision(env: Env, check: bool = False, hosts: str | None = None) -> dict[s
     # provisioning restarts services a release or a migration may be relying on.
     what = "provision" + (f" of {limit}" if limit else "") + (" (check mode)" if check else "")
     with locks.lock_for(env).hold(what, wait=0):
-        ansible.run_playbook(env, "site.yml", check=check, limit=limit, what="provisioning",
-                             extra_vars={"opsbook_converge_fingerprint": ansible.fingerprint(env)})
+        # Not app_restart_on_change: a changed unit or environment file would restart every app host at
+        # once, with no draining (failed requests). The role marks such a host instead, and
+        # restart.yml restarts the marked ones, one at a time, drained, onto the release each serves.
+        recap = ansible.run_playbook(env, "site.yml", check=check, limit=limit, what="provisioning",
+                                     extra_vars={"opsbook_converge_fingerprint": ansible.fingerprint(env),
+                                                 "app_restart_on_change": False})
+        apps = {h.name for h in env.hosts("app")}
+        if not check and any(recap.get(h, {}).get("changed", 0) for h in apps):
+            _log("app hosts changed: restarting those whose service configuration changed, one at a time, drained")
+            ansible.run_playbook(env, "restart.yml", limit=limit, what="the drained restart of changed app hosts")
     print(f"[opsbook] provisioned {limit or env.name} in {time.monotonic() - t0:.0f}s"
           + (" (check mode)" if check else ""), flush=True)
     return None

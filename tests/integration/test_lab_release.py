@@ -14,7 +14,8 @@ import pytest
 
 from opsbook.core.paths import ROOT
 from opsbook.engines.ansible import ansible_env
-from tests.fixtures.lab import ensure_converged, http_json, invoke, new_uuid, ssh
+from opsbook.engines.probe import Probe, probe_url
+from tests.fixtures.lab import ensure_converged, haproxy_status, http_json, invoke, new_uuid, ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -137,6 +138,68 @@ def test_second_provision_changes_nothing(lab_env):
     assert len(recap) == len(lab_env.hosts())
     changed = [line for line in recap if "changed=0" not in line]
     assert not changed, "second provision changed something:\n" + "\n".join(changed)
+
+
+RESTART_MARK = "/srv/bl-api/shared/restart-pending"   # roles/app: app_restart_marker
+
+
+def _change_service_configuration(hosts) -> None:
+    """Make each host's service environment file differ from what the role writes (as a changed
+    inventory value would), so that the next converge writes it again."""
+    for h in hosts:
+        ssh(h.name, "echo '# changed by a test' >> /srv/bl-api/shared/bl-api.env")
+
+
+def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one_at_a_time_drained(
+        lab_env, serving_fleet):
+    """Every app host's environment file changed: provisioning rewrites them and restarts each
+    service, one host at a time, drained, so that it runs the configuration on disk; not all at once,
+    which users feel as failed requests."""
+    ensure_converged(lab_env, "lb1")
+    apps = lab_env.hosts("app")
+    _change_service_configuration(apps)
+    pids = fleet_state(lab_env)
+    probe = Probe(probe_url(lab_env), rate=30, max_seconds=300).start("provision")
+    try:
+        out = invoke("provision", "--env", "lab", "--hosts", "app", check=True).stdout
+    finally:
+        report = probe.stop()
+    assert report.failed == 0, report.errors()
+    assert report.figures()["missing_acknowledged_writes"] == 0
+    after = fleet_state(lab_env)
+    assert all(after[h.name][1] != pids[h.name][1] for h in apps), (pids, after)   # each restarted
+    assert all(after[h.name][0] == pids[h.name][0] for h in apps)                    # same release
+    assert out.count("TASK [app : Drain the host in the load balancer") == len(apps), out[-3000:]
+    for h in apps:
+        assert "changed by a test" not in ssh(h.name, "cat /srv/bl-api/shared/bl-api.env")
+        assert ssh(h.name, f"test -e {RESTART_MARK} && echo marked || echo clear") == "clear"
+    assert all(haproxy_status(h.name) == "UP" for h in apps)
+
+
+def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_changed(lab_env, serving_fleet):
+    """A release converges a host whose configuration changed, and the service there must take the
+    new configuration even when the host already serves the release: the rolling switch restarts it,
+    drained; the hosts whose configuration did not change are left running."""
+    from opsbook.engines import ansible as ansible_engine
+    from opsbook.engines.records.store import store_for
+
+    ensure_converged(lab_env, "lb1")
+    for h in lab_env.hosts("app"):    # the others converged, so that only app1 changes
+        ensure_converged(lab_env, h.name)
+    app1 = lab_env.host("app1")
+    _change_service_configuration([app1])
+    ssh("app1", f"echo 0000000000000000 > {ansible_engine.STAMP}")   # converged to another configuration
+    pids = fleet_state(lab_env)
+    invoke("release", "--env", "lab", "--version", serving_fleet, check=True)
+    after = fleet_state(lab_env)
+    assert after["app1"][1] != pids["app1"][1]
+    assert all(after[h][1] == pids[h][1] for h in ("app2", "app3")), (pids, after)
+    assert "changed by a test" not in ssh("app1", "cat /srv/bl-api/shared/bl-api.env")
+    assert ssh("app1", f"test -e {RESTART_MARK} && echo marked || echo clear") == "clear"
+    rec = [e for e in store_for(lab_env).ledger() if e["runbook"] == "release"][-1]["figures"]
+    assert rec["outcome"] == "succeeded"
+    assert rec["converged"] == ["app1"]
+    assert rec["failed_requests"] == 0
 
 
 def _connects(src: str, address: str, port: int) -> bool:
