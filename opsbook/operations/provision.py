@@ -45,10 +45,11 @@ def provision(env: Env, check: bool = False, hosts: str | None = None) -> dict[s
         recap = ansible.run_playbook(env, "site.yml", check=check, limit=limit, what="provisioning",
                                      extra_vars={"opsbook_converge_fingerprint": ansible.fingerprint(env),
                                                  "app_restart_on_change": False})
-        apps = {h.name for h in env.hosts("app")}
-        if not check and any(recap.get(h, {}).get("changed", 0) for h in apps):
-            _log("app hosts changed: restarting those whose service configuration changed, one at a time, drained")
-            ansible.run_playbook(env, "restart.yml", limit=limit, what="the drained restart of changed app hosts")
+        # Every time, not only when this run changed an app host: a provision stopped half-way leaves
+        # the marks of hosts it did not restart yet (or did not put back), and this one finishes them.
+        if not check and any(h.name in recap for h in env.hosts("app")):
+            ansible.run_playbook(env, "restart.yml", limit=limit,
+                                 what="the drained restart of app hosts whose service configuration changed")
     print(f"[opsbook] provisioned {limit or env.name} in {time.monotonic() - t0:.0f}s"
           + (" (check mode)" if check else ""), flush=True)
     return None

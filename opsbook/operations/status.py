@@ -25,7 +25,8 @@ def status_text(env: Env) -> str:
         lines.append(f"  {host:<10} {version or 'not serving'}{why}  [{lb}]")
     if out_of_rotation:
         lines.append(f"  out of rotation: {', '.join(out_of_rotation)} (not UP in a load balancer: a release "
-                     f"stopped half-way, or the host is down); the next release puts answering hosts back")
+                     f"or provision stopped half-way, or the host is down); the next release puts answering hosts "
+                     f"back, and the next provision those it was restarting")
     served = {v for v in versions.values() if v}
     if len(served) > 1:
         lines.append("  the fleet serves mixed versions: a release stopped half-way, or is running")

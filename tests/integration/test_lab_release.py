@@ -4,7 +4,9 @@ through the load balancer, and the bad inputs an operator can meet. Real hosts o
 from __future__ import annotations
 
 import http.client
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -154,13 +156,28 @@ def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one
         lab_env, serving_fleet):
     """Every app host's environment file changed: provisioning rewrites them and restarts each
     service, one host at a time, drained, so that it runs the configuration on disk; not all at once,
-    which users feel as failed requests."""
+    which users feel as failed requests. A provision stopped (Ctrl-C) while it restarts the second
+    host leaves hosts marked or out of rotation; the next provision finishes them."""
     ensure_converged(lab_env, "lb1")
     apps = lab_env.hosts("app")
     _change_service_configuration(apps)
     pids = fleet_state(lab_env)
     probe = Probe(probe_url(lab_env), rate=30, max_seconds=300).start("provision")
     try:
+        env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}")
+        stopped = subprocess.Popen([sys.executable, "-m", "invoke", "provision", "--env", "lab", "--hosts", "app"],
+                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert stopped.stdout is not None
+        restarts = 0
+        for line in stopped.stdout:
+            restarts += "TASK [app : Switch current to the release" in line
+            if restarts == 2:
+                break
+        time.sleep(0.3)
+        stopped.send_signal(signal.SIGINT)
+        rest, _ = stopped.communicate(timeout=300)
+        assert stopped.returncode == 130, rest[-3000:]
+        assert "run the task again to finish it" in rest
         out = invoke("provision", "--env", "lab", "--hosts", "app", check=True).stdout
     finally:
         report = probe.stop()
@@ -169,7 +186,7 @@ def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one
     after = fleet_state(lab_env)
     assert all(after[h.name][1] != pids[h.name][1] for h in apps), (pids, after)   # each restarted
     assert all(after[h.name][0] == pids[h.name][0] for h in apps)                    # same release
-    assert out.count("TASK [app : Drain the host in the load balancer") == len(apps), out[-3000:]
+    assert out.count("TASK [app : Drain the host in the load balancer") >= 1, out[-3000:]
     for h in apps:
         assert "changed by a test" not in ssh(h.name, "cat /srv/bl-api/shared/bl-api.env")
         assert ssh(h.name, f"test -e {RESTART_MARK} && echo marked || echo clear") == "clear"
