@@ -4,6 +4,7 @@ through the load balancer, and the bad inputs an operator can meet. Real hosts o
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -217,6 +218,72 @@ def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_
     assert rec["outcome"] == "succeeded"
     assert rec["converged"] == ["app1"]
     assert rec["failed_requests"] == 0
+
+
+def test_provision_applies_a_database_setting_by_a_reload_restarts_only_for_one_that_needs_it_refuses_a_bad_one(
+        lab_env, serving_fleet):
+    """A changed cluster setting that a reload applies is applied so, the service unaware (before, any
+    change restarted Postgres: every connection dropped); one only a restart applies restarts it; a
+    value PostgreSQL refuses fails the converge with the cluster untouched."""
+    import yaml
+
+    port = lab_env.var("bl_api_db_port")
+    unit = "postgresql@$(ls /etc/postgresql)-main"
+    conf = "/etc/postgresql/$(ls /etc/postgresql)/main/conf.d/opsbook.conf"
+
+    def pid() -> str:
+        return ssh("db1", f"systemctl show -p MainPID --value {unit}")
+
+    def show(name: str) -> str:
+        return ssh("db1", f"runuser -u postgres -- psql -XAtq -p {port} -c 'SHOW {name}'")
+
+    def running_with(line: str, action: str) -> None:
+        """db1 runs with `line` (a value the role does not write, as an earlier inventory's would)."""
+        ssh("db1", f"echo \"{line}\" >> {conf} && systemctl {action} {unit}")
+
+    ensure_converged(lab_env, "db1")
+    try:
+        running_with("log_min_duration_statement = '500'", "reload")
+        deadline = time.monotonic() + 10
+        while show("log_min_duration_statement") != "500ms":
+            assert time.monotonic() < deadline, show("log_min_duration_statement")
+            time.sleep(0.2)
+        before = pid()
+        probe = Probe(probe_url(lab_env), rate=30, max_seconds=300).start("provision")
+        try:
+            invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
+        finally:
+            report = probe.stop()
+        assert show("log_min_duration_statement") == "1s"
+        assert pid() == before                                  # reloaded, not restarted
+        assert report.failed == 0, report.errors()
+
+        running_with("max_connections = '150'", "restart")
+        assert show("max_connections") == "150"
+        before = pid()
+        invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
+        assert show("max_connections") == "200"
+        assert pid() != before                                  # only a restart applies it
+
+        settings = yaml.safe_load((ROOT / "roles" / "postgres" / "defaults" / "main.yml").read_text())
+        bad = dict(settings["postgres_settings"], log_min_duration_statement="soon", max_connections=120)
+        before = pid()
+        proc = subprocess.run(
+            ["ansible-playbook", "-i", str(lab_env.path), "--limit", "db1",
+             "-e", json.dumps({"postgres_settings": bad}), str(ROOT / "playbooks" / "site.yml")],
+            cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False, timeout=600)
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        assert "hold values PostgreSQL refuses" in proc.stdout, proc.stdout[-3000:]
+        assert "log_min_duration_statement" in proc.stdout
+        assert pid() == before
+        assert show("max_connections") == "200"                 # not restarted into the file's 120
+        assert show("log_min_duration_statement") == "1s"
+        # The file the server would refuse at its next start is not left in place, nor any copy.
+        assert "soon" not in ssh("db1", f"cat {conf}")
+        assert ssh("db1", "ls /etc/postgresql/$(ls /etc/postgresql)/main/conf.d") == "opsbook.conf"
+    finally:
+        invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
+    assert show("log_min_duration_statement") == "1s"
 
 
 def _connects(src: str, address: str, port: int) -> bool:
