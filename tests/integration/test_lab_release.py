@@ -242,6 +242,7 @@ def test_provision_applies_a_database_setting_by_a_reload_restarts_only_for_one_
         ssh("db1", f"echo \"{line}\" >> {conf} && systemctl {action} {unit}")
 
     ensure_converged(lab_env, "db1")
+    done = False
     try:
         running_with("log_min_duration_statement = '500'", "reload")
         deadline = time.monotonic() + 10
@@ -281,9 +282,10 @@ def test_provision_applies_a_database_setting_by_a_reload_restarts_only_for_one_
         # The file the server would refuse at its next start is not left in place, nor any copy.
         assert "soon" not in ssh("db1", f"cat {conf}")
         assert ssh("db1", "ls /etc/postgresql/$(ls /etc/postgresql)/main/conf.d") == "opsbook.conf"
+        done = True
     finally:
-        invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
-    assert show("log_min_duration_statement") == "1s"
+        if not done:    # db1 as the roles make it, whatever step failed
+            invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
 
 
 def _connects(src: str, address: str, port: int) -> bool:
