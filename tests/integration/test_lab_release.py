@@ -19,7 +19,7 @@ import pytest
 from opsbook.core.paths import ROOT
 from opsbook.engines.ansible import ansible_env
 from opsbook.engines.probe import Probe, probe_url
-from tests.fixtures.lab import ensure_converged, haproxy_status, http_json, invoke, new_uuid, ssh
+from tests.fixtures.lab import ensure_converged, haproxy_status, http_json, invoke, new_uuid, ssh, start_invoke
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -127,13 +127,9 @@ def test_lab_down_would_remove_exactly_what_lab_up_created(lab_env, capsys):
 
 # --- provisioning, release, service ------------------------------------------------------
 def test_second_provision_changes_nothing(lab_env):
-    from opsbook.engines import ansible as ansible_engine
-
     # The first run: unless every host is stamped as converged to this very configuration (by a
     # provision, or a release's converge, of the same roles, inventory and secrets), converge now.
-    want = ansible_engine.fingerprint(lab_env)
-    if set(ansible_engine.converged_stamps(lab_env).values()) != {want}:
-        invoke("provision", "--env", "lab", check=True)
+    ensure_converged(lab_env)
     proc = subprocess.run(
         ["ansible-playbook", "-i", str(lab_env.path), str(ROOT / "playbooks" / "site.yml")],
         cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False, timeout=600)
@@ -145,6 +141,10 @@ def test_second_provision_changes_nothing(lab_env):
 
 
 RESTART_MARK = "/srv/bl-api/shared/restart-pending"   # roles/app: app_restart_marker
+
+
+def _marked(host: str) -> bool:
+    return ssh(host, f"test -e {RESTART_MARK} && echo marked || echo clear") == "marked"
 
 
 def _change_service_configuration(hosts) -> None:
@@ -166,9 +166,7 @@ def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one
     pids = fleet_state(lab_env)
     probe = Probe(probe_url(lab_env), rate=30, max_seconds=300).start("provision")
     try:
-        env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}")
-        stopped = subprocess.Popen([sys.executable, "-m", "invoke", "provision", "--env", "lab", "--hosts", "app"],
-                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stopped = start_invoke("provision", "--env", "lab", "--hosts", "app")
         assert stopped.stdout is not None
         restarts = 0
         for line in stopped.stdout:
@@ -191,7 +189,7 @@ def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one
     assert out.count("TASK [app : Drain the host in the load balancer") >= 1, out[-3000:]
     for h in apps:
         assert "changed by a test" not in ssh(h.name, "cat /srv/bl-api/shared/bl-api.env")
-        assert ssh(h.name, f"test -e {RESTART_MARK} && echo marked || echo clear") == "clear"
+        assert not _marked(h.name)
     assert all(haproxy_status(h.name) == "UP" for h in apps)
 
 
@@ -202,9 +200,7 @@ def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_
     from opsbook.engines import ansible as ansible_engine
     from opsbook.engines.records.store import store_for
 
-    ensure_converged(lab_env, "lb1")
-    for h in lab_env.hosts("app"):    # the others converged, so that only app1 changes
-        ensure_converged(lab_env, h.name)
+    ensure_converged(lab_env, "lb1", *(h.name for h in lab_env.hosts("app")))   # so that only app1 changes
     app1 = lab_env.host("app1")
     _change_service_configuration([app1])
     ssh("app1", f"echo 0000000000000000 > {ansible_engine.STAMP}")   # converged to another configuration
@@ -214,7 +210,7 @@ def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_
     assert after["app1"][1] != pids["app1"][1]
     assert all(after[h][1] == pids[h][1] for h in ("app2", "app3")), (pids, after)
     assert "changed by a test" not in ssh("app1", "cat /srv/bl-api/shared/bl-api.env")
-    assert ssh("app1", f"test -e {RESTART_MARK} && echo marked || echo clear") == "clear"
+    assert not _marked("app1")
     rec = [e for e in store_for(lab_env).ledger() if e["runbook"] == "release"][-1]["figures"]
     assert rec["outcome"] == "succeeded"
     assert rec["converged"] == ["app1"]
@@ -306,11 +302,7 @@ def test_the_firewall_refuses_hosts_that_do_not_need_a_port(lab_env):
     """The service port and Postgres accept connections only from the hosts that need them; SSH
     only from the controller (and, between db1 and db2, for pgBackRest). Tried from hosts that must be
     refused and from hosts that must not."""
-    from opsbook.engines import ansible
-
-    want = ansible.fingerprint(lab_env)
-    if set(ansible.converged_stamps(lab_env).values()) != {want}:
-        invoke("provision", "--env", "lab", check=True)   # releases do not converge db hosts
+    ensure_converged(lab_env)   # releases do not converge db hosts
     addr = {h.name: h.address for h in lab_env.hosts()}
     app_port, db_port = lab_env.var("bl_api_port"), lab_env.var("bl_api_db_port")
     # Postgres: the app hosts (and the controller) only.
@@ -463,7 +455,6 @@ def test_report_leaves_a_record_that_records_and_index_show(lab_env):
 
 
 def test_breaking_the_release_lock_is_recorded(lab_env):
-    import os
     import signal
     import sys
 

@@ -19,7 +19,7 @@ from opsbook.core.paths import ROOT
 from opsbook.engines import artifact
 from opsbook.engines.lock import lock_for
 from opsbook.engines.records.store import store_for
-from tests.fixtures.lab import haproxy_status, invoke, ssh
+from tests.fixtures.lab import haproxy_status, invoke, ssh, start_invoke
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -211,9 +211,7 @@ def test_release_record_json_has_no_secret(lab_env, serving_fleet):
 # --- interrupted releases --------------------------------------------------------------------
 def _release_until_batch(version: str, batch: int) -> tuple[subprocess.Popen, list[str]]:
     """Start `invoke release` and read its output until batch `batch` is draining its host."""
-    env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}")
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "release", "--env", "lab", "--version", version],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_invoke("release", "--env", "lab", "--version", version)
     seen: list[str] = []
     assert proc.stdout is not None
     started = False

@@ -7,21 +7,17 @@ inventory's count; the scratch cluster is gone afterwards whatever the verdict."
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 
 import psycopg
 import pytest
 
-from opsbook.core.paths import ROOT
 from opsbook.engines.database import admin_conninfo
 from opsbook.engines.records.store import store_for
 from opsbook.engines.snapshots import pgbackrest as pgbr
 from opsbook.engines.snapshots.lab import ANNOTATION_ENV, ANNOTATION_RECORD, LabSnapshots
 from opsbook.operations.snapshot import protected_snapshots
-from tests.fixtures.lab import invoke, ssh, write_course
+from tests.fixtures.lab import invoke, ssh, start_invoke, write_course
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -260,10 +256,7 @@ def test_a_drill_stopped_while_it_restores_leaves_nothing_on_db2(backed_up):
     orphan = "/var/lib/postgresql/opsbook-drill-suiteOrphan"
     ssh("db2", f"install -d -o postgres -g postgres -m 0700 {orphan}/data && touch -d '20 minutes ago' {orphan}")
     earlier = scratch_dirs()
-    cmd = [sys.executable, "-m", "invoke", "snapshot.drill", "--env", "lab"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1",
-                                     PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"))
+    proc = start_invoke("snapshot.drill", "--env", "lab", PYTHONUNBUFFERED="1")
     seen: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:

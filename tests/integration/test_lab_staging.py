@@ -17,23 +17,16 @@ from opsbook.core.inventory import load
 from opsbook.engines import ansible, artifact, fleet, rehearsal
 from opsbook.engines.database import admin_conninfo
 from opsbook.engines.records.store import store_for
-from tests.fixtures.lab import invoke, write_course
+from tests.fixtures.lab import ensure_converged, invoke, write_course
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
-
-
-def _converged(env) -> None:
-    """Every host of `env` answers and carries the stamp of the current configuration: else provision
-    it (which also creates lab-staging's hosts when they are not there)."""
-    if set(ansible.converged_stamps(env).values()) != {ansible.fingerprint(env)}:
-        invoke("provision", "--env", env.name, check=True)
 
 
 @pytest.fixture
 def staging(lab_env, fleet):
     """lab-staging, its hosts up and converged; the lab serving a release of this code (so its schema is
     the one app/masking.yml decides) and its db1 converged (its replication role)."""
-    _converged(lab_env)
+    ensure_converged(lab_env)
     # Events the scaling check's load generator wrote before it kept students, exercises and items apart
     # (one pool of ids for all three): a student id that is also an exercise's survives masking in the
     # exercise's field, and the refresh's leak scan rightly refuses that copy. No real learner shares an
@@ -43,7 +36,7 @@ def staging(lab_env, fleet):
                      "course_events WHERE student_uuid IS NOT NULL) OR data->>'ecosystem_item_uuid' IN (SELECT "
                      "student_uuid::text FROM course_events WHERE student_uuid IS NOT NULL)")
     st = load("lab-staging")
-    _converged(st)
+    ensure_converged(st)   # also creates lab-staging's hosts when they are not there
     return st
 
 
