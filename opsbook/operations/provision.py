@@ -40,13 +40,14 @@ def provision(env: Env, check: bool = False, hosts: str | None = None) -> dict[s
     what = "provision" + (f" of {limit}" if limit else "") + (" (check mode)" if check else "")
     with locks.lock_for(env).hold(what, wait=0):
         # Not app_restart_on_change: a changed unit or environment file would restart every app host at
-        # once, with no draining (failed requests). The role marks such a host instead, and
-        # restart.yml restarts the marked ones, one at a time, drained, onto the release each serves.
+        # once, with no draining (failed requests). Such a service runs on, started before its files
+        # were written, and restart.yml restarts those, one at a time, drained, onto the release each serves.
         recap = ansible.run_playbook(env, "site.yml", check=check, limit=limit, what="provisioning",
                                      extra_vars={"opsbook_converge_fingerprint": ansible.fingerprint(env),
                                                  "app_restart_on_change": False})
-        # Every time, not only when this run changed an app host: a provision stopped half-way leaves
-        # the marks of hosts it did not restart yet (or did not put back), and this one finishes them.
+        # Every time, not only when this run changed an app host: a provision stopped half-way (or
+        # killed right after writing a file) leaves services older than their configuration, or hosts
+        # out of rotation, and this one finishes them (restart.yml reads that state on each host).
         if not check and any(h.name in recap for h in env.hosts("app")):
             ansible.run_playbook(env, "restart.yml", limit=limit,
                                  what="the drained restart of app hosts whose service configuration changed")

@@ -140,11 +140,16 @@ def test_second_provision_changes_nothing(lab_env):
     assert not changed, "second provision changed something:\n" + "\n".join(changed)
 
 
-RESTART_MARK = "/srv/bl-api/shared/restart-pending"   # roles/app: app_restart_marker
+SERVICE_FILES = ("/srv/bl-api/shared/bl-api.env", "/etc/systemd/system/bl-api.service")
 
 
-def _marked(host: str) -> bool:
-    return ssh(host, f"test -e {RESTART_MARK} && echo marked || echo clear") == "marked"
+def _predates_its_configuration(host: str) -> bool:
+    """The service runs but started before its environment file or unit was last written (read here
+    on its own, as seconds, not with the role's shell function)."""
+    out = ssh(host, "systemctl show -p ExecMainStartTimestamp --timestamp=unix --value bl-api; "
+                    f"stat -c %Y {' '.join(SERVICE_FILES)}").split()
+    started, written = int(out[0].lstrip("@")), max(int(x) for x in out[1:])
+    return written > started
 
 
 def _change_service_configuration(hosts) -> None:
@@ -159,7 +164,7 @@ def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one
     """Every app host's environment file changed: provisioning rewrites them and restarts each
     service, one host at a time, drained, so that it runs the configuration on disk; not all at once,
     which users feel as failed requests. A provision stopped (Ctrl-C) while it restarts the second
-    host leaves hosts marked or out of rotation; the next provision finishes them."""
+    host leaves a host out of rotation and one whose service predates its file; the next provision finishes both."""
     ensure_converged(lab_env, "lb1")
     apps = lab_env.hosts("app")
     _change_service_configuration(apps)
@@ -189,8 +194,28 @@ def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one
     assert out.count("TASK [app : Drain the host in the load balancer") >= 1, out[-3000:]
     for h in apps:
         assert "changed by a test" not in ssh(h.name, "cat /srv/bl-api/shared/bl-api.env")
-        assert not _marked(h.name)
+        assert not _predates_its_configuration(h.name)
     assert all(haproxy_status(h.name) == "UP" for h in apps)
+
+
+def test_provision_restarts_a_service_that_started_before_its_configuration_was_written(lab_env, serving_fleet):
+    """A converge killed right after it wrote app1's environment file (or a file edited by hand)
+    leaves a service that runs but predates the file on disk, and a next converge finds the file as
+    the role writes it, with nothing to change. What the service owes is read from the host itself,
+    so the next provision restarts it, drained, and only it."""
+    apps = [h.name for h in lab_env.hosts("app")]
+    ensure_converged(lab_env, *apps)   # every file as this checkout's roles write it
+    assert not any(_predates_its_configuration(h) for h in apps)
+    ssh("app1", f"sleep 1.1; touch {SERVICE_FILES[0]}")    # written again, content unchanged
+    assert _predates_its_configuration("app1")
+    pids = fleet_state(lab_env)
+    out = invoke("provision", "--env", "lab", "--hosts", "app", check=True).stdout
+    after = fleet_state(lab_env)
+    assert after["app1"][1] != pids["app1"][1], out[-3000:]
+    assert after["app1"][0] == pids["app1"][0]
+    assert all(after[h][1] == pids[h][1] for h in ("app2", "app3")), (pids, after)
+    assert not any(_predates_its_configuration(h) for h in apps)
+    assert all(haproxy_status(h) == "UP" for h in apps)
 
 
 def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_changed(lab_env, serving_fleet):
@@ -210,7 +235,7 @@ def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_
     assert after["app1"][1] != pids["app1"][1]
     assert all(after[h][1] == pids[h][1] for h in ("app2", "app3")), (pids, after)
     assert "changed by a test" not in ssh("app1", "cat /srv/bl-api/shared/bl-api.env")
-    assert not _marked("app1")
+    assert not _predates_its_configuration("app1")
     rec = [e for e in store_for(lab_env).ledger() if e["runbook"] == "release"][-1]["figures"]
     assert rec["outcome"] == "succeeded"
     assert rec["converged"] == ["app1"]
