@@ -245,8 +245,9 @@ def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_
 def test_provision_applies_a_database_setting_by_a_reload_restarts_only_for_one_that_needs_it_refuses_a_bad_one(
         lab_env, serving_fleet):
     """A changed cluster setting that a reload applies is applied so, the service unaware (before, any
-    change restarted Postgres: every connection dropped); one only a restart applies restarts it; a
-    value PostgreSQL refuses fails the converge with the cluster untouched."""
+    change restarted Postgres: every connection dropped), also when an earlier converge wrote the file
+    and stopped; one only a restart applies restarts it; a value PostgreSQL refuses, at a reload or
+    only at a start, fails the converge with the cluster untouched."""
     import yaml
 
     port = lab_env.var("bl_api_db_port")
@@ -281,6 +282,18 @@ def test_provision_applies_a_database_setting_by_a_reload_restarts_only_for_one_
         assert pid() == before                                  # reloaded, not restarted
         assert report.failed == 0, report.errors()
 
+        # A converge stopped after it wrote the file, before the server loaded it: the file is as the
+        # role writes it, the server runs an earlier value, and the next converge has nothing to write.
+        running_with("log_min_duration_statement = '500'", "reload")
+        deadline = time.monotonic() + 10
+        while show("log_min_duration_statement") != "500ms":
+            assert time.monotonic() < deadline, show("log_min_duration_statement")
+            time.sleep(0.2)
+        ssh("db1", f"sed -i '$d' {conf}")                        # the role's file again, not loaded
+        invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
+        assert show("log_min_duration_statement") == "1s"
+        assert pid() == before
+
         running_with("max_connections = '150'", "restart")
         assert show("max_connections") == "150"
         before = pid()
@@ -289,21 +302,30 @@ def test_provision_applies_a_database_setting_by_a_reload_restarts_only_for_one_
         assert pid() != before                                  # only a restart applies it
 
         settings = yaml.safe_load((ROOT / "roles" / "postgres" / "defaults" / "main.yml").read_text())
-        bad = dict(settings["postgres_settings"], log_min_duration_statement="soon", max_connections=120)
-        before = pid()
-        proc = subprocess.run(
-            ["ansible-playbook", "-i", str(lab_env.path), "--limit", "db1",
-             "-e", json.dumps({"postgres_settings": bad}), str(ROOT / "playbooks" / "site.yml")],
-            cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False, timeout=600)
-        assert proc.returncode != 0, proc.stdout[-3000:]
-        assert "hold values PostgreSQL refuses" in proc.stdout, proc.stdout[-3000:]
-        assert "log_min_duration_statement" in proc.stdout
-        assert pid() == before
-        assert show("max_connections") == "200"                 # not restarted into the file's 120
-        assert show("log_min_duration_statement") == "1s"
-        # The file the server would refuse at its next start is not left in place, nor any copy.
-        assert "soon" not in ssh("db1", f"cat {conf}")
-        assert ssh("db1", "ls /etc/postgresql/$(ls /etc/postgresql)/main/conf.d") == "opsbook.conf"
+        # A value refused at a reload (a start would refuse it too), and one only a start reads: the
+        # running server marks both alike ("setting could not be applied"), and a restart into the
+        # second would leave the cluster down.
+        refused = (({"log_min_duration_statement": "soon", "max_connections": 120}, "log_min_duration_statement"),
+                   ({"max_connections": "lots"}, 'invalid value for parameter "max_connections": "lots"'))
+        for bad, named in refused:
+            before = pid()
+            proc = subprocess.run(
+                ["ansible-playbook", "-i", str(lab_env.path), "--limit", "db1",
+                 "-e", json.dumps({"postgres_settings": dict(settings["postgres_settings"], **bad)}),
+                 str(ROOT / "playbooks" / "site.yml")],
+                cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False, timeout=600)
+            assert proc.returncode != 0, proc.stdout[-3000:]
+            assert "hold values PostgreSQL refuses" in proc.stdout, proc.stdout[-3000:]
+            assert named in proc.stdout, proc.stdout[-3000:]
+            assert pid() == before
+            assert show("max_connections") == "200"             # not restarted into the file's value
+            assert show("log_min_duration_statement") == "1s"
+            # The file the server would refuse at its next start is not left in place, nor any copy.
+            text = ssh("db1", f"cat {conf}")
+            assert "soon" not in text
+            assert "lots" not in text
+            assert ssh("db1", "ls /etc/postgresql/$(ls /etc/postgresql)/main/conf.d") == "opsbook.conf"
+            assert ssh("db1", f"systemctl is-active {unit}") == "active"
         done = True
     finally:
         if not done:    # db1 as the roles make it, whatever step failed
