@@ -345,6 +345,24 @@ def _connects(src: str, address: str, port: int) -> bool:
     pytest.fail(f"{src} -> {address}:{port}: neither through nor rejected by the firewall: {out}")
 
 
+def test_a_provision_loads_what_a_stopped_one_wrote_and_never_loaded(lab_env):
+    """A converge stopped after it wrote lb1's haproxy.cfg and firewall rules, before its handlers
+    ran: the files are as the roles write them, the running services have something else, and the
+    next converge has nothing to write. It has them load the files all the same."""
+    ensure_converged(lab_env, "lb1")
+
+    def haproxy_workers() -> set[str]:
+        return set(ssh("lb1", "pgrep -P $(systemctl show -p MainPID --value haproxy) || true").split())
+
+    ssh("lb1", "nft add rule inet opsbook input tcp dport 9 accept comment '\"only in the running rules\"'")
+    assert "only in the running rules" in ssh("lb1", "nft list ruleset")
+    workers = haproxy_workers()
+    ssh("lb1", "touch /etc/nftables.conf /etc/haproxy/haproxy.cfg")   # written again, content unchanged
+    invoke("provision", "--env", "lab", "--hosts", "lb1", check=True)
+    assert "only in the running rules" not in ssh("lb1", "nft list ruleset")   # the file's rules loaded
+    assert haproxy_workers() - workers, "haproxy was not reloaded"
+
+
 def test_the_firewall_refuses_hosts_that_do_not_need_a_port(lab_env):
     """The service port and Postgres accept connections only from the hosts that need them; SSH
     only from the controller (and, between db1 and db2, for pgBackRest). Tried from hosts that must be
