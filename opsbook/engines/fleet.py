@@ -1,5 +1,6 @@
-"""What the fleet serves: the version each app host answers on `GET /version`, and how each load
-balancer sees each app host (`rotation`).
+"""What the fleet serves: the version each app host answers on `GET /version`, how each load
+balancer sees each app host (`rotation`), and which hosts run a service older than its
+configuration (`restart_owed`).
 
 The contract gate reads it: a contract phase may run only once no app host serves a version that
 still needs the old schema. A host that does not answer counts as blocking (its version is
@@ -8,8 +9,14 @@ unknown, so it may still need the old schema); `served_versions` says why it did
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
+
+from opsbook.core.paths import ROOT
+
+# The app role's own check (its switch and provision's drained restarts use the same file).
+PREDATES_CONFIG_SH = ROOT / "roles" / "app" / "files" / "service-predates-config.sh"
 
 
 class FleetVersions(dict):
@@ -136,3 +143,18 @@ def stat_rows(csv_text: str) -> list[dict[str, str]]:
         return []
     body = [line for line in lines if not line.startswith("#")]
     return list(csv.DictReader(body, fieldnames=header[2:].split(",")))
+
+
+def restart_owed(env) -> dict[str, bool | None]:
+    """app host -> whether its service runs but started before its unit or environment file was last
+    written (a converge wrote them and did not restart it, or was stopped first): a drained restart is
+    owed, which `invoke provision` (or a release) does. None: the host gave no answer over SSH. Read
+    with the app role's own check, shipped base64-encoded (no quoting to get wrong) to bash on each host."""
+    from opsbook.engines import ansible
+
+    script = (PREDATES_CONFIG_SH.read_text()
+              + '\nif service_predates_config "$1"; then echo owed; else echo current; fi\n')
+    encoded = base64.b64encode(script.encode()).decode()
+    answers = ansible.raw(env, "app", f"printf %s {encoded} | base64 -d | bash -s -- {{{{ app_service | quote }}}}")
+    return {host: (None if answer is None or answer[0] != 0 else answer[1].strip().endswith("owed"))
+            for host, answer in answers.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from opsbook.core.inventory import Env
 from opsbook.core.paths import APP_MIGRATIONS
 from opsbook.engines import database, fleet, rotation
@@ -12,8 +14,13 @@ from opsbook.engines.records.store import store_for
 
 def status_text(env: Env) -> str:
     lines = [f"environment {env.name} ({env.kind})"]
-    versions = fleet.served_versions(env)
-    seen_by = rotation.rotation_for(env).status()   # haproxy's lb hosts or an ALB's target group
+    # Three reads of different hosts (app hosts over HTTP or SSH, the load balancers, SSH to the app
+    # hosts), each mostly waiting on the network: side by side.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        versions_read = pool.submit(fleet.served_versions, env)
+        seen_by_read = pool.submit(lambda: rotation.rotation_for(env).status())   # haproxy's or an ALB's
+        owed_read = pool.submit(fleet.restart_owed, env)
+        versions, seen_by, owed = versions_read.result(), seen_by_read.result(), owed_read.result()
     lines.append("app hosts (version served; how each load balancer sees it):")
     out_of_rotation = []
     for host, version in versions.items():
@@ -27,6 +34,11 @@ def status_text(env: Env) -> str:
         lines.append(f"  out of rotation: {', '.join(out_of_rotation)} (not UP in a load balancer: a release "
                      f"or provision stopped half-way, or the host is down); the next release puts answering hosts "
                      f"back, and the next provision those it was restarting")
+    if any(owed.values()):
+        lines.append(f"  restart owed: {', '.join(h for h, o in owed.items() if o)} (the service runs but started "
+                     f"before its unit or environment file was last written: a provision or release stopped "
+                     f"half-way, or a file edited by hand); `invoke provision --env {env.name} --hosts app` restarts "
+                     f"them, drained")
     served = {v for v in versions.values() if v}
     if len(served) > 1:
         lines.append("  the fleet serves mixed versions: a release stopped half-way, or is running")

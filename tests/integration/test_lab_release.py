@@ -208,6 +208,8 @@ def test_provision_restarts_a_service_that_started_before_its_configuration_was_
     assert not any(_predates_its_configuration(h) for h in apps)
     ssh("app1", f"sleep 1.1; touch {SERVICE_FILES[0]}")    # written again, content unchanged
     assert _predates_its_configuration("app1")
+    status = invoke("status", "--env", "lab", check=True).stdout
+    assert "  restart owed: app1 (" in status, status              # what the operator is told
     pids = fleet_state(lab_env)
     out = invoke("provision", "--env", "lab", "--hosts", "app", check=True).stdout
     after = fleet_state(lab_env)
@@ -216,6 +218,7 @@ def test_provision_restarts_a_service_that_started_before_its_configuration_was_
     assert all(after[h][1] == pids[h][1] for h in ("app2", "app3")), (pids, after)
     assert not any(_predates_its_configuration(h) for h in apps)
     assert all(haproxy_status(h) == "UP" for h in apps)
+    assert "restart owed" not in invoke("status", "--env", "lab", check=True).stdout
 
 
 def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_changed(lab_env, serving_fleet):
