@@ -210,6 +210,8 @@ def test_provision_restarts_a_service_that_started_before_its_configuration_was_
     assert _predates_its_configuration("app1")
     status = invoke("status", "--env", "lab", check=True).stdout
     assert "  restart owed: app1 (" in status, status              # what the operator is told
+    plan = invoke("release", "--env", "lab", "--version", serving_fleet, "--dry-run", check=True).stdout
+    assert f"app1: already serving {serving_fleet}, but the service started before" in plan, plan
     pids = fleet_state(lab_env)
     out = invoke("provision", "--env", "lab", "--hosts", "app", check=True).stdout
     after = fleet_state(lab_env)

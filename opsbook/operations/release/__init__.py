@@ -60,6 +60,7 @@ def release(env: Env, version: str | None = None, *, batch: str | None = None, d
         checked = guardrails.check(env, art, plan.migrations_pending, skip_rehearsal=skip_rehearsal, reason=reason,
                                    dry_run=dry_run, out=log, read=read)
     if dry_run:
+        _say_restarts_owed(env, plan)
         log("dry run: nothing was locked or changed")
         return art.version
     return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="release", batch=batch),
@@ -83,9 +84,21 @@ def rollback(env: Env, to: str | None = None, *, batch: str | None = None, dry_r
         plan = make_plan(env, art, kind="rollback", batch=batch)
         print(plan.text(), flush=True)
     if dry_run:
+        _say_restarts_owed(env, plan)
         log("dry run: nothing was locked or changed")
         return target
     return execute(env, plan, art, wait=wait, replan=lambda: make_plan(env, art, kind="rollback", batch=batch))
+
+
+def _say_restarts_owed(env: Env, plan: Plan) -> None:
+    """For a dry run: the hosts the plan shows as already there whose service predates its configuration
+    are switched all the same (a drained restart). Read only here: it costs a real release an SSH read of
+    every app host, and the switch reads it on each host itself."""
+    owed = [h for h, o in fleet.restart_owed(env).items() if o]
+    there = [h for h in owed if plan.current.get(h) == plan.target]
+    if there:
+        log(f"{', '.join(there)}: already serving {plan.target}, but the service started before its unit or "
+            f"environment file was last written; the rolling switch restarts it there all the same, drained")
 
 
 @contextlib.contextmanager
