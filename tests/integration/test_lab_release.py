@@ -156,7 +156,7 @@ def _change_service_configuration(hosts) -> None:
     """Make each host's service environment file differ from what the role writes (as a changed
     inventory value would), so that the next converge writes it again."""
     for h in hosts:
-        ssh(h.name, "echo '# changed by a test' >> /srv/bl-api/shared/bl-api.env")
+        ssh(h.name, f"echo '# changed by a test' >> {SERVICE_FILES[0]}")
 
 
 def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one_at_a_time_drained(
@@ -193,7 +193,7 @@ def test_provision_that_changes_the_service_configuration_restarts_app_hosts_one
     assert all(after[h.name][0] == pids[h.name][0] for h in apps)                    # same release
     assert out.count("TASK [app : Drain the host in the load balancer") >= 1, out[-3000:]
     for h in apps:
-        assert "changed by a test" not in ssh(h.name, "cat /srv/bl-api/shared/bl-api.env")
+        assert "changed by a test" not in ssh(h.name, f"cat {SERVICE_FILES[0]}")
         assert not _predates_its_configuration(h.name)
     assert all(haproxy_status(h.name) == "UP" for h in apps)
 
@@ -239,7 +239,7 @@ def test_a_release_of_the_version_served_restarts_a_host_whose_configuration_it_
     after = fleet_state(lab_env)
     assert after["app1"][1] != pids["app1"][1]
     assert all(after[h][1] == pids[h][1] for h in ("app2", "app3")), (pids, after)
-    assert "changed by a test" not in ssh("app1", "cat /srv/bl-api/shared/bl-api.env")
+    assert "changed by a test" not in ssh("app1", f"cat {SERVICE_FILES[0]}")
     assert not _predates_its_configuration("app1")
     rec = [e for e in store_for(lab_env).ledger() if e["runbook"] == "release"][-1]["figures"]
     assert rec["outcome"] == "succeeded"
@@ -265,18 +265,19 @@ def test_provision_applies_a_database_setting_by_a_reload_restarts_only_for_one_
     def show(name: str) -> str:
         return ssh("db1", f"runuser -u postgres -- psql -XAtq -p {port} -c 'SHOW {name}'")
 
-    def running_with(line: str, action: str) -> None:
-        """db1 runs with `line` (a value the role does not write, as an earlier inventory's would)."""
+    def running_with(line: str, action: str, setting: str, shown: str) -> None:
+        """db1 runs with `line` (a value the role does not write, as an earlier inventory's would),
+        applied by `action`, once `SHOW setting` gives `shown` (a reload is applied asynchronously)."""
         ssh("db1", f"echo \"{line}\" >> {conf} && systemctl {action} {unit}")
+        deadline = time.monotonic() + 10
+        while show(setting) != shown:
+            assert time.monotonic() < deadline, show(setting)
+            time.sleep(0.2)
 
     ensure_converged(lab_env, "db1")
     done = False
     try:
-        running_with("log_min_duration_statement = '500'", "reload")
-        deadline = time.monotonic() + 10
-        while show("log_min_duration_statement") != "500ms":
-            assert time.monotonic() < deadline, show("log_min_duration_statement")
-            time.sleep(0.2)
+        running_with("log_min_duration_statement = '500'", "reload", "log_min_duration_statement", "500ms")
         before = pid()
         probe = Probe(probe_url(lab_env), rate=30, max_seconds=300).start("provision")
         try:
@@ -289,18 +290,13 @@ def test_provision_applies_a_database_setting_by_a_reload_restarts_only_for_one_
 
         # A converge stopped after it wrote the file, before the server loaded it: the file is as the
         # role writes it, the server runs an earlier value, and the next converge has nothing to write.
-        running_with("log_min_duration_statement = '500'", "reload")
-        deadline = time.monotonic() + 10
-        while show("log_min_duration_statement") != "500ms":
-            assert time.monotonic() < deadline, show("log_min_duration_statement")
-            time.sleep(0.2)
+        running_with("log_min_duration_statement = '500'", "reload", "log_min_duration_statement", "500ms")
         ssh("db1", f"sed -i '$d' {conf}")                        # the role's file again, not loaded
         invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
         assert show("log_min_duration_statement") == "1s"
         assert pid() == before
 
-        running_with("max_connections = '150'", "restart")
-        assert show("max_connections") == "150"
+        running_with("max_connections = '150'", "restart", "max_connections", "150")
         before = pid()
         invoke("provision", "--env", "lab", "--hosts", "db1", check=True)
         assert show("max_connections") == "200"
