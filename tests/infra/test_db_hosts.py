@@ -88,6 +88,8 @@ def test_a_repository_kept_here_for_another_host_answers(host):
     pgBackRest reports it ok. (That its cluster's WAL arrives is the check above, on the database host.)"""
     import json
 
+    from opsbook.engines.snapshots.pgbackrest import STANZA_USABLE
+
     conf = host.file("/etc/pgbackrest.conf")
     if not conf.exists:
         return
@@ -103,4 +105,6 @@ def test_a_repository_kept_here_for_another_host_answers(host):
     for stanza in (s for s in stanzas if s.split(":")[0] != "global"):   # [global], [global:archive-push]
         assert stanza in status, (f"stanza {stanza} is not in the repository here: converge this host and its "
                                   f"database host")
-        assert status[stanza]["code"] == 0, f"stanza {stanza}: {status[stanza]['message']}"
+        # "no valid backups" (2) is a readable stanza that holds no backup yet: a new lab's, before its
+        # first `invoke snapshot` (the release's safety point asks for a backup where the inventory says so)
+        assert status[stanza]["code"] in STANZA_USABLE, f"stanza {stanza}: {status[stanza]['message']}"
