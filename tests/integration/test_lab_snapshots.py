@@ -7,6 +7,7 @@ inventory's count; the scratch cluster is gone afterwards whatever the verdict."
 
 from __future__ import annotations
 
+import json
 import signal
 
 import psycopg
@@ -214,6 +215,27 @@ def test_a_repository_host_not_converged_is_refused_before_anything(backed_up):
         assert "free" in invoke("lock", "--env", "lab", check=True).stdout
     finally:
         ssh("db2", "mv /etc/pgbackrest.conf.suite /etc/pgbackrest.conf")
+
+
+def test_the_host_checks_pass_a_repository_that_holds_no_backup_yet(backed_up):
+    """A new lab (db2's volume new, no `invoke snapshot` yet) keeps a stanza with no backup in it, which
+    pgBackRest reports as "no valid backups" (status 2). The host checks, which a release runs in its
+    preflight, must pass it: they failed there, so the README's first command failed on a new machine.
+    Made as a second stanza of db1's cluster in db2's repository, named only in a copy of db2's
+    configuration (db1 keeps archiving into main); both are put back."""
+    stanza, repo = "opsbook-suite-new", "/var/lib/postgresql/pgbackrest"
+    ssh("db2", "cp -p /etc/pgbackrest.conf /etc/pgbackrest.conf.suite && "
+               f"sed -i 's/^\\[main\\]$/[{stanza}]/' /etc/pgbackrest.conf")
+    try:
+        ssh("db2", f"runuser -u postgres -- pgbackrest --stanza={stanza} stanza-create")
+        info = json.loads(ssh("db2", "runuser -u postgres -- pgbackrest --output=json info"))
+        assert {s["name"]: s["status"]["code"] for s in info}[stanza] == 2, info   # main is there too
+        checked = invoke("check", "--env", "lab")
+        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-2000:]
+    finally:
+        ssh("db2", f"mv /etc/pgbackrest.conf.suite /etc/pgbackrest.conf && rm -rf {repo}/archive/{stanza} "
+                   f"{repo}/backup/{stanza}")
+    assert [s["name"] for s in json.loads(ssh("db2", "runuser -u postgres -- pgbackrest --output=json info"))] == ["main"]
 
 
 def test_no_room_on_the_repository_host_refuses_a_snapshot_and_a_drill_before_they_write(backed_up, monkeypatch):
