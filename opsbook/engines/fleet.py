@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from opsbook.core.paths import ROOT
+from opsbook.engines import httpclient
 
 # The app role's own check (its switch and provision's drained restarts use the same file).
 PREDATES_CONFIG_SH = ROOT / "roles" / "app" / "files" / "service-predates-config.sh"
@@ -93,7 +94,7 @@ def ask_version(url: str, timeout: float = 3.0) -> tuple[str | None, str]:
     import httpx
 
     try:
-        r = httpx.get(url, timeout=timeout)
+        r = httpclient.get(url, timeout=timeout)
     except httpx.HTTPError as e:
         return None, f"unreachable: {type(e).__name__}: {str(e)[:200]}"
     if not r.is_success:

@@ -35,6 +35,7 @@ from typing import Any
 
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
+from opsbook.engines import httpclient
 
 OK, FAILED, CLIENT_ERROR, SKIPPED = "ok", "failed", "client_error", "skipped"
 WRITE, READ, PING = "write", "read", "ping"
@@ -327,7 +328,7 @@ class Probe:
 
         if self._threads:
             raise ProbeError("this probe is already running; stop() it and start a new Probe.")
-        with httpx.Client(base_url=self.base_url, timeout=self.timeout) as client:
+        with httpclient.client(base_url=self.base_url, timeout=self.timeout) as client:
             for _ in range(self.course_count):
                 course = str(uuid.uuid4())
                 body = {"course_uuid": course, "ecosystem_uuid": str(uuid.uuid4())}
@@ -463,9 +464,7 @@ class Probe:
             self._samples.append(sample)
 
     def _sender(self) -> None:
-        import httpx
-
-        with httpx.Client(base_url=self.base_url, timeout=self.timeout) as client:
+        with httpclient.client(base_url=self.base_url, timeout=self.timeout) as client:
             while True:
                 try:
                     kind = self._jobs.get(timeout=0.5)
@@ -541,7 +540,7 @@ class Probe:
         import httpx
 
         seen: set[str] = set()
-        with httpx.Client(base_url=self.base_url, timeout=max(self.timeout, 10)) as client:
+        with httpclient.client(base_url=self.base_url, timeout=max(self.timeout, 10)) as client:
             for course in self.courses:
                 offset = 0
                 while True:

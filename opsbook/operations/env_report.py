@@ -11,7 +11,7 @@ import shlex
 import subprocess
 from typing import Any
 
-from opsbook.engines import ansible
+from opsbook.engines import ansible, httpclient
 from opsbook.engines import database as database_engine
 
 OK, UNREACHABLE, NOT_PROBED = "ok", "unreachable", "not probed"
@@ -74,7 +74,7 @@ def http_get(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
     import httpx
 
     try:
-        r = httpx.get(url, timeout=timeout)
+        r = httpclient.get(url, timeout=timeout)
     except httpx.HTTPError as e:
         return {"url": url, "status": UNREACHABLE, "http_status": None, "body": "", "detail": str(e)[:200]}
     status = OK if r.is_success else f"HTTP {r.status_code}"
