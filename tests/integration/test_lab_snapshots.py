@@ -235,7 +235,8 @@ def test_the_host_checks_pass_a_repository_that_holds_no_backup_yet(backed_up):
     finally:
         ssh("db2", f"mv /etc/pgbackrest.conf.suite /etc/pgbackrest.conf && rm -rf {repo}/archive/{stanza} "
                    f"{repo}/backup/{stanza}")
-    assert [s["name"] for s in json.loads(ssh("db2", "runuser -u postgres -- pgbackrest --output=json info"))] == ["main"]
+    after = json.loads(ssh("db2", "runuser -u postgres -- pgbackrest --output=json info"))
+    assert [s["name"] for s in after] == ["main"]
 
 
 def test_no_room_on_the_repository_host_refuses_a_snapshot_and_a_drill_before_they_write(backed_up, monkeypatch):
