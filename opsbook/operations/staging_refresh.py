@@ -33,6 +33,12 @@ against the source's database, `masking.check_database`: each list in the messag
    never released to has nothing to restart: the record says so, and a release there comes next);
 9. *prune*: clones beyond `opsbook_refresh_keep` (2) are deleted, never the serving one.
 
+A clone is marked unfinished from before its snapshot until its credentials are given (after the
+mask and the leak scan). A refresh stopped for good in between (SIGKILL, its SSH connection lost) cannot
+delete its clone, which holds unmasked data: the next refresh deletes every unfinished clone first
+(step *unfinished clones*), and so does *prune*; an unfinished clone never counts among the kept ones,
+and `staging.status` names it.
+
 A refresh that fails before the switch deletes its clone (it holds unmasked or half-masked data)
 and leaves the target's previous database serving, untouched; the record says so. An interrupt
 (SIGINT, SIGTERM, SIGHUP) ends it the same way and says where it stopped: during the checks (no lock
@@ -237,9 +243,13 @@ def status_text(source: Env, target: Env) -> str:
     current = engine.current()
     lines = [f"{target.name}: clones on {path.host} ({engine.base}); the standby of {path.source.describe()} is "
              + ("running" if engine.standby_running() else "stopped")]
+    unfinished = set(engine.unfinished())
     for name in engine.names():
         state = "serves on port " + str(path.service_port) if name == current else (
             "running (not serving)" if engine.running(name) else "stopped")
+        if name in unfinished and name != current:
+            state += ("; UNFINISHED: left by a refresh stopped before it was masked, so it may hold unmasked data "
+                      "(the next refresh deletes it)")
         lines.append(f"  {name}: {state}")
     return "\n".join(lines)
 
@@ -364,6 +374,7 @@ class _Btrfs:
         made = switched = False
         try:
             self.standby()
+            self.leftovers()
             self.room()
             self.clone()
             made = True
@@ -411,6 +422,15 @@ class _Btrfs:
             done = self.engine.ensure_standby(self.path.source)
             row["result"] = done["standby"]
             self.data["filesystem"] = done["filesystem"]
+
+    def leftovers(self) -> None:
+        with self.step("unfinished clones", "delete clones a stopped refresh left before they were masked") as row:
+            # A refresh killed (SIGKILL) or cut off (its SSH connection lost) after its clone was made and
+            # before it finished cannot delete it: the clone holds unmasked data. It is marked unfinished
+            # from before its snapshot until it is masked, verified and has the target's credentials.
+            gone = self.data["unfinished_deleted"] = self.engine.discard_unfinished()
+            row["result"] = (f"deleted {', '.join(gone)} (left by a refresh stopped before it finished; it held "
+                             f"unmasked data)" if gone else "none")
 
     def room(self) -> None:
         with self.step("room", f"space for a masked clone on {self.path.host}, in the image and under it") as row:
@@ -465,6 +485,7 @@ class _Btrfs:
             done = data["credentials"] = handover.give_credentials(self.private, roles=roles, member_of=member_of)
             row["result"] = (f"set {', '.join(done['set'] + done['created'])}; cleared "
                              f"{', '.join(done['cleared']) or 'none'}")
+        self.engine.finished(self.name)   # masked, verified, its credentials: it may be kept and served
 
     def switch(self) -> None:
         with self.step("switch", f"serve {self.name} on {self.path.host}:{self.path.service_port} in place of the "

@@ -172,6 +172,7 @@ def test_the_switch_serves_a_clone_and_gives_the_previous_back_when_the_new_one_
     first = host.clone("20260101-000001-a", service_port=port, source=src.source())
     second = third = None
     try:
+        host.finished(first.name)
         assert host.switch(first.name) is None
         assert host.current() == first.name
         with psycopg.connect(f"host=127.0.0.1 port={port} user=bl_api password=source-app-password dbname={DB}",
@@ -193,6 +194,7 @@ def test_the_switch_serves_a_clone_and_gives_the_previous_back_when_the_new_one_
                           "'00000000-0000-0000-0000-00000000aaaa'") == 1   # the previous database, as it was
 
         third = host.clone("20260101-000003-c", service_port=port, source=src.source())
+        host.finished(third.name)
         assert host.switch(third.name) == first.name
         assert host.current() == third.name
         assert not host.running(first.name)
@@ -202,6 +204,7 @@ def test_the_switch_serves_a_clone_and_gives_the_previous_back_when_the_new_one_
         assert set(gone) == {first.name, second.name}
         assert host.names() == [third.name]
         assert host.running(third.name)
+        assert host.unfinished() == []        # every clone's mark went with it or with the clone serving
     finally:
         for c in (first, second, third):
             if c is not None and c.name in host.names():

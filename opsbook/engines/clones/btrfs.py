@@ -184,6 +184,7 @@ class BtrfsClones:
         self.standby = f"{self.mnt}/standby"
         self.standby_data = f"{self.standby}/data"
         self.clones_dir = f"{self.mnt}/clones"
+        self.unfinished_dir = f"{self.mnt}/unfinished"
         self.current_link = f"{self.mnt}/current"
 
     def __repr__(self) -> str:
@@ -629,6 +630,11 @@ class BtrfsClones:
             raise CloneError(f"no running standby on {self.r.host} to clone (ensure_standby makes it). Nothing was "
                              f"changed.")
         c = Clone(name=name, path=path, data=f"{path}/data", private_port=self._private_port())
+        # Marked unfinished before it exists: until its maker calls finished(), it holds the source's data as
+        # it is. A maker stopped for good (SIGKILL, a lost connection) leaves the mark, and discard_unfinished()
+        # and prune() delete the clone whatever its age (see finished()).
+        self.r.run(["install", "-d", "-m", "0700", self.unfinished_dir])
+        self.r.run(["touch", f"{self.unfinished_dir}/{name}"])
         t0 = time.monotonic()
         try:
             if source is not None:
@@ -738,6 +744,27 @@ class BtrfsClones:
         r = self.r.run(["ls", "-1", self.clones_dir], check=False)
         return sorted(n for n in r.out.split() if n) if r.code == 0 else []
 
+    def finished(self, name: str) -> None:
+        """Say clone `name` is what its maker wanted (staging's refresh: masked, verified, its credentials
+        given), so it may be kept and served. A clone is marked unfinished from before its snapshot until
+        this is called; clones made before the mark existed have none and count as finished."""
+        self.r.run(["rm", "-f", f"{self.unfinished_dir}/{name}"])
+
+    def unfinished(self) -> list[str]:
+        """Clones (or marks whose clone was never made) not yet said finished, oldest first."""
+        r = self.r.run(["ls", "-1", self.unfinished_dir], check=False)
+        return sorted(n for n in r.out.split() if n) if r.code == 0 else []
+
+    def discard_unfinished(self) -> list[str]:
+        """Delete every unfinished clone that does not serve: one its maker stopped before finishing (a
+        refresh killed, or its connection lost, before masking ended holds unmasked data). Returns them."""
+        current = self.current()
+        gone = [n for n in self.unfinished() if n != current]
+        for n in gone:
+            self.discard(n)
+            self.log(f"{self.r.host}: deleted clone {n}, left unfinished by a stopped maker")
+        return gone
+
     def stop(self, name: str) -> None:
         self._stop(f"{self.clone_path(name)}/data")
 
@@ -750,17 +777,20 @@ class BtrfsClones:
             self._stop(f"{path}/data")
         if self._exists(path):
             self.r.run(["btrfs", "subvolume", "delete", path])
-        self.r.run(["rm", "-f", f"{self.run_dir}/{name}.log"])
+        self.r.run(["rm", "-f", f"{self.run_dir}/{name}.log", f"{self.unfinished_dir}/{name}"])
 
     def prune(self, keep: int) -> list[str]:
-        """Delete all but the `keep` newest clones, never the current one. Returns what was deleted."""
+        """Delete every unfinished clone but the current one, then all but the `keep` newest finished
+        clones, never the current one (an unfinished clone never takes a finished one's place). Returns
+        what was deleted."""
+        gone = self.discard_unfinished()
         current = self.current()
         names = self.names()
         kept = {current} | set(names[-max(keep, 1):])
-        gone = [n for n in names if n not in kept]
-        for n in gone:
+        for n in (n for n in names if n not in kept):
             self.discard(n)
             self.log(f"{self.r.host}: deleted clone {n}")
+            gone.append(n)
         return gone
 
     def remove_all(self, source: Source | None = None) -> None:
