@@ -342,7 +342,10 @@ def _watched(source: Env, data: dict[str, Any], out: Callable[[str], None]) -> I
         probe.mark("refresh")
         yield
     finally:
-        results = probe.stop()
+        with interrupts.shielded() as arrived:   # the read-back takes seconds; a second Ctrl-C must not lose it
+            results = probe.stop()
+        if arrived:
+            out("a further interrupt arrived while the probe read its writes back; it was held until it had")
         figs = results.figures()
         before = results.phase("before")   # and no "refresh" phase when it was stopped during the baseline
         during = results.phase("refresh") if "refresh" in results.phase_names() else {}
@@ -385,26 +388,12 @@ class _Btrfs:
             switched = True
             self.finish()
         except BaseException as e:   # an interrupt too: an unmasked clone must never be left behind
-            failed = next((r["step"] for r in reversed(self.data["steps"]) if r["status"] == "failed"), "?")
-            # Made, or half made when the clone step itself was stopped: it holds unmasked data.
-            discarded = not switched and (made or self.name in self.engine.names())
-            if discarded:
-                self.engine.discard(self.name)   # also drops the `current` link if a failed switch left it on it
-                self.data["discarded"] = self.name
-            serving = self.engine.current()
-            if discarded:
-                serves = ("serves as before" if serving and self.engine.running(serving) else
-                          f"is NOT running: start it on {self.path.host} (`invoke staging.status --from "
-                          f"{self.source.name} --to {self.target.name}` names it) or refresh again")
-                left = (f"The clone {self.name} was deleted (it held unmasked or half-masked data); "
-                        f"{self.target.name}'s previous database ({serving or 'none'}) {serves}.")
-            elif switched:
-                left = (f"The new database {self.name} serves {self.target.name} (masked, verified, with its "
-                        f"credentials); the previous one ({self.data.get('previous') or 'none'}) is kept, stopped.")
-            else:
-                left = (f"Nothing of {self.target.name} was changed; its database ({serving or 'none'}) serves as "
-                        f"before.")
-            self.out(left)
+            # Shielded: a second Ctrl-C (or SIGTERM) while the clone is deleted must not leave it half deleted,
+            # nor replace this account with a bare interrupt; it is held until the clone is gone (about a second).
+            with interrupts.shielded() as arrived:
+                left, failed = self._put_in_order(made=made, switched=switched)
+            if arrived:
+                self.out("a further interrupt arrived while the refresh put things in order; it was held until it had")
             if not isinstance(e, Exception):
                 raise interrupts.Stopped(
                     f"the refresh of {self.target.name} from {self.source.name} was {interrupts.describe(e)} at step "
@@ -414,8 +403,34 @@ class _Btrfs:
                                 f"'{failed}': {e} {left} The record says more; fix the cause and refresh "
                                 f"again.") from e
         finally:
-            self.data["serving"] = self.engine.current()
-            self.data["clones"] = self.engine.names()
+            with interrupts.shielded():
+                self.data["serving"] = self.engine.current()
+                self.data["clones"] = self.engine.names()
+
+    def _put_in_order(self, *, made: bool, switched: bool) -> tuple[str, str]:
+        """After a failure or an interrupt: delete the clone unless it serves; (what is left, in a sentence;
+        the step that failed)."""
+        failed = next((r["step"] for r in reversed(self.data["steps"]) if r["status"] == "failed"), "?")
+        # Made, or half made when the clone step itself was stopped: it holds unmasked data.
+        discarded = not switched and (made or self.name in self.engine.names())
+        if discarded:
+            self.engine.discard(self.name)   # also drops the `current` link if a failed switch left it on it
+            self.data["discarded"] = self.name
+        serving = self.engine.current()
+        if discarded:
+            serves = ("serves as before" if serving and self.engine.running(serving) else
+                      f"is NOT running: start it on {self.path.host} (`invoke staging.status --from "
+                      f"{self.source.name} --to {self.target.name}` names it) or refresh again")
+            left = (f"The clone {self.name} was deleted (it held unmasked or half-masked data); "
+                    f"{self.target.name}'s previous database ({serving or 'none'}) {serves}.")
+        elif switched:
+            left = (f"The new database {self.name} serves {self.target.name} (masked, verified, with its "
+                    f"credentials); the previous one ({self.data.get('previous') or 'none'}) is kept, stopped.")
+        else:
+            left = (f"Nothing of {self.target.name} was changed; its database ({serving or 'none'}) serves as "
+                    f"before.")
+        self.out(left)
+        return left, failed
 
     def standby(self) -> None:
         with self.step("standby", f"the standby of {self.source.name} on {self.path.host}") as row:

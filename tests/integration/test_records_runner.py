@@ -454,3 +454,66 @@ def test_an_interrupt_reaches_the_running_cell_whose_clean_up_runs(tmp_path, sig
     [entry] = LocalStore(records).ledger()
     assert entry["outcome"] == "interrupted"
     assert "clean-up ran" in entry["error"]
+
+
+# An operation that records itself when it ends (a staging refresh, a snapshot, a drill, a provision),
+# interrupted, then interrupted again while its record is written: the record is written all the same.
+# Before, the second Ctrl-C reached the record's kernel (passed on as Jupyter's interrupt) and the
+# operation, which had ended in order, left no record of what it did.
+_LOCKED_IN_A_CHILD = """
+import os
+import signal
+import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from pathlib import Path
+import opsbook.engines.lock as locks
+import opsbook.engines.records.store as stores
+from opsbook.core.inventory import load
+from opsbook.engines.records import runner
+book, records, lockfile = map(Path, sys.argv[1:4])
+runner.RUNBOOKS = book                                             # this test's runbook, not the real ones
+stores.store_for = lambda env: stores.LocalStore(records)           # and its own store
+locks.lock_for = lambda env, **_kw: locks.ReleaseLock(env.name, locks.FileLockStore(lockfile))
+from datetime import UTC, datetime
+try:
+    with runner.locked_record("slowrecord", load("lab"), {"done": "half"}, param="slow_data", reason="suite",
+                              record_id=None, started=datetime.now(UTC), log=lambda m: print(m, flush=True)):
+        os.kill(os.getpid(), signal.SIGINT)                        # the operator's first Ctrl-C
+except KeyboardInterrupt:
+    print("ENDED IN ORDER", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_a_second_interrupt_while_an_operation_writes_its_record_is_held_until_it_is_written(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    book, records, marker = tmp_path / "runbooks", tmp_path / "records", tmp_path / "rendering"
+    write_runbook(
+        book, "slowrecord", INJECTED + 'slow_data: str = ""  # what the operation did (JSON file)',
+        f"import json, pathlib, time\npathlib.Path({str(marker)!r}).write_text('rendering')\ntime.sleep(4)",
+        "print('rendered', json.loads(pathlib.Path(slow_data).read_text()))",
+    )
+    child = subprocess.Popen([sys.executable, "-c", _LOCKED_IN_A_CHILD, str(book), str(records),
+                              str(tmp_path / "lock")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.1)
+        assert marker.exists(), "the record's runbook never started"
+        child.send_signal(signal.SIGINT)                           # the second Ctrl-C, while the record renders
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, out
+    assert "a further interrupt arrived while the record was written; it was held until it was" in out, out
+    assert "ENDED IN ORDER" in out, out
+    [entry] = LocalStore(records).ledger()
+    assert entry["runbook"] == "slowrecord"
+    html_text = LocalStore(records).get(entry["html"]).decode()
+    assert "rendered" in html_text                                 # every cell ran: the record is whole
+    assert "half" in html_text

@@ -36,6 +36,7 @@ from opsbook.core import facts
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
 from opsbook.core.paths import ROOT, RUNBOOKS
+from opsbook.engines import interrupts
 
 INJECTED = ("env", "record_id", "parent_record_id")
 KERNEL = "python3"
@@ -346,8 +347,11 @@ class _ForwardedInterrupts:
         return interrupt_for(signum or self.signum)
 
 
-def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmKernel | None = None):
-    """Execute with papermill into a scratch file; return (notebook, error or None, interrupt or None)."""
+def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmKernel | None = None, *,
+             forward_interrupts: bool = True):
+    """Execute with papermill into a scratch file; return (notebook, error or None, interrupt or None).
+    `forward_interrupts=False`: signals are left to the caller's handlers (a record of an operation that
+    has ended, written shielded from them)."""
     import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -357,7 +361,7 @@ def _execute(path: Path, injected: dict[str, Any], progress: bool, kernel: WarmK
         out_path = Path(tmp) / path.name
         if kernel is None:   # a kernel of this run's own, started here so that interrupts can reach it
             kernel = stack.enter_context(WarmKernel())
-            forwarded = stack.enter_context(_ForwardedInterrupts(kernel.km))
+            forwarded = stack.enter_context(_ForwardedInterrupts(kernel.km if forward_interrupts else None))
         else:
             forwarded = _ForwardedInterrupts(None)
         warm = kernel.take()
@@ -410,6 +414,7 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
     kernel: WarmKernel | None = None,
+    forward_interrupts: bool = True,
 ) -> dict[str, Any]:
     """Run a runbook for an environment and store its record. Returns the ledger entry.
 
@@ -419,7 +424,8 @@ def run(
 
     `started` is for an operation that records itself once it has ended (a release): the ledger's
     start and duration then cover the operation, not only the rendering of its record; it may also
-    have started the record's `kernel` (WarmKernel) while it ran.
+    have started the record's `kernel` (WarmKernel) while it ran. `forward_interrupts=False` leaves signals
+    to the caller's own handlers instead of passing the first to the kernel (see _ForwardedInterrupts).
     """
     import nbformat
 
@@ -448,7 +454,7 @@ def run(
     log(f"running runbook {name} for {env_name} as record {record_id}")
     start = started or _now()
     t0 = time.monotonic()
-    nb, error, interrupted = _execute(path, injected, progress, kernel)
+    nb, error, interrupted = _execute(path, injected, progress, kernel, forward_interrupts=forward_interrupts)
     end = _now()
     duration = (end - start).total_seconds()
     outcome = "failed" if error else "succeeded"
@@ -514,7 +520,10 @@ def record_data(name: str, env, data: dict[str, Any], *, record_id: str | None =
             path.write_text(json.dumps(value, indent=2, default=str))
             given[param] = str(path)
         try:
-            return run(name, env, given, record_id=record_id, started=started, progress=False, log=log)
+            # Its kernel gets no interrupt: the record renders what the operation did (nothing in it to stop),
+            # and its callers hold signals back while it is written (locked_record, a release).
+            return run(name, env, given, record_id=record_id, started=started, progress=False, log=log,
+                       forward_interrupts=False)
         except RunbookFailed as e:
             return e.entry
 
@@ -543,8 +552,14 @@ def locked_record(name: str, env, data: dict[str, Any], *, param: str, reason: s
     finally:
         data["duration_s"] = round(time.monotonic() - t0, 1)
         if "lock" in data:
-            entry = record_data(name, env, {param: data}, record_id=record_id, started=started, log=log)
+            # Shielded, as a release's record is: a second Ctrl-C (or SIGTERM) while the record is written
+            # (seconds: a kernel runs its runbook) lost it, so an operation that had ended in order left no
+            # record of what it did (seen with a staging refresh interrupted twice).
+            with interrupts.shielded() as arrived:
+                entry = record_data(name, env, {param: data}, record_id=record_id, started=started, log=log)
             data["record"] = entry.get("id", record_id)
+            if arrived:
+                log("a further interrupt arrived while the record was written; it was held until it was")
 
 
 # -- what the Invoke tasks call ----------------------------------------------------------------
