@@ -496,6 +496,9 @@ def test_a_second_interrupt_while_an_operation_writes_its_record_is_held_until_i
         book, "slowrecord", INJECTED + 'slow_data: str = ""  # what the operation did (JSON file)',
         f"import json, pathlib, time\npathlib.Path({str(marker)!r}).write_text('rendering')\ntime.sleep(4)",
         "print('rendered', json.loads(pathlib.Path(slow_data).read_text()))",
+        "from opsbook.engines.records.figures import record_figures\n"
+        "D = json.loads(pathlib.Path(slow_data).read_text())\nrecord_figures(outcome=D['outcome'])\n"
+        "if D['outcome'] != 'succeeded':\n    raise RuntimeError(D['error'])",
     )
     child = subprocess.Popen([sys.executable, "-c", _LOCKED_IN_A_CHILD, str(book), str(records),
                               str(tmp_path / "lock")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -514,6 +517,7 @@ def test_a_second_interrupt_while_an_operation_writes_its_record_is_held_until_i
     assert "ENDED IN ORDER" in out, out
     [entry] = LocalStore(records).ledger()
     assert entry["runbook"] == "slowrecord"
+    assert entry["outcome"] == "interrupted"                       # not "failed": the operator stopped it
     html_text = LocalStore(records).get(entry["html"]).decode()
     assert "rendered" in html_text                                 # every cell ran: the record is whole
     assert "half" in html_text

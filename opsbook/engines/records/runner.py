@@ -548,6 +548,8 @@ def locked_record(name: str, env, data: dict[str, Any], *, param: str, reason: s
         raise   # refused: nothing ran, nothing to record
     except BaseException as e:   # an interrupt is recorded too, as what stopped the run
         data["error"] = str(e) if isinstance(e, Exception) else f"interrupted ({type(e).__name__}) {e}".strip()
+        if not isinstance(e, Exception) and data.get("outcome") in (None, "failed"):
+            data["outcome"] = "interrupted"   # the ledger says so, as a release's does (not "failed")
         raise
     finally:
         data["duration_s"] = round(time.monotonic() - t0, 1)
