@@ -34,7 +34,6 @@ from typing import Any
 from opsbook.core import facts, settings
 from opsbook.core.errors import OpsbookError
 from opsbook.core.inventory import Env
-from opsbook.engines import interrupts
 from opsbook.engines.records import ledger, runner
 from opsbook.engines.records.store import new_record_id, store_for
 from opsbook.engines.snapshots import base, paths
@@ -197,18 +196,6 @@ def list_snapshots(env: Env, out: Callable[[str], None] = print) -> list[base.Sn
     return snaps
 
 
-def _record_drill(env: Env, data: dict[str, Any], *, record_id: str, started: datetime,
-                  out: Callable[[str], None]) -> dict[str, Any]:
-    """The drill's record, written shielded from signals as locked_record writes the others': a second Ctrl-C
-    while it was written cut it short (the drill had ended in order; seen on the lab)."""
-    with interrupts.shielded() as arrived:
-        entry = runner.record_data("restore_drill", env, {"drill_data": data}, record_id=record_id,
-                                   started=started, log=out)
-    if arrived:
-        out("a further interrupt arrived while the record was written; it was held until it was")
-    return entry
-
-
 def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None] = print) -> dict[str, Any]:
     """The restore drill as a record. Raises DrillNotPassed unless it verified and passed."""
     path = paths.for_env(env)
@@ -227,7 +214,8 @@ def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None
                             "not be is removed by the next drill)",
                             lambda: recorded[0] if recorded else "No record was written (a second signal stopped it)",
                             f"invoke snapshot.drill --env {env.name}"):
-            _record_drill(env, data, record_id=record_id, started=started, out=out)
+            runner.record_data("restore_drill", env, {"drill_data": data}, record_id=record_id, started=started,
+                               log=out)
             recorded.append(f"Record {record_id} says where it stopped")
             raise
     data = {"env": env.name, "kind": path.kind, "snapshot": verdict.snapshot, "verified": verdict.verified,
@@ -235,7 +223,8 @@ def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None
             "details": verdict.details, "operator": facts.operator(),
             "started_at": started.isoformat(timespec="seconds"), "duration_s": round(time.monotonic() - t0, 1)}
     out(verdict.verdict)
-    entry = _record_drill(env, data, record_id=record_id, started=started, out=out)
+    entry = runner.record_data("restore_drill", env, {"drill_data": data}, record_id=record_id, started=started,
+                               log=out)
     data["record"] = entry.get("id")
     if not verdict.passed:
         raise DrillNotPassed(f"restore drill of {env.name} {verdict.verdict} Record {record_id} says why. Nothing "

@@ -512,7 +512,21 @@ def record_data(name: str, env, data: dict[str, Any], *, record_id: str | None =
                 started: datetime | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The record of an operation that has ended: each value of `data` is written as JSON and the
     runbook gets its path under the same name; a run that fails (a runbook raises when the operation
-    failed or did not pass) is the record too. Returns the ledger entry."""
+    failed or did not pass) is the record too. Returns the ledger entry.
+
+    Written shielded from signals (seconds: a kernel runs its runbook): a second Ctrl-C (or SIGTERM) while it
+    was written cut it short, so an operation that had ended in order left no whole record of what it did
+    (seen with a staging refresh and a restore drill interrupted twice). Signals that arrive are held and
+    said; the caller ends as it was ending."""
+    with interrupts.shielded() as arrived:
+        entry = _record_data(name, env, data, record_id=record_id, started=started, log=log)
+    if arrived:
+        log("a further interrupt arrived while the record was written; it was held until it was")
+    return entry
+
+
+def _record_data(name: str, env, data: dict[str, Any], *, record_id: str | None, started: datetime | None,
+                 log: Callable[[str], None]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"opsbook-{name}-") as tmp:
         given = {}
         for param, value in data.items():
@@ -521,7 +535,7 @@ def record_data(name: str, env, data: dict[str, Any], *, record_id: str | None =
             given[param] = str(path)
         try:
             # Its kernel gets no interrupt: the record renders what the operation did (nothing in it to stop),
-            # and its callers hold signals back while it is written (locked_record, a release).
+            # and signals are held while it is written.
             return run(name, env, given, record_id=record_id, started=started, progress=False, log=log,
                        forward_interrupts=False)
         except RunbookFailed as e:
@@ -554,14 +568,8 @@ def locked_record(name: str, env, data: dict[str, Any], *, param: str, reason: s
     finally:
         data["duration_s"] = round(time.monotonic() - t0, 1)
         if "lock" in data:
-            # Shielded, as a release's record is: a second Ctrl-C (or SIGTERM) while the record is written
-            # (seconds: a kernel runs its runbook) lost it, so an operation that had ended in order left no
-            # record of what it did (seen with a staging refresh interrupted twice).
-            with interrupts.shielded() as arrived:
-                entry = record_data(name, env, {param: data}, record_id=record_id, started=started, log=log)
+            entry = record_data(name, env, {param: data}, record_id=record_id, started=started, log=log)
             data["record"] = entry.get("id", record_id)
-            if arrived:
-                log("a further interrupt arrived while the record was written; it was held until it was")
 
 
 # -- what the Invoke tasks call ----------------------------------------------------------------
