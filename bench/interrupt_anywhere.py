@@ -1,7 +1,9 @@
-"""Releases (or staging refreshes) stopped at random moments: does the lab end in order, and the next one converge?
+"""Releases, refreshes, snapshots and drills stopped at random moments: do they end in order, the next run converge?
 
     ./run python bench/interrupt_anywhere.py [--rounds 12] [--seed S] [--rate 20] [--new-versions]
     ./run python bench/interrupt_anywhere.py --operation refresh [--env lab --to lab-staging] [--rounds 12]
+    ./run python bench/interrupt_anywhere.py --operation snapshot [--rounds 12]
+    ./run python bench/interrupt_anywhere.py --operation drill [--rounds 12]
 
 The fault tests stop a release at chosen points (a batch draining, a host killed, the database
 stopped). An operator's Ctrl-C, a closed terminal or a killed controller comes at any moment: while
@@ -26,6 +28,15 @@ output says it does not) and the target's app hosts answer; after a SIGKILL, the
 the dead holder's lease has expired) must delete what was left, serve its new clone and leave no
 unfinished one; the probe watches the source (lab), which a refresh must not disturb.
 
+`--operation snapshot` does the same to `invoke snapshot --env lab`: after an orderly end the lock is
+free, no pgBackRest backup still runs on the repository host, and the repository still takes WAL
+(`pgbackrest check`, and the snapshot's own can-take check); the next snapshot (a SIGKILLed holder's lease
+waited out) must succeed, be the newest of opsbook's, available, and leave no incomplete one.
+`--operation drill` does it to `invoke snapshot.drill --env lab` (a snapshot is taken first if there is
+none): after an orderly end no scratch directory and no scratch cluster is left on the repository host;
+the next drill must pass and leave none either (after a SIGKILL it removes what the dead one left).
+The probe watches lab in both: neither may disturb the service.
+
 Prints one row per round and every finding (a state that breaks what the README promises); exits 1
 when there is a finding. Not part of the suite: its rounds are random by design (`--seed` repeats a
 run's choices, not its timings). Touches only the lab (this machine's podman network). Leaves the
@@ -41,7 +52,6 @@ import re
 import signal
 import subprocess
 import time
-from typing import Any
 
 from opsbook.core.inventory import load
 from opsbook.core.paths import ROOT
@@ -50,6 +60,9 @@ from opsbook.engines.clones import paths
 from opsbook.engines.lock import lock_for
 from opsbook.engines.probe import Probe, probe_url
 from opsbook.engines.records.store import store_for
+from opsbook.engines.snapshots import paths as snapshot_paths
+from opsbook.engines.snapshots import pgbackrest as pgbr
+from opsbook.engines.snapshots.lab import SCRATCH_PARENT
 
 SIGNALS = {"int": (signal.SIGINT,), "int-twice": (signal.SIGINT, signal.SIGINT), "term": (signal.SIGTERM,),
            "kill": (signal.SIGKILL,)}
@@ -63,10 +76,6 @@ def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def ansible_left() -> list[str]:
     out = subprocess.run(["pgrep", "-af", "ansible-playbook"], capture_output=True, text=True, check=False).stdout
     return [line for line in out.splitlines() if line.strip()]
-
-
-def release_records(env) -> list[dict]:
-    return [e for e in store_for(env).ledger() if e.get("runbook") == "release"]
 
 
 def lab_state(env) -> tuple[dict[str, str | None], dict[str, str]]:
@@ -124,65 +133,292 @@ def signal_during(argv: list[str], kind: str, delay: float) -> tuple[bool, str, 
     return ended_before, ended, proc.returncode, out, f
 
 
-def interrupt(env, target: str, kind: str, delay: float) -> tuple[str, int | None, str, str, list[str]]:
-    """Start a release of `target`, signal it after `delay` s; (ended, exit code, outcome, phase, findings)."""
-    before = len(release_records(env))
-    ended_before, ended, code, out, f = signal_during(
-        [INVOKE, "release", "--env", env.name, "--version", target], kind, delay)
-    recs = release_records(env)[before:]
-    phase = (recs[-1].get("figures") or {}).get("interrupted_in") or "-" if recs else "-"
-    outcome = recs[-1].get("outcome") if recs else "no record"
-    if not ended_before and kind != "kill":
-        f += orderly_end_findings(env, kind, code, out, outcome)
-    return ended, code, outcome, phase, f
-
-
-def orderly_end_findings(env, kind: str, code: int | None, out: str, outcome: str) -> list[str]:
-    """What an interrupted release that ended by itself must leave: exit 130 (or 0 if it had finished),
-    no traceback, the lock free, every host in rotation, a record that says so."""
+def orderly_end(kind: str, code: int | None, out: str, outcome: str, env, *, ok: tuple[int, ...] = (0,)) -> list[str]:
+    """What every interrupted operation that ended by itself must leave: exit 130 (or an exit of `ok` if it
+    had finished), the environment's lock free, and a record that says interrupted when it exits 130."""
     f = []
-    if code not in (0, 130):
-        f.append(f"exit code {code} after {kind} (expected 130, or 0 if it had finished): " + out.strip()[-600:])
-    holder = lock_for(env).holder()
-    if holder is not None:
-        f.append(f"the lock is still held after an orderly end: {holder}")
-    _versions, rot = lab_state(env)
-    down = {h: s for h, s in rot.items() if s != "UP"}
-    if down:
-        f.append(f"hosts left out of rotation after an orderly end: {down}")
+    if code not in (*ok, 130):
+        f.append(f"exit code {code} after {kind} (expected 130, or {ok} if it had finished): " + out.strip()[-600:])
+    if (holder := lock_for(env).holder()) is not None:
+        f.append(f"{env.name}'s lock is still held after an orderly end: {holder}")
     if code == 130 and outcome not in ("interrupted", "no record"):
         f.append(f"exit 130 but the record says {outcome}")
     return f
 
 
-def next_release(env, target: str, lease: float) -> tuple[float, list[str]]:
-    """The release after an interrupted one must converge: every host on `target`, UP, the lock free."""
-    t1 = time.monotonic()
-    nxt = invoke("release", "--env", env.name, "--version", target, "--wait", str(int(lease) + 30))
-    took = time.monotonic() - t1
-    if nxt.returncode != 0:
-        return took, [f"the next release failed (exit {nxt.returncode}): {(nxt.stdout + nxt.stderr).strip()[-800:]}"]
-    versions, rot = lab_state(env)
-    f = []
-    if set(versions.values()) != {target}:
-        f.append(f"after the next release the hosts serve {versions}")
-    if any(s != "UP" for s in rot.values()):
-        f.append(f"after the next release haproxy says {rot}")
-    if lock_for(env).holder() is not None:
-        f.append("the lock is held after the next release ended")
-    return took, f
+class Operation:
+    """One kind of operation this bench interrupts: how to run it, what an orderly end must leave, and
+    what the next run must converge to. `env` is the environment the probe watches."""
+
+    runbook = ""
+
+    def __init__(self, args: argparse.Namespace, env, lease: float) -> None:
+        self.args, self.env, self.lease = args, env, lease
+
+    def argv(self, r: int) -> list[str]:
+        raise NotImplementedError
+
+    def record_env(self):
+        return self.env
+
+    def records(self) -> list[dict]:
+        return [e for e in store_for(self.record_env()).ledger() if e.get("runbook") == self.runbook]
+
+    def prepare(self, seed: int) -> None:
+        """Whatever a first run needs (versions built, a target released to)."""
+
+    def after_orderly_end(self, kind: str, code: int | None, out: str, outcome: str) -> list[str]:
+        return orderly_end(kind, code, out, outcome, self.record_env())
+
+    def after_any_end(self, r: int, out: str) -> list[str]:
+        """Checked after every round, a SIGKILL's too (before the next run)."""
+        return []
+
+    def step_of(self, out: str, record: dict | None) -> str:
+        return "-"
+
+    def round(self, r: int, kind: str, delay: float) -> tuple[str, int | None, str, str, list[str]]:
+        """Start the operation, signal it after `delay` s; (ended, exit code, outcome, step, findings)."""
+        before = len(self.records())
+        ended_before, ended, code, out, f = signal_during(self.argv(r), kind, delay)
+        recs = self.records()[before:]
+        outcome = recs[-1].get("outcome") if recs else "no record"
+        step = self.step_of(out, recs[-1] if recs else None)
+        if not ended_before and kind != "kill":
+            f += self.after_orderly_end(kind, code, out, outcome)
+        f += self.after_any_end(r, out)
+        return ended, code, outcome, step, f
+
+    def wait_out_a_dead_holder(self) -> None:
+        if lock_for(self.record_env()).holder() is not None:
+            time.sleep(self.lease + 2)
+
+    def converge(self, r: int) -> tuple[float, list[str]]:
+        """The run after an interrupted one must succeed and leave what the README promises."""
+        self.wait_out_a_dead_holder()
+        t1 = time.monotonic()
+        done = invoke(*self.next_argv(r))
+        took = time.monotonic() - t1
+        if done.returncode != 0:
+            return took, [f"the next {self.runbook} failed (exit {done.returncode}): "
+                          f"{(done.stdout + done.stderr).strip()[-800:]}"]
+        return took, self.after_next(r)
+
+    def next_argv(self, r: int) -> list[str]:
+        return self.argv(r)[1:]
+
+    def after_next(self, r: int) -> list[str]:
+        return []
 
 
-# --- staging refresh ------------------------------------------------------------------------------
-def refresh_records(target) -> list[dict]:
-    return [e for e in store_for(target).ledger() if e.get("runbook") == "staging_refresh"]
+class Release(Operation):
+    """A release of the other of two versions (or of a new one each round, `--new-versions`)."""
+
+    runbook = "release"
+
+    def prepare(self, seed: int) -> None:
+        print(f"seed {seed}; building the versions to release ...", flush=True)
+        self.versions = versions_to_use(self.env, self.args.new_versions, format(seed % 100000, "05d"),
+                                        self.args.rounds)
+        self.current = self.versions[0]
+
+    def version(self, r: int) -> str:
+        return self.versions[r] if self.args.new_versions else self.versions[r % 2]
+
+    def argv(self, r: int) -> list[str]:
+        return [INVOKE, "release", "--env", self.env.name, "--version", self.version(r)]
+
+    def next_argv(self, r: int) -> list[str]:
+        return [*self.argv(r)[1:], "--wait", str(int(self.lease) + 30)]
+
+    def wait_out_a_dead_holder(self) -> None:
+        """`release --wait` waits for the lease itself."""
+
+    def step_of(self, out: str, record: dict | None) -> str:
+        return ((record or {}).get("figures") or {}).get("interrupted_in") or "-"
+
+    def after_orderly_end(self, kind, code, out, outcome) -> list[str]:
+        f = orderly_end(kind, code, out, outcome, self.env)
+        _versions, rot = lab_state(self.env)
+        if down := {h: s for h, s in rot.items() if s != "UP"}:
+            f.append(f"hosts left out of rotation after an orderly end: {down}")
+        return f
+
+    def after_any_end(self, r: int, out: str) -> list[str]:
+        versions_now, _rot = lab_state(self.env)
+        if odd := {h: v for h, v in versions_now.items() if v not in (self.current, self.version(r))}:
+            return [f"hosts serving neither {self.current} nor {self.version(r)}: {odd}"]
+        return []
+
+    def converge(self, r: int) -> tuple[float, list[str]]:
+        took, f = super().converge(r)
+        if not f:
+            self.current = self.version(r)
+        return took, f
+
+    def after_next(self, r: int) -> list[str]:
+        target = self.version(r)
+        versions, rot = lab_state(self.env)
+        f = []
+        if set(versions.values()) != {target}:
+            f.append(f"after the next release the hosts serve {versions}")
+        if any(s != "UP" for s in rot.values()):
+            f.append(f"after the next release haproxy says {rot}")
+        if lock_for(self.env).holder() is not None:
+            f.append("the lock is held after the next release ended")
+        return f
 
 
-def staging_state(source, target) -> tuple[str | None, list[str], list[str], bool]:
-    """(the serving clone, every clone, the unfinished ones, whether the serving one runs)."""
-    engine = paths.btrfs_refresh(source, target, log=lambda _m: None).engine
-    current = engine.current()
-    return current, engine.names(), engine.unfinished(), bool(current) and engine.running(current)
+class Refresh(Operation):
+    """`invoke staging.refresh --from ENV --to TO`; the probe watches the source, which it must not disturb."""
+
+    runbook = "staging_refresh"
+
+    def __init__(self, args, env, lease) -> None:
+        super().__init__(args, env, lease)
+        self.target = load(args.to)
+
+    def record_env(self):
+        return self.target
+
+    def argv(self, r: int) -> list[str]:
+        return [INVOKE, "staging.refresh", "--from", self.env.name, "--to", self.target.name]
+
+    def prepare(self, seed: int) -> None:
+        if not all(dict(fleet.served_versions(self.target)).values()):   # the refresh restarts app hosts that serve
+            print(f"releasing to {self.target.name} first (its app hosts serve nothing yet) ...", flush=True)
+            rel = invoke("release", "--env", self.target.name, "--wait", str(int(self.lease) + 30))
+            if rel.returncode != 0:
+                raise SystemExit(f"the release to {self.target.name} failed:\n{rel.stdout[-2000:]}{rel.stderr[-1500:]}")
+
+    def state(self) -> tuple[str | None, list[str], list[str], bool]:
+        """(the serving clone, every clone, the unfinished ones, whether the serving one runs)."""
+        engine = paths.btrfs_refresh(self.env, self.target, log=lambda _m: None).engine
+        current = engine.current()
+        return current, engine.names(), engine.unfinished(), bool(current) and engine.running(current)
+
+    def step_of(self, out: str, record: dict | None) -> str:
+        return m.group(1) if (m := re.search(r"at step '([^']+)'", out)) else "-"
+
+    def after_orderly_end(self, kind, code, out, outcome) -> list[str]:
+        f = orderly_end(kind, code, out, outcome, self.target)
+        current, _names, unfinished, running = self.state()
+        if left := [n for n in unfinished if n != current]:
+            f.append(f"an orderly end left unfinished clone(s) {left} (unmasked data)")
+        if not running and "is NOT running" not in out:
+            f.append(f"the serving clone {current} does not run, and the output does not say so")
+        if running and not all((answers := staging_answers(self.target)).values()):
+            f.append(f"{self.target.name}'s app hosts do not answer: {answers}")
+        return f
+
+    def after_next(self, r: int) -> list[str]:
+        current, names, unfinished, running = self.state()
+        f = []
+        if not names or current != names[-1] or not running:
+            f.append(f"after the next refresh: serving {current} (running: {running}), clones {names}")
+        if unfinished:
+            f.append(f"after the next refresh, unfinished clones remain: {unfinished}")
+        if not all((answers := staging_answers(self.target)).values()):
+            f.append(f"after the next refresh {self.target.name}'s app hosts do not answer: {answers}")
+        return f
+
+
+class _Snapshots(Operation):
+    """What the snapshot and the drill share: the environment's pgBackRest repository host."""
+
+    def __init__(self, args, env, lease) -> None:
+        super().__init__(args, env, lease)
+        self.path = snapshot_paths.for_env(env)
+
+    def on_repo_host(self, pattern: str) -> list[str]:
+        """Processes on the repository host whose command line matches `pattern` (pgrep -f)."""
+        res = self.path.repo.host.run(["pgrep", "-af", pattern], check=False, timeout=60)
+        return [line for line in res.out.splitlines() if line.strip() and "pgrep" not in line]
+
+    def scratch_left(self) -> list[str]:
+        return [" ".join(p) for p in pgbr._scratch_listing(self.path.repo, SCRATCH_PARENT)]
+
+    def step_of(self, out: str, record: dict | None) -> str:
+        said = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(f"{self.env.name}: ")]
+        return (said[-1][:40] if said else "-")
+
+    def health(self) -> list[str]:
+        """The repository takes WAL and the snapshots read: what every later snapshot needs."""
+        f = []
+        can, why = self.path.can_take()
+        if not can:
+            f.append(f"no snapshot can be taken now: {why}")
+        try:
+            pgbr._run(self.path.repo, "check", timeout=300)
+        except Exception as e:  # noqa: BLE001 - any failure is the finding
+            f.append(f"pgbackrest check fails: {e}")
+        return f
+
+
+class Snapshot(_Snapshots):
+    """`invoke snapshot --env ENV`: a backup, its restore point and manifest, and retention."""
+
+    runbook = "snapshot"
+
+    def argv(self, r: int) -> list[str]:
+        return [INVOKE, "snapshot", "--env", self.env.name, "--reason", f"interrupt bench round {r}"]
+
+    def after_orderly_end(self, kind, code, out, outcome) -> list[str]:
+        f = orderly_end(kind, code, out, outcome, self.env)
+        if left := self.on_repo_host("pgbackrest.*backup"):
+            f.append(f"a pgBackRest backup still runs after an orderly end: {left[:2]}")
+        return f + self.health()
+
+    def after_next(self, r: int) -> list[str]:
+        snaps = self.path.list()
+        f = []
+        if incomplete := [s.id for s in snaps if s.ours and s.status == "incomplete"]:
+            f.append(f"after the next snapshot, incomplete snapshots remain: {incomplete}")
+        newest = next((s for s in snaps if s.ours), None)
+        if newest is None or newest.status != "available" or newest.reason != f"interrupt bench round {r}":
+            f.append(f"after the next snapshot the newest of opsbook's is {newest}")
+        if (holder := lock_for(self.env).holder()) is not None:
+            f.append(f"the lock is held after the next snapshot ended: {holder}")
+        return f + self.health()
+
+
+class Drill(_Snapshots):
+    """`invoke snapshot.drill --env ENV` of the newest snapshot (one is taken first)."""
+
+    runbook = "restore_drill"
+
+    def argv(self, r: int) -> list[str]:
+        return [INVOKE, "snapshot.drill", "--env", self.env.name]
+
+    def prepare(self, seed: int) -> None:
+        if not [s for s in self.path.list() if s.ours and s.status == "available"]:
+            print(f"taking a snapshot of {self.env.name} first (none to drill) ...", flush=True)
+            done = invoke("snapshot", "--env", self.env.name, "--reason", "interrupt bench")
+            if done.returncode != 0:
+                raise SystemExit(f"the snapshot failed:\n{done.stdout[-2000:]}{done.stderr[-1500:]}")
+
+    def after_orderly_end(self, kind, code, out, outcome) -> list[str]:
+        # A drill takes no lock; one that ended by itself removed its scratch cluster.
+        f = [] if code in (0, 130) else [f"exit code {code} after {kind} (expected 130, or 0 if it had "
+                                          f"passed): {out.strip()[-600:]}"]
+        if code == 130 and outcome == "succeeded":
+            f.append("exit 130 but the record says succeeded")
+        if left := self.scratch_left():
+            f.append(f"an orderly end left scratch directories on the repository host: {left}")
+        if running := self.on_repo_host("postgres.*opsbook-drill-"):
+            f.append(f"an orderly end left a scratch cluster running: {running[:2]}")
+        return f
+
+    def after_next(self, r: int) -> list[str]:
+        f = []
+        if left := self.scratch_left():
+            f.append(f"after the next drill, scratch directories remain: {left}")
+        if running := self.on_repo_host("postgres.*opsbook-drill-"):
+            f.append(f"after the next drill, a scratch cluster runs: {running[:2]}")
+        return f + self.health()
+
+
+OPERATIONS = {"release": Release, "refresh": Refresh, "snapshot": Snapshot, "drill": Drill}
 
 
 def staging_answers(target, within: float = 20.0) -> dict[str, str | None]:
@@ -195,55 +431,11 @@ def staging_answers(target, within: float = 20.0) -> dict[str, str | None]:
         time.sleep(1)
 
 
-def refresh_round(source, target, kind: str, delay: float) -> tuple[str, int | None, str, str, list[str]]:
-    """Start a refresh, signal it after `delay` s; (ended, exit code, outcome, step, findings)."""
-    before = len(refresh_records(target))
-    ended_before, ended, code, out, f = signal_during(
-        [INVOKE, "staging.refresh", "--from", source.name, "--to", target.name], kind, delay)
-    recs = refresh_records(target)[before:]
-    outcome = recs[-1].get("outcome") if recs else "no record"
-    step = m.group(1) if (m := re.search(r"at step '([^']+)'", out)) else "-"
-    if not ended_before and kind != "kill":
-        if code not in (0, 130):
-            f.append(f"exit code {code} after {kind} (expected 130, or 0 if it had finished): {out.strip()[-600:]}")
-        if lock_for(target).holder() is not None:
-            f.append(f"{target.name}'s lock is still held after an orderly end")
-        current, _names, unfinished, running = staging_state(source, target)
-        if left := [n for n in unfinished if n != current]:
-            f.append(f"an orderly end left unfinished clone(s) {left} (unmasked data)")
-        if not running and "is NOT running" not in out:
-            f.append(f"the serving clone {current} does not run, and the output does not say so")
-        if running and not all((answers := staging_answers(target)).values()):
-            f.append(f"{target.name}'s app hosts do not answer: {answers}")
-    return ended, code, outcome, step, f
-
-
-def next_refresh(source, target, lease: float) -> tuple[float, list[str]]:
-    """The refresh after an interrupted one must serve a new clone, leave no unfinished one, and its app
-    hosts must answer. (A SIGKILLed holder's lock is waited out first: staging.refresh has no --wait.)"""
-    holder = lock_for(target).holder()
-    if holder is not None:
-        time.sleep(lease + 2)
-    t1 = time.monotonic()
-    done = invoke("staging.refresh", "--from", source.name, "--to", target.name)
-    took = time.monotonic() - t1
-    if done.returncode != 0:
-        return took, [f"the next refresh failed (exit {done.returncode}): {(done.stdout + done.stderr).strip()[-800:]}"]
-    current, names, unfinished, running = staging_state(source, target)
-    f = []
-    if not names or current != names[-1] or not running:
-        f.append(f"after the next refresh: serving {current} (running: {running}), clones {names}")
-    if unfinished:
-        f.append(f"after the next refresh, unfinished clones remain: {unfinished}")
-    if not all((answers := staging_answers(target)).values()):
-        f.append(f"after the next refresh {target.name}'s app hosts do not answer: {answers}")
-    return took, f
-
-
 def parse() -> tuple[argparse.Namespace, int, list[str]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--operation", choices=("release", "refresh"), default="release",
-                    help="what to interrupt: a release of --env, or a staging refresh from --env to --to")
+    ap.add_argument("--operation", choices=tuple(OPERATIONS), default="release",
+                    help="what to interrupt: a release, a snapshot or a restore drill of --env, or a staging "
+                         "refresh from --env to --to")
     ap.add_argument("--env", default="lab")
     ap.add_argument("--to", default="lab-staging", help="the refresh's target (--operation refresh)")
     ap.add_argument("--rounds", type=int, default=12)
@@ -262,32 +454,18 @@ def parse() -> tuple[argparse.Namespace, int, list[str]]:
     return args, seed, kinds
 
 
-def first_run(args, env, lease: float, seed: int) -> tuple[Any, list[str], float]:
-    """The versions to release (none for a refresh), and a first run, timed: the moments are drawn from
-    its length. (the refresh's target, the versions, the length)"""
-    target = load(args.to) if args.operation == "refresh" else None
-    versions: list[str] = []
-    if target is not None:
-        if not all(dict(fleet.served_versions(target)).values()):   # the refresh restarts app hosts that serve
-            print(f"releasing to {target.name} first (its app hosts serve nothing yet) ...", flush=True)
-            rel = invoke("release", "--env", target.name, "--wait", str(int(lease) + 30))
-            if rel.returncode != 0:
-                raise SystemExit(f"the release to {target.name} failed:\n{rel.stdout[-2000:]}{rel.stderr[-1500:]}")
-        t0 = time.monotonic()
-        done = invoke("staging.refresh", "--from", env.name, "--to", target.name)
-        what = f"a refresh of {target.name} from {env.name}"
-    else:
-        print(f"seed {seed}; building the versions to release ...", flush=True)
-        versions = versions_to_use(env, args.new_versions, format(seed % 100000, "05d"), args.rounds)
-        t0 = time.monotonic()
-        done = invoke("release", "--env", env.name, "--version", versions[0], "--wait", str(int(lease) + 30))
-        what = f"a release of {versions[0]}"
+def first_run(op: Operation, seed: int) -> float:
+    """A first run, timed: the moments are drawn from its length."""
+    op.prepare(seed)
+    t0 = time.monotonic()
+    done = invoke(*op.next_argv(0))
     length = time.monotonic() - t0
+    what = " ".join(op.next_argv(0))
     if done.returncode != 0:
-        raise SystemExit(f"{what} failed; fix the lab first:\n{done.stdout[-2000:]}{done.stderr[-1500:]}")
-    print(f"seed {seed}; {what} took {length:.1f} s; signals land 0 to {length * 1.1:.1f} s after a start",
+        raise SystemExit(f"`invoke {what}` failed; fix the lab first:\n{done.stdout[-2000:]}{done.stderr[-1500:]}")
+    print(f"seed {seed}; `invoke {what}` took {length:.1f} s; signals land 0 to {length * 1.1:.1f} s after a start",
           flush=True)
-    return target, versions, length
+    return length
 
 
 def summary(seed: int, env, operation: str, results, *, ends: dict[str, list[float]], findings: list[str]) -> int:
@@ -311,27 +489,17 @@ def main() -> int:
     args, seed, kinds = parse()
     rng = random.Random(seed)
     env = load(args.env)
-    lease = float(env.var("opsbook_lock_lease_seconds"))
-    target, versions, length = first_run(args, env, lease, seed)
+    op = OPERATIONS[args.operation](args, env, float(env.var("opsbook_lock_lease_seconds")))
+    length = first_run(op, seed)
     probe = Probe(probe_url(env), rate=args.rate, max_seconds=3600).start("before")
     findings: list[str] = []
     ends: dict[str, list[float]] = {k: [] for k in kinds}
-    current = versions[0] if versions else ""
     try:
         for r in range(1, args.rounds + 1):
             kind, delay = rng.choice(kinds), rng.uniform(0, length * 1.1)
             probe.mark(f"round {r}")
-            if args.operation == "refresh":
-                ended, code, outcome, phase, f = refresh_round(env, target, kind, delay)
-                took, g = next_refresh(env, target, lease)
-            else:
-                version = versions[r] if args.new_versions else versions[r % 2]
-                ended, code, outcome, phase, f = interrupt(env, version, kind, delay)
-                versions_now, _rot = lab_state(env)
-                if odd := {h: v for h, v in versions_now.items() if v not in (current, version)}:
-                    f.append(f"hosts serving neither {current} nor {version}: {odd}")
-                took, g = next_release(env, version, lease)
-                current = version if not g else current
+            ended, code, outcome, step, f = op.round(r, kind, delay)
+            took, g = op.converge(r)
             f += g
             ph = probe.results().phase(f"round {r}")
             if ph["failed"]:
@@ -339,9 +507,9 @@ def main() -> int:
             if ended != "before":
                 ends[kind].append(float(ended[:-1]))
             print(f"round {r:2d}: {kind:9s} at {delay:5.1f}s  ended {ended:>7s}  exit {code!s:>4s}  "
-                  f"record {outcome} ({phase})  next {args.operation} {took:5.1f}s  probe {ph['requests']} req "
+                  f"record {outcome} ({step})  next {args.operation} {took:5.1f}s  probe {ph['requests']} req "
                   f"{ph['failed']} failed  findings {len(f)}", flush=True)
-            findings += [f"round {r} ({kind} at {delay:.1f} s, {phase if phase != '-' else outcome}): {x}" for x in f]
+            findings += [f"round {r} ({kind} at {delay:.1f} s, {step if step != '-' else outcome}): {x}" for x in f]
     finally:
         probe.mark("after")
         results = probe.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 HANDLED = (signal.SIGTERM, signal.SIGHUP)
@@ -89,3 +89,14 @@ def shielded() -> Iterator[list[int]]:
 
     with handling((signal.SIGINT, *HANDLED), hold):
         yield arrived
+
+
+@contextmanager
+def held(say: Callable[[str], None], while_: str, until: str) -> Iterator[None]:
+    """The block runs shielded (a clean-up, a read-back, a record: seconds an operator's second Ctrl-C must
+    not cut short); a signal that arrived meanwhile is then said, as `a further interrupt arrived while
+    <while_>; it was held until <until>`, and the caller goes on ending as it was."""
+    with shielded() as arrived:
+        yield
+    if arrived:
+        say(f"a further interrupt arrived while {while_}; it was held until {until}")

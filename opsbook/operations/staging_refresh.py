@@ -342,10 +342,8 @@ def _watched(source: Env, data: dict[str, Any], out: Callable[[str], None]) -> I
         probe.mark("refresh")
         yield
     finally:
-        with interrupts.shielded() as arrived:   # the read-back takes seconds; a second Ctrl-C must not lose it
+        with interrupts.held(out, "the probe read its writes back", "it had"):   # seconds a second Ctrl-C must not lose
             results = probe.stop()
-        if arrived:
-            out("a further interrupt arrived while the probe read its writes back; it was held until it had")
         figs = results.figures()
         before = results.phase("before")   # and no "refresh" phase when it was stopped during the baseline
         during = results.phase("refresh") if "refresh" in results.phase_names() else {}
@@ -390,10 +388,8 @@ class _Btrfs:
         except BaseException as e:   # an interrupt too: an unmasked clone must never be left behind
             # Shielded: a second Ctrl-C (or SIGTERM) while the clone is deleted must not leave it half deleted,
             # nor replace this account with a bare interrupt; it is held until the clone is gone (about a second).
-            with interrupts.shielded() as arrived:
+            with interrupts.held(self.out, "the refresh put things in order", "it had"):
                 left, failed = self._put_in_order(made=made, switched=switched)
-            if arrived:
-                self.out("a further interrupt arrived while the refresh put things in order; it was held until it had")
             if not isinstance(e, Exception):
                 raise interrupts.Stopped(
                     f"the refresh of {self.target.name} from {self.source.name} was {interrupts.describe(e)} at step "

@@ -518,11 +518,8 @@ def record_data(name: str, env, data: dict[str, Any], *, record_id: str | None =
     was written cut it short, so an operation that had ended in order left no whole record of what it did
     (seen with a staging refresh and a restore drill interrupted twice). Signals that arrive are held and
     said; the caller ends as it was ending."""
-    with interrupts.shielded() as arrived:
-        entry = _record_data(name, env, data, record_id=record_id, started=started, log=log)
-    if arrived:
-        log("a further interrupt arrived while the record was written; it was held until it was")
-    return entry
+    with interrupts.held(log, "the record was written", "it was"):
+        return _record_data(name, env, data, record_id=record_id, started=started, log=log)
 
 
 def _record_data(name: str, env, data: dict[str, Any], *, record_id: str | None, started: datetime | None,

@@ -239,7 +239,7 @@ def _put_back(env: Env, plan: Plan, run: Run) -> None:
         if entry.get("result") in (None, "switching"):
             entry["result"] = run.outcome
     run.in_flight = None
-    with interrupts.shielded() as arrived:
+    with interrupts.held(log, "hosts were put back", "they were"):
         try:
             ansible.run_playbook(env, "rotation.yml", what="putting answering hosts back in the load balancer")
             rotation_for(env).put_back()   # an ALB's answering hosts (haproxy's: rotation.yml above)
@@ -248,8 +248,6 @@ def _put_back(env: Env, plan: Plan, run: Run) -> None:
             run.put_back = f"could not put every host back in the load balancer: {e}"
         if run.put_back != PUT_BACK:
             log(run.put_back)
-    if arrived:
-        log("a further interrupt arrived while hosts were put back; it was held until they were")
 
 
 PUT_BACK = "every app host that answers /ping is enabled in the load balancer"
