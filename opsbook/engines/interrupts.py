@@ -94,9 +94,11 @@ def shielded() -> Iterator[list[int]]:
 @contextmanager
 def held(say: Callable[[str], None], while_: str, until: str) -> Iterator[None]:
     """The block runs shielded (a clean-up, a read-back, a record: seconds an operator's second Ctrl-C must
-    not cut short); a signal that arrived meanwhile is then said, as `a further interrupt arrived while
-    <while_>; it was held until <until>`, and the caller goes on ending as it was."""
+    not cut short); a signal that arrived meanwhile is then said, as `SIGINT (Ctrl-C) arrived while
+    <while_>; it was held until <until>`, and the caller goes on ending as it was (an operation that had
+    finished its work when the signal came still succeeds)."""
     with shielded() as arrived:
         yield
     if arrived:
-        say(f"a further interrupt arrived while {while_}; it was held until {until}")
+        names = dict.fromkeys(signal.Signals(s).name + (" (Ctrl-C)" if s == signal.SIGINT else "") for s in arrived)
+        say(f"{' and '.join(names)} arrived while {while_}; it was held until {until}")

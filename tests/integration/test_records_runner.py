@@ -513,7 +513,7 @@ def test_a_second_interrupt_while_an_operation_writes_its_record_is_held_until_i
     finally:
         child.kill()
     assert child.returncode == 130, out
-    assert "a further interrupt arrived while the record was written; it was held until it was" in out, out
+    assert "SIGINT (Ctrl-C) arrived while the record was written; it was held until it was" in out, out
     assert "ENDED IN ORDER" in out, out
     [entry] = LocalStore(records).ledger()
     assert entry["runbook"] == "slowrecord"
