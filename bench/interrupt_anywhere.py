@@ -487,6 +487,10 @@ def summary(seed: int, env, operation: str, results, *, ends: dict[str, list[flo
 
 def main() -> int:
     args, seed, kinds = parse()
+    # SIGINT as an operator's terminal has it, for this bench and the operations it starts: one started in
+    # the background (`cmd &` in a script) inherits SIGINT ignored, which opsbook rightly keeps ignored, and
+    # its Ctrl-C rounds would test nothing (seen: a snapshot sent SIGINT twice ran on and succeeded).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(seed)
     env = load(args.env)
     op = OPERATIONS[args.operation](args, env, float(env.var("opsbook_lock_lease_seconds")))
