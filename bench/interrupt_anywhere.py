@@ -133,12 +133,13 @@ def signal_during(argv: list[str], kind: str, delay: float) -> tuple[bool, str, 
     return ended_before, ended, proc.returncode, out, f
 
 
-def orderly_end(kind: str, code: int | None, out: str, outcome: str, env, *, ok: tuple[int, ...] = (0,)) -> list[str]:
-    """What every interrupted operation that ended by itself must leave: exit 130 (or an exit of `ok` if it
-    had finished), the environment's lock free, and a record that says interrupted when it exits 130."""
+def orderly_end(kind: str, code: int | None, out: str, outcome: str, env) -> list[str]:
+    """What every interrupted operation that ended by itself must leave: exit 130 (or 0 if it had finished),
+    the environment's lock free (a drill takes none: free too), and a record that says interrupted when it
+    exits 130."""
     f = []
-    if code not in (*ok, 130):
-        f.append(f"exit code {code} after {kind} (expected 130, or {ok} if it had finished): " + out.strip()[-600:])
+    if code not in (0, 130):
+        f.append(f"exit code {code} after {kind} (expected 130, or 0 if it had finished): " + out.strip()[-600:])
     if (holder := lock_for(env).holder()) is not None:
         f.append(f"{env.name}'s lock is still held after an orderly end: {holder}")
     if code == 130 and outcome not in ("interrupted", "no record"):
@@ -398,11 +399,7 @@ class Drill(_Snapshots):
                 raise SystemExit(f"the snapshot failed:\n{done.stdout[-2000:]}{done.stderr[-1500:]}")
 
     def after_orderly_end(self, kind, code, out, outcome) -> list[str]:
-        # A drill takes no lock; one that ended by itself removed its scratch cluster.
-        f = [] if code in (0, 130) else [f"exit code {code} after {kind} (expected 130, or 0 if it had "
-                                          f"passed): {out.strip()[-600:]}"]
-        if code == 130 and outcome == "succeeded":
-            f.append("exit 130 but the record says succeeded")
+        f = orderly_end(kind, code, out, outcome, self.env)   # and its scratch cluster removed
         if left := self.scratch_left():
             f.append(f"an orderly end left scratch directories on the repository host: {left}")
         if running := self.on_repo_host("postgres.*opsbook-drill-"):

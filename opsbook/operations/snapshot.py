@@ -207,6 +207,7 @@ def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None
     except KeyboardInterrupt as e:
         data = {"env": env.name, "kind": path.kind, "snapshot": snapshot_id or "", "verified": False, "passed": False,
                 "verdict": f"NOT VERIFIED: interrupted ({type(e).__name__}) {e}".strip(), "problem": "interrupted",
+                "outcome": "interrupted",
                 "details": {}, "operator": facts.operator(), "started_at": started.isoformat(timespec="seconds"),
                 "duration_s": round(time.monotonic() - t0, 1)}
         recorded: list[str] = []
@@ -220,6 +221,7 @@ def drill(env: Env, snapshot_id: str | None = None, *, out: Callable[[str], None
             raise
     data = {"env": env.name, "kind": path.kind, "snapshot": verdict.snapshot, "verified": verdict.verified,
             "passed": verdict.passed, "verdict": verdict.verdict, "problem": verdict.problem,
+            "outcome": "succeeded" if verdict.passed else "failed",
             "details": verdict.details, "operator": facts.operator(),
             "started_at": started.isoformat(timespec="seconds"), "duration_s": round(time.monotonic() - t0, 1)}
     out(verdict.verdict)
