@@ -1,9 +1,10 @@
-"""Releases, refreshes, snapshots and drills stopped at random moments: do they end in order, the next run converge?
+"""Operations stopped at random moments: do they end in order, and does the next run converge?
 
     ./run python bench/interrupt_anywhere.py [--rounds 12] [--seed S] [--rate 20] [--new-versions]
     ./run python bench/interrupt_anywhere.py --operation refresh [--env lab --to lab-staging] [--rounds 12]
     ./run python bench/interrupt_anywhere.py --operation snapshot [--rounds 12]
     ./run python bench/interrupt_anywhere.py --operation drill [--rounds 12]
+    ./run python bench/interrupt_anywhere.py --operation migrate [--rows 300000] [--rounds 12]
 
 The fault tests stop a release at chosen points (a batch draining, a host killed, the database
 stopped). An operator's Ctrl-C, a closed terminal or a killed controller comes at any moment: while
@@ -37,6 +38,17 @@ none): after an orderly end no scratch directory and no scratch cluster is left 
 the next drill must pass and leave none either (after a SIGKILL it removes what the dead one left).
 The probe watches lab in both: neither may disturb the service.
 
+`--operation migrate` does it to `invoke migrate --env lab --dsn D --phase expand|contract` (the phase drawn
+each round; a contract with `--fleet` naming versions new enough) on a database of its own in a local
+Postgres 15 cluster it starts (the lab's lock and records; no lab host is touched, so no probe): each round's
+database is a copy (`CREATE DATABASE ... TEMPLATE`) of one seeded with `--rows` course_events on 0001's
+schema, its expand run first for a contract round. After an orderly end: exit 130 (or 0), the lock free,
+the record `interrupted`, and no statement of opsbook's still running in that database (a Ctrl-C must
+cancel the backfill batch or index build it was in, not leave it running on the server). After any end,
+a SIGKILL's too: the next run (a dead holder's lease waited out) must succeed and leave nothing pending in
+the phase, no invalid index, no constraint left NOT VALID after a contract, and every record_response
+event's student_uuid and kind filled.
+
 Prints one row per round and every finding (a state that breaks what the README promises); exits 1
 when there is a finding. Not part of the suite: its rounds are random by design (`--seed` repeats a
 run's choices, not its timings). Touches only the lab (this machine's podman network). Leaves the
@@ -46,6 +58,7 @@ fleet on a release opsbook made.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
 import re
@@ -53,11 +66,14 @@ import signal
 import subprocess
 import time
 
+import psycopg
+
 from opsbook.core.inventory import load
 from opsbook.core.paths import ROOT
 from opsbook.engines import artifact, fleet
 from opsbook.engines.clones import paths
 from opsbook.engines.lock import lock_for
+from opsbook.engines.migrations import plan as migration_plan
 from opsbook.engines.probe import Probe, probe_url
 from opsbook.engines.records.store import store_for
 from opsbook.engines.snapshots import paths as snapshot_paths
@@ -152,6 +168,7 @@ class Operation:
     what the next run must converge to. `env` is the environment the probe watches."""
 
     runbook = ""
+    watches_service = True   # the bench's probe watches `env`'s service while it runs
 
     def __init__(self, args: argparse.Namespace, env, lease: float) -> None:
         self.args, self.env, self.lease = args, env, lease
@@ -177,6 +194,10 @@ class Operation:
 
     def step_of(self, out: str, record: dict | None) -> str:
         return "-"
+
+    def span(self, r: int, length: float) -> float:
+        """Round r's signal lands within this many seconds of its start (the first run's length, and a bit)."""
+        return length * 1.1
 
     def round(self, r: int, kind: str, delay: float) -> tuple[str, int | None, str, str, list[str]]:
         """Start the operation, signal it after `delay` s; (ended, exit code, outcome, step, findings)."""
@@ -415,7 +436,119 @@ class Drill(_Snapshots):
         return f + self.health()
 
 
-OPERATIONS = {"release": Release, "refresh": Refresh, "snapshot": Snapshot, "drill": Drill}
+class Migrate(Operation):
+    """`invoke migrate --env E --dsn D` on a local database seeded with --rows events: expand, or contract
+    after the expand, drawn each round. Touches no lab host: the service is not watched."""
+
+    runbook = "migrate"
+    watches_service = False
+    CONTRACT_FLEET = "app1=1.1.0,app2=1.1.0,app3=1.1.0"   # what the contract gate needs (>= 1.1.0)
+
+    def prepare(self, seed: int) -> None:
+        import migrations_bench  # its local cluster and its seeding, shared (a sibling of this file)
+
+        self.mb = mb = migrations_bench
+        self.rng = random.Random(seed ^ 0x5EED)
+        self.server, stop = mb.start_postgres()
+        atexit.register(stop)
+        print(f"seed {seed}; seeding {self.args.rows:,} course_events on 0001's schema in a local Postgres ...",
+              flush=True)
+        mb.seed(self.server, self.args.rows)   # bench_online: 0001 and the rows
+        self.phases: dict[int, str] = {}
+        self.contract_s: float | None = None
+        self.round_db(0)
+
+    def dsn(self, r: int) -> str:
+        return self.mb.db(self.server, f"mig_r{r}")
+
+    def round_db(self, r: int) -> None:
+        """Round r's database, a copy of the seeded one; its expand run first when the round contracts."""
+        self.phases[r] = self.rng.choice(("expand", "contract")) if r else "expand"
+        with psycopg.connect(self.server, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS mig_r{r} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE mig_r{r} TEMPLATE bench_online")
+        if self.phases[r] == "contract":
+            done = invoke("migrate", "--env", self.env.name, "--dsn", self.dsn(r))
+            if done.returncode != 0:
+                raise SystemExit(f"the expand before round {r}'s contract failed:\n{done.stdout[-2000:]}")
+
+    def span(self, r: int, length: float) -> float:
+        """Within the drawn phase's own length: the first run's for an expand, a contract's timed once."""
+        if r not in self.phases:
+            self.round_db(r)
+        if self.phases[r] == "expand":
+            return length * 1.1
+        if self.contract_s is None:   # round 0's database was expanded by the first run
+            t0 = time.monotonic()
+            done = invoke(*self.argv(0)[1:-2], "--phase", "contract", "--fleet", self.CONTRACT_FLEET)
+            if done.returncode != 0:
+                raise SystemExit(f"a first contract failed:\n{done.stdout[-2000:]}{done.stderr[-1500:]}")
+            self.contract_s = time.monotonic() - t0
+            print(f"a contract took {self.contract_s:.1f} s; contract rounds' signals land within "
+                  f"{self.contract_s * 1.1:.1f} s", flush=True)
+        return self.contract_s * 1.1
+
+    def argv(self, r: int) -> list[str]:
+        if r not in self.phases:
+            self.round_db(r)
+        phase = self.phases[r]
+        return [INVOKE, "migrate", "--env", self.env.name, "--dsn", self.dsn(r), "--phase", phase,
+                *(["--fleet", self.CONTRACT_FLEET] if phase == "contract" else [])]
+
+    def step_of(self, out: str, record: dict | None) -> str:
+        return self.phases.get(self.last_round, "-")
+
+    def round(self, r: int, kind: str, delay: float):
+        self.last_round = r
+        return super().round(r, kind, delay)
+
+    def still_running(self, r: int) -> list[str]:
+        """Statements of opsbook's own (its application_name) still running in round r's database."""
+        with psycopg.connect(self.server, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT application_name, state, left(query, 120) FROM pg_stat_activity WHERE datname = %s "
+                "AND pid <> pg_backend_pid() AND state <> 'idle'", (f"mig_r{r}",)).fetchall()
+        return [f"{a or '?'} ({st}): {q}" for a, st, q in rows]
+
+    def after_orderly_end(self, kind, code, out, outcome) -> list[str]:
+        f = orderly_end(kind, code, out, outcome, self.env)
+        deadline = time.monotonic() + 5   # a cancel takes effect at the server's next check
+        while (left := self.still_running(self.last_round)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            f.append(f"statements still running in the database 5 s after an orderly end: {left[:3]}")
+        return f
+
+    def after_next(self, r: int) -> list[str]:
+        phase, dsn = self.phases[r], self.dsn(r)
+        f = []
+        p = migration_plan(dsn, ROOT / "app" / "migrations", phase, gate=False)
+        if p.pending:
+            f.append(f"after the next {phase}, {len(p.pending)} step(s) still pending: "
+                     f"{[(s.migration, s.key) for s in p.pending][:4]}")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            invalid = conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid "
+                                   "OR NOT indisready").fetchall()
+            if invalid:
+                f.append(f"invalid index(es) left: {[i for (i,) in invalid]}")
+            if phase == "contract":
+                unvalidated = conn.execute("SELECT conname FROM pg_constraint WHERE NOT convalidated").fetchall()
+                if unvalidated:
+                    f.append(f"constraint(s) left NOT VALID after the contract: {[c for (c,) in unvalidated]}")
+            unfilled = conn.execute(
+                "SELECT count(*) FROM course_events WHERE data ? 'student_uuid' AND (student_uuid IS NULL "
+                "OR student_uuid <> (data->>'student_uuid')::uuid OR kind IS NULL)").fetchone()[0]
+            if unfilled:
+                f.append(f"{unfilled} event(s) with student_uuid or kind not filled after the next {phase}")
+            rows = conn.execute("SELECT count(*) FROM course_events").fetchone()[0]
+            if rows != self.args.rows:
+                f.append(f"course_events holds {rows:,} rows, seeded {self.args.rows:,}")
+        with psycopg.connect(self.server, autocommit=True) as conn:   # keep the disk for the next rounds
+            conn.execute(f"DROP DATABASE IF EXISTS mig_r{r - 1} WITH (FORCE)") if r > 1 else None
+        return f
+
+
+OPERATIONS = {"release": Release, "refresh": Refresh, "snapshot": Snapshot, "drill": Drill, "migrate": Migrate}
 
 
 def staging_answers(target, within: float = 20.0) -> dict[str, str | None]:
@@ -431,13 +564,14 @@ def staging_answers(target, within: float = 20.0) -> dict[str, str | None]:
 def parse() -> tuple[argparse.Namespace, int, list[str]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--operation", choices=tuple(OPERATIONS), default="release",
-                    help="what to interrupt: a release, a snapshot or a restore drill of --env, or a staging "
-                         "refresh from --env to --to")
+                    help="what to interrupt: a release, a snapshot, a restore drill or a migration (on a local "
+                         "database, --env's lock and records) of --env, or a staging refresh from --env to --to")
     ap.add_argument("--env", default="lab")
     ap.add_argument("--to", default="lab-staging", help="the refresh's target (--operation refresh)")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--rate", type=float, default=20.0, help="this bench's own probe, requests/s")
+    ap.add_argument("--rows", type=int, default=300_000, help="course_events seeded (--operation migrate)")
     ap.add_argument("--new-versions", action="store_true",
                     help="a version never staged for every round (interrupts staging too; builds one per round)")
     ap.add_argument("--signals", default=",".join(SIGNALS), help="which of " + ", ".join(SIGNALS))
@@ -466,12 +600,15 @@ def first_run(op: Operation, seed: int) -> float:
 
 
 def summary(seed: int, env, operation: str, results, *, ends: dict[str, list[float]], findings: list[str]) -> int:
-    lost = results.missing_acknowledged_writes or []
-    if lost:
-        findings.append(f"{len(lost)} acknowledged write(s) lost over the run: {lost[:3]}")
-    print(f"\nseed {seed}: the bench's probe on {env.name}: {results.requests} requests, {results.failed} failed, "
-          f"{len(lost)} acknowledged write(s) lost, p99 {results.p99_ms} ms"
-          + ("" if results.verified else f" (writes not verified: {results.verify_error})"))
+    if results is None:
+        print(f"\nseed {seed}: no probe ({operation} touches no service)")
+    else:
+        lost = results.missing_acknowledged_writes or []
+        if lost:
+            findings.append(f"{len(lost)} acknowledged write(s) lost over the run: {lost[:3]}")
+        print(f"\nseed {seed}: the bench's probe on {env.name}: {results.requests} requests, {results.failed} failed, "
+              f"{len(lost)} acknowledged write(s) lost, p99 {results.p99_ms} ms"
+              + ("" if results.verified else f" (writes not verified: {results.verify_error})"))
     for kind, seconds in ends.items():
         if seconds:
             print(f"  {kind:9s}: {len(seconds)} round(s) signalled mid-{operation}; ended {min(seconds):.1f} to "
@@ -492,17 +629,18 @@ def main() -> int:
     env = load(args.env)
     op = OPERATIONS[args.operation](args, env, float(env.var("opsbook_lock_lease_seconds")))
     length = first_run(op, seed)
-    probe = Probe(probe_url(env), rate=args.rate, max_seconds=3600).start("before")
+    probe = Probe(probe_url(env), rate=args.rate, max_seconds=3600).start("before") if op.watches_service else None
     findings: list[str] = []
     ends: dict[str, list[float]] = {k: [] for k in kinds}
     try:
         for r in range(1, args.rounds + 1):
-            kind, delay = rng.choice(kinds), rng.uniform(0, length * 1.1)
-            probe.mark(f"round {r}")
+            kind, delay = rng.choice(kinds), rng.uniform(0, op.span(r, length))
+            if probe:
+                probe.mark(f"round {r}")
             ended, code, outcome, step, f = op.round(r, kind, delay)
             took, g = op.converge(r)
             f += g
-            ph = probe.results().phase(f"round {r}")
+            ph = probe.results().phase(f"round {r}") if probe else {"requests": 0, "failed": 0}
             if ph["failed"]:
                 f.append(f"the bench's probe saw {ph['failed']} failed request(s) on {env.name} in this round")
             if ended != "before":
@@ -512,8 +650,10 @@ def main() -> int:
                   f"{ph['failed']} failed  findings {len(f)}", flush=True)
             findings += [f"round {r} ({kind} at {delay:.1f} s, {step if step != '-' else outcome}): {x}" for x in f]
     finally:
-        probe.mark("after")
-        results = probe.stop()
+        results = None
+        if probe:
+            probe.mark("after")
+            results = probe.stop()
     return summary(seed, env, args.operation, results, ends=ends, findings=findings)
 
 

@@ -10,11 +10,13 @@ once it is done.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 HANDLED = (signal.SIGTERM, signal.SIGHUP)
+AGAIN_AFTER = 0.05   # seconds: an interrupt lost in a finalizer is sent again this long after (`redelivered`)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -70,12 +72,52 @@ def handling(signals: tuple[int, ...], handler) -> Iterator[bool]:
 
 @contextmanager
 def interruptible() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise Interrupted in the main thread while the block runs."""
+    """SIGTERM and SIGHUP raise Interrupted in the main thread while the block runs, and an interrupt that
+    Python could not deliver is delivered again (`redelivered`)."""
     def handler(signum, _frame):
         raise Interrupted(signum)
 
-    with handling(HANDLED, handler):
+    with handling(HANDLED, handler), redelivered():
         yield
+
+
+@contextmanager
+def redelivered() -> Iterator[None]:
+    """An interrupt raised while the main thread ran a finalizer or a weakref callback (a signal handler's
+    exception goes wherever the interpreter happens to be) cannot propagate: Python prints it as "Exception
+    ignored in ...: Traceback ... KeyboardInterrupt" and goes on as if no signal had come (seen: an operator's
+    second Ctrl-C during a migration's clean-up, lost, with that text on the terminal). While the block
+    runs, such an interrupt is not printed but sent again, from a thread of its own AGAIN_AFTER seconds
+    later, when the finalizer and this hook are long left (sent at once, the handler would run inside the
+    hook, where it is lost the same way): the handler in place then takes it, as it would have. Once the
+    block has ended nothing is sent (what it ran is over). Other unraisable exceptions go to the hook before."""
+    import os
+
+    previous, running = sys.unraisablehook, threading.Event()
+    running.set()
+
+    def again(signum: int) -> None:
+        if running.is_set():
+            os.kill(os.getpid(), signum)
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+            timer = threading.Timer(AGAIN_AFTER, again, (getattr(signal, signal_of(exc), signal.SIGINT),))
+            timer.daemon, timer.name = True, "opsbook-interrupt-again"
+            try:
+                timer.start()
+            except RuntimeError:   # no new thread (the interpreter is ending): said, as Python would
+                previous(unraisable)
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        running.clear()
+        sys.unraisablehook = previous
 
 
 @contextmanager

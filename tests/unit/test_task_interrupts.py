@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -63,6 +64,76 @@ def test_another_task_interrupted_says_it_stopped_where_it_was(python_takes_sigi
     assert e.value.message.startswith("error: lab.up interrupted by SIGINT (Ctrl-C) outside any step that ends in "
                                       "order: it stopped where it was. ")
     assert "nothing was changed" not in e.value.message
+
+
+class _SignalledInAFinalizer:
+    """An object whose finalizer is where a signal's handler runs: the signal arrives while the main thread
+    runs it (a weakref callback or __del__ during a clean-up), so the handler's exception is raised there."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        for _ in range(100_000):   # the handler runs at one of these instructions, inside the finalizer
+            pass
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_that_lands_in_a_finalizer_is_not_lost_nor_printed(signum, python_takes_sigint, capfd):
+    """Python cannot raise out of a finalizer: it prints "Exception ignored in ...: Traceback ...
+    KeyboardInterrupt" and goes on as if no signal had come (seen: a second Ctrl-C during a migration's
+    clean-up). The task takes it at its next instruction instead, and nothing of it is printed."""
+    reached = []
+    hook_before = sys.unraisablehook
+
+    @operator_errors
+    def migrate(_c):
+        _SignalledInAFinalizer(signum)   # dropped at once: its finalizer runs here
+        time.sleep(5)             # the clean-up goes on; the interrupt arrives during this
+        reached.append("after")   # never: the interrupt ends the task
+
+    with pytest.raises(Exit) as e:
+        migrate(None)
+    assert e.value.code == 130
+    assert f"migrate interrupted by {signal.Signals(signum).name}" in e.value.message
+    assert reached == []
+    err = capfd.readouterr().err
+    assert "Exception ignored" not in err, err
+    assert "Traceback" not in err, err
+    assert sys.unraisablehook is hook_before   # the task's hook is gone once it ended
+
+
+def test_an_interrupt_lost_in_a_finalizer_of_a_task_that_then_ends_is_not_sent_after_it(python_takes_sigint, capfd):
+    """The task had finished its work before the interrupt could be sent again: nothing comes after it."""
+    @operator_errors
+    def status(_c):
+        _SignalledInAFinalizer(signal.SIGINT)
+        return "done"
+
+    assert status(None) == "done"
+    time.sleep(0.3)   # a SIGINT sent now would raise KeyboardInterrupt here, failing the test
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_other_unraisable_exceptions_still_reach_the_hook_before(python_takes_sigint):
+    seen = []
+    hook_before = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(type(u.exc_value).__name__)
+    try:
+        class Broken:
+            def __del__(self):
+                raise ValueError("a finalizer's own bug")
+
+        @operator_errors
+        def status(_c):
+            Broken()
+            return "went on"
+
+        assert status(None) == "went on"
+        assert seen == ["ValueError"]
+    finally:
+        sys.unraisablehook = hook_before
 
 
 def test_a_signal_ignored_before_the_task_stays_ignored():
