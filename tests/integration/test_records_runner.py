@@ -456,6 +456,47 @@ def test_an_interrupt_reaches_the_running_cell_whose_clean_up_runs(tmp_path, sig
     assert "clean-up ran" in entry["error"]
 
 
+def test_an_interrupt_while_the_kernel_starts_stops_the_run_before_its_first_cell_without_a_traceback(tmp_path):
+    """Sent to a kernel still importing, the interrupt would kill it there, its traceback on the operator's
+    terminal; the run stops before its first cell instead, and says so."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    book = tmp_path / "runbooks"
+    write_runbook(book, "holds", INJECTED + 'marker: str = ""',
+                  "import pathlib\npathlib.Path(marker).write_text('ran')")
+    records, marker = tmp_path / "records", tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", _RUN_IN_A_CHILD, str(book), str(records), str(marker)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def kernel_started() -> bool:
+        for proc in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(proc.read_text().rsplit(")", 1)[1].split()[1]) == child.pid and \
+                        b"ipykernel" in (proc.parent / "cmdline").read_bytes():
+                    return True
+            except (OSError, ValueError, IndexError):
+                continue
+        return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while not kernel_started() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert kernel_started(), "no kernel was started"
+        child.send_signal(signal.SIGINT)   # the kernel is importing now (a second or two)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, out
+    assert "Traceback" not in out, out
+    assert not marker.exists()   # no cell ran
+    [entry] = LocalStore(records).ledger()
+    assert entry["outcome"] == "interrupted"
+
+
 # An operation that records itself when it ends (a staging refresh, a snapshot, a drill, a provision),
 # interrupted, then interrupted again while its record is written: the record is written all the same.
 # Before, the second Ctrl-C reached the record's kernel (passed on as Jupyter's interrupt) and the

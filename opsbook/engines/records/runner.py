@@ -318,6 +318,7 @@ class _ForwardedInterrupts:
         # The kernel's process group (jupyter_client starts it as a session leader), as its own interrupt uses.
         self.pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
         self.signum: int | None = None
+        self.cell_started = False   # the kernel runs cells (it is up, and takes SIGINT as Jupyter's interrupt)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _ForwardedInterrupts:
@@ -334,12 +335,18 @@ class _ForwardedInterrupts:
         if self.signum is not None:   # the second: stop now
             raise self.interrupt(signum)
         self.signum = signum
-        with contextlib.suppress(OSError):
-            os.killpg(self.pgid, signal.SIGINT)
+        # Before its first cell the kernel may still be starting (importing ipykernel and the preload), with
+        # Python's own SIGINT handling: it would die there, printing its traceback on the operator's
+        # terminal (seen: a migration Ctrl-C'd 2.5 s after its start). No cell has anything to clean up
+        # then, and before_cell stops the run before the first one.
+        if self.cell_started:
+            with contextlib.suppress(OSError):
+                os.killpg(self.pgid, signal.SIGINT)
 
     def before_cell(self, **_kwargs: Any) -> None:
         if self.signum is not None:
             raise _StopBeforeCell
+        self.cell_started = True
 
     def interrupt(self, signum: int | None = None) -> KeyboardInterrupt:
         from opsbook.engines.interrupts import interrupt_for
