@@ -48,7 +48,8 @@ The lab's staging is `lab-staging` (`invoke staging.refresh --from lab --to lab-
 host stg-db1 is reached over SSH, the clones' sockets through SSH forwards.
 
 **Not built**, and refused as such: the AWS path's data plane (the Aurora clone itself is built and
-tested against moto; masking it needs a path into the VPC).
+tested against moto; masking it needs the port forward of ``engines/tunnel.py`` wired to the clone, and
+moto has no data plane to test that against).
 """
 
 from __future__ import annotations

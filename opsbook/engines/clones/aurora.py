@@ -28,9 +28,11 @@ by :meth:`AuroraClones.prune`, never the one published.
   credentials can clone the source cluster only once its owner shares it with the target's account
   through AWS RAM; that sharing is not built;
 - reaching the clone's data (masking it, verifying the masking, setting the service role's
-  password): the clone lives in private subnets that only the target's app hosts reach (and moto,
-  which stands in for AWS in tests, has no data plane). :data:`DATA_PATH_NOT_BUILT` says what is
-  missing: a path from the controller into the VPC (a bastion or an SSM port forward).
+  password): the clone lives in private subnets that only the target's app hosts reach. The port
+  forward through an app host that opsbook uses for the service database (``opsbook_db_reach: ssh``,
+  :mod:`opsbook.engines.tunnel`) would reach it, but it is not wired to clones: moto, which stands in
+  for AWS in tests, has no data plane, so no test here could show the clone masked, the leak scan
+  run or the credentials changed on Aurora. :data:`DATA_PATH_NOT_BUILT` says so.
 """
 
 from __future__ import annotations
@@ -64,11 +66,12 @@ CROSS_ACCOUNT_NOT_BUILT = (
     "(ram:CreateResourceShare of the cluster), and that sharing is not built. Nothing was changed.")
 DATA_PATH_NOT_BUILT = (
     "masking, verifying and re-keying an Aurora clone need a connection to it, and the clone lives in {target}'s "
-    "private subnets behind sg-db, which admits {target}'s app hosts only (moto, standing in for AWS in tests, has no "
-    "data plane at all). The path from the controller into the VPC (a bastion, or an SSM port forward through an app "
-    "host) is not built, so a refresh of an AWS environment is refused before anything is made: staging must never "
-    "serve an unmasked copy. Nothing was changed. What exists and is tested against moto: the clone, its tags and "
-    "wait, publishing its endpoint in /opsbook/{target}/db-address, and deleting old clones.")
+    "private subnets behind sg-db, which admits {target}'s app hosts only. opsbook's port forward through an app host "
+    "(opsbook_db_reach: ssh, used for the service database) is not wired to clones, because moto, standing in for AWS "
+    "in tests, has no data plane to show it working: that path is not built, so a refresh of an AWS environment is "
+    "refused before anything is made (staging must never serve an unmasked copy). Nothing was changed. What exists "
+    "and is tested against moto: the clone, its tags and wait, publishing its endpoint in "
+    "/opsbook/{target}/db-address, and deleting old clones.")
 
 
 class AuroraCloneError(OpsbookError):

@@ -19,7 +19,7 @@
   A clone host is reached over SSH with the inventory's settings, or is this machine
   (``ansible_connection: local``): :func:`opsbook.engines.clones.runner.for_host`.
 - two **AWS** environments: the Aurora path (:mod:`opsbook.engines.clones.aurora`), refused as not
-  built until the controller can reach a clone's data (see its ``DATA_PATH_NOT_BUILT``).
+  built until opsbook's port forward is wired to a clone's data (see its ``DATA_PATH_NOT_BUILT``).
 """
 
 from __future__ import annotations

@@ -10,12 +10,13 @@ state, so `list` needs no other catalogue, and retention only ever deletes what 
 **No manifest and no restore drill from here.** A snapshot is taken by the control plane; reading
 the data (the manifest of row counts and checksums, or a restored copy to compare with it) needs
 a connection to a Postgres server, and the environment's database sits in private subnets behind
-``sg-db``, which admits the app hosts' security group on 5432 and nothing else. The controller has
-no route to it (and moto, which stands in for AWS in tests, has no data plane at all). On real AWS
-the manifest needs a path to the database: restore the snapshot into a scratch instance or cluster
-in the environment's private subnets, under a security group that admits only the drill's runner,
-and read it from inside the VPC (an app host reached over SSM or SSH, or a task in the VPC). Until
-that is built, the record says so and a drill says NOT VERIFIED.
+``sg-db``, which admits the app hosts' security group on 5432 and nothing else. The controller
+reaches the live database only through a port forward via an app host (``opsbook_db_reach: ssh``,
+:mod:`opsbook.engines.tunnel`), and the live database is not the snapshot: a manifest must be read
+from the snapshot's own data, that is from a copy restored from it into a scratch instance or cluster
+in the environment's private subnets, under a security group that admits only the drill's runner
+(moto, which stands in for AWS in tests, has no data plane, so that cannot be shown here). Until that
+is built, the record says so and a drill says NOT VERIFIED.
 """
 
 from __future__ import annotations
