@@ -65,6 +65,8 @@ import re
 import signal
 import subprocess
 import time
+import uuid
+from pathlib import Path
 
 import psycopg
 
@@ -89,9 +91,23 @@ def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([INVOKE, *args], cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout)
 
 
-def ansible_left() -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "ansible-playbook"], capture_output=True, text=True, check=False).stdout
-    return [line for line in out.splitlines() if line.strip()]
+RUN_TAG = "OPSBOOK_BENCH_RUN"   # in the environment of every run this bench starts, and so of its children
+
+
+def ansible_left(tag: str) -> list[str]:
+    """The ansible-playbook processes started by the run tagged `tag` still alive: those whose environment
+    carries it (they inherit it), not another checkout's or another user's on this machine."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if "ansible-playbook" in cmdline and f"{RUN_TAG}={tag}".encode() in (proc / "environ").read_bytes():
+                left.append(f"{proc.name} {cmdline}")
+        except OSError:   # ended meanwhile, or not ours to read
+            continue
+    return left
 
 
 def lab_state(env) -> tuple[dict[str, str | None], dict[str, str]]:
@@ -121,7 +137,9 @@ def versions_to_use(env, new: bool, run: str, rounds: int) -> list[str]:
 def signal_during(argv: list[str], kind: str, delay: float) -> tuple[bool, str, int | None, str, list[str]]:
     """Start `argv`, send `kind`'s signal(s) after `delay` s; (ended before the signal, how long it took to
     end after it, exit code, output, findings)."""
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, RUN_TAG: tag})
     time.sleep(delay)
     sent = time.monotonic()
     ended_before = proc.poll() is not None
@@ -140,10 +158,10 @@ def signal_during(argv: list[str], kind: str, delay: float) -> tuple[bool, str, 
     ended = "before" if ended_before else f"{time.monotonic() - sent:.1f}s"
     # Ansible dies with its controller (SIGTERM from its parent's death, or the put-back's end).
     deadline = time.monotonic() + (30 if kind == "kill" else 5)
-    while ansible_left() and time.monotonic() < deadline:
+    while ansible_left(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
-    if ansible_left():
-        f.append(f"ansible-playbook outlived it: {ansible_left()[:2]}")
+    if left := ansible_left(tag):
+        f.append(f"ansible-playbook outlived it: {left[:2]}")
     if not ended_before and kind != "kill" and "Traceback (most recent call last)" in out:
         f.append("a Python traceback reached the operator: " + out.split("Traceback", 1)[1][:600])
     return ended_before, ended, proc.returncode, out, f
