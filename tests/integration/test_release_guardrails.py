@@ -350,9 +350,12 @@ class _FakeArt:
 
 
 @pytest.mark.kernel
-def test_a_release_record_embeds_the_probe_plot_and_leaves_no_temporary_file(pair, art, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead", [False, True], ids=["drawn-with-the-record", "drawn-ahead"])
+def test_a_release_record_embeds_the_probe_plot_and_leaves_no_temporary_file(pair, art, tmp_path, monkeypatch,
+                                                                              ahead):
     """The probe's plot is drawn beside the record's data and removed with it once the record embeds it
-    (it was drawn into a directory of its own that nothing removed: one left in /tmp per release)."""
+    (it was drawn into a directory of its own that nothing removed: one left in /tmp per release), whether
+    it is drawn when the record is written or ahead of it, while the hosts mark the release good."""
     import tempfile
 
     from opsbook.engines.probe import ProbeResults, Sample
@@ -371,9 +374,34 @@ def test_a_release_record_embeds_the_probe_plot_and_leaves_no_temporary_file(pai
                 migrations_pending=[], phases=list(RELEASE_PHASES))
     run = steps.Run(plan=plan, record_id=new_record_id("release"), outcome="succeeded", probe_results=results)
     run.phases = dict.fromkeys(RELEASE_PHASES, 1.0)
+    if ahead:
+        run.record_ahead = steps._RecordAhead(results, "release to prod")
     steps._write_record(prod, run)
     entry = store_for(prod).entry(run.record_id)
     notebook = store_for(prod).get(entry["notebook"])
     assert b'"image/png"' in notebook
     assert (run.probe_plot or "").startswith(str(scratch))
     assert list(scratch.iterdir()) == []
+    assert run.record_ahead is None
+    assert not any("plot" in n for n in run.notes)
+
+
+class _Unplottable:
+    def plot(self, path, title=None):
+        raise RuntimeError("no room on the canvas")
+
+
+@pytest.mark.kernel
+def test_a_probe_plot_that_cannot_be_drawn_ahead_is_said_in_the_record_which_is_still_written(pair, art):
+    prod, _ = pair
+    plan = Plan(env=prod.name, kind="release", target=art.version, artifact_file=art.path.name,
+                artifact_sha256=art.sha256, current={"app1": "1.9.0"}, batches=[["app1"]], drain_timeout=30,
+                migrations_pending=[], phases=list(RELEASE_PHASES))
+    run = steps.Run(plan=plan, record_id=new_record_id("release"), outcome="succeeded")
+    run.phases = dict.fromkeys(RELEASE_PHASES, 1.0)
+    run.record_ahead = steps._RecordAhead(_Unplottable(), "release to prod")
+    steps._write_record(prod, run)
+    assert run.probe_plot is None
+    assert run.notes == ["the probe's plot could not be drawn (RuntimeError: no room on the canvas); its figures "
+                         "are in the record"]
+    assert store_for(prod).entry(run.record_id)["outcome"] == "succeeded"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,34 @@ def log(msg: str) -> None:
     print(f"[opsbook] {msg}", flush=True)
 
 
+class _RecordAhead:
+    """What the record needs that can be made while the release still waits on its hosts (marking it good
+    takes about a second): the probe's plot drawn (matplotlib, with its import, about 1.5 s here) and the
+    record's libraries imported (`runner.preload`), in a thread of its own, started once the probe has
+    stopped, so that it never shares the interpreter with the probe's measurements. The record waits for it
+    (`take`); a plot that could not be drawn is said there, as when it is drawn in line."""
+
+    def __init__(self, results: Any, title: str) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="opsbook-release-")
+        self.plot: Path | None = None
+        self.error: Exception | None = None
+        self._thread = threading.Thread(target=self._make, args=(results, title), name="opsbook-record-ahead",
+                                        daemon=True)
+        self._thread.start()
+
+    def _make(self, results: Any, title: str) -> None:
+        try:
+            self.plot = results.plot(Path(self.dir.name) / "probe.png", title=title)
+        except Exception as e:  # noqa: BLE001 - said in the record (take)
+            self.error = e
+        with contextlib.suppress(Exception):   # only sooner: runner.run imports them itself
+            runner.preload()
+
+    def take(self) -> tuple[Path | None, Exception | None]:
+        self._thread.join()
+        return self.plot, self.error
+
+
 @dataclass
 class Run:
     """What a release or rollback did, for its record."""
@@ -55,6 +84,7 @@ class Run:
     probe: dict[str, Any] | None = None
     probe_plot: str | None = None
     probe_results: Any = None   # the probe's results, drawn as probe_plot when the record is written
+    record_ahead: _RecordAhead | None = None   # the record's plot and libraries, made once the probe stopped
     live_probe: Any = None   # the running Probe, so its samples are labelled with the phase
     converge: dict[str, Any] = field(default_factory=dict)   # what the provision phase converged
     current_phase: str | None = None   # the phase running now
@@ -198,6 +228,7 @@ def _phases_and_mark_good(env: Env, plan: Plan, art: artifact.Artifact, run: Run
                 results = live.stop()
             run.probe = _probe_figures(results)
             run.probe_results = results   # drawn beside the record's data, which removes it (_write_record)
+            run.record_ahead = _RecordAhead(results, _plot_title(run, env))
             ok, reasons = results.within(results.baseline_slo(slo, BASELINE_PHASES)[0])
             if not ok and run.outcome == "succeeded":
                 run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
@@ -655,17 +686,28 @@ def _judge_batch(env: Env, run: Run, i: int, batch: list[str], *, held, probe, s
     return "passed"
 
 
+def _plot_title(run: Run, env: Env) -> str:
+    return f"{run.plan.kind} {run.plan.target} to {env.name}"
+
+
 def _write_record(env: Env, run: Run, kernel: runner.WarmKernel | None = None) -> None:
     """Run the release runbook over the run's data; the data and the probe's plot live in a temporary
     directory until the record (which embeds the plot) is written."""
-    with tempfile.TemporaryDirectory(prefix="opsbook-release-") as tmp:
-        if run.probe_results is not None:
+    ahead, run.record_ahead = run.record_ahead, None
+    with ahead.dir if ahead is not None else tempfile.TemporaryDirectory(prefix="opsbook-release-") as tmp:
+        plot, error = None, None
+        if ahead is not None:
+            plot, error = ahead.take()
+        elif run.probe_results is not None:
             try:
-                run.probe_plot = str(run.probe_results.plot(
-                    Path(tmp) / "probe.png", title=f"{run.plan.kind} {run.plan.target} to {env.name}"))
+                plot = run.probe_results.plot(Path(tmp) / "probe.png", title=_plot_title(run, env))
             except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn never costs the record
-                run.notes.append(f"the probe's plot could not be drawn ({type(e).__name__}: {e}); its figures "
-                                 "are in the record")
+                error = e
+        if plot is not None:
+            run.probe_plot = str(plot)
+        if error is not None:
+            run.notes.append(f"the probe's plot could not be drawn ({type(error).__name__}: {error}); its figures "
+                             "are in the record")
         data = run.data()
         path = Path(tmp) / "release.json"
         path.write_text(json.dumps(data, indent=2, default=str))
