@@ -521,7 +521,8 @@ class Migrate(Operation):
         return super().round(r, kind, delay)
 
     def still_running(self, r: int) -> list[str]:
-        """Statements of opsbook's own (its application_name) still running in round r's database."""
+        """Statements still running in round r's database (only the operation connects to it; this check's
+        own session is left out)."""
         with psycopg.connect(self.server, autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT application_name, state, left(query, 120) FROM pg_stat_activity WHERE datname = %s "
@@ -561,8 +562,9 @@ class Migrate(Operation):
             rows = conn.execute("SELECT count(*) FROM course_events").fetchone()[0]
             if rows != self.args.rows:
                 f.append(f"course_events holds {rows:,} rows, seeded {self.args.rows:,}")
-        with psycopg.connect(self.server, autocommit=True) as conn:   # keep the disk for the next rounds
-            conn.execute(f"DROP DATABASE IF EXISTS mig_r{r - 1} WITH (FORCE)") if r > 1 else None
+        if r > 1:   # the round before's database: keep the disk for the next rounds
+            with psycopg.connect(self.server, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS mig_r{r - 1} WITH (FORCE)")
         return f
 
 
