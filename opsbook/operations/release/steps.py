@@ -228,7 +228,8 @@ def _phases_and_mark_good(env: Env, plan: Plan, art: artifact.Artifact, run: Run
                 results = live.stop()
             run.probe = _probe_figures(results)
             run.probe_results = results   # drawn beside the record's data, which removes it (_write_record)
-            run.record_ahead = _RecordAhead(results, _plot_title(run, env))
+            with contextlib.suppress(Exception):   # no thread to be had: the record draws it (_write_record)
+                run.record_ahead = _RecordAhead(results, _plot_title(run, env))
             ok, reasons = results.within(results.baseline_slo(slo, BASELINE_PHASES)[0])
             if not ok and run.outcome == "succeeded":
                 run.outcome, run.reason = "failed", "SLO missed: " + "; ".join(reasons)
