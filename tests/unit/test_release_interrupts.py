@@ -13,7 +13,7 @@ from invoke.exceptions import Exit
 
 from opsbook.core.inventory import load
 from opsbook.engines import artifact, fleet
-from opsbook.engines.interrupts import Stopped, interruptible
+from opsbook.engines.interrupts import Interrupted, Stopped, interruptible
 from opsbook.engines.records.store import store_for
 from opsbook.operations import release as releases
 from tasks import operator_errors
@@ -66,3 +66,65 @@ def test_a_rollback_interrupted_before_its_lock_says_so_through_its_task(lab, mo
     assert e.value.message.startswith(
         "error: the rollback of 1.0.0 to lab was interrupted by SIGTERM before it took the lock (while reading "
         "what the hosts serve): nothing was released and no record was written.")
+
+
+# --- marking good, the release's last step ----------------------------------------------------------
+class _Held:
+    def renew(self) -> None:
+        pass
+
+
+class _Marking:
+    """The switch's playbook run as _mark_good sees it: marking good raises `error` (a signal's, or a
+    failure's); the playbook has ended, so there is nothing to stop."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.playbook = self
+
+    def running(self) -> bool:
+        return False
+
+    def mark_good(self) -> None:
+        raise self.error
+
+
+def _switched_run(error: BaseException):
+    from opsbook.operations.release.plan import Plan
+    from opsbook.operations.release.steps import Run
+
+    plan = Plan(env="lab", kind="release", target="2.0.0", artifact_file="bl-api-2.0.0.tar.gz",
+                artifact_sha256="0" * 64, current={"app1": "1.9.0"}, batches=[["app1"]], drain_timeout=30,
+                migrations_pending=[], phases=["rolling switch", "mark good"])
+    run = Run(plan=plan, record_id="20261203T000000Z-release-abcdef", outcome="succeeded")
+    run.switching = _Marking(error)
+    return run
+
+
+AGAIN = ("every host serves 2.0.0 and passed, but marking it good did not finish on every host (retention does not "
+         "count it as good where it is not); release it again to mark it: `invoke release --env lab --version 2.0.0`")
+
+
+@pytest.mark.parametrize(("error", "by", "said"), [(KeyboardInterrupt(), "SIGINT", "SIGINT (Ctrl-C)"),
+                                                   (Interrupted(signal.SIGTERM), "SIGTERM", "SIGTERM")])
+def test_an_interrupt_while_the_hosts_mark_the_release_good_ends_it_interrupted_saying_what_is_missing(error, by,
+                                                                                                      said):
+    """It ended `failed`, exit 1, saying "marking the release good failed: ." (a KeyboardInterrupt has no text)."""
+    from opsbook.operations.release.steps import _mark_good
+
+    run = _switched_run(error)
+    _mark_good(run, _Held())
+    assert (run.outcome, run.interrupted_by, run.interrupted_in) == ("interrupted", by, "mark good")
+    assert run.reason == f"interrupted by {said} during mark good: {AGAIN}"
+    assert run.switching is None
+
+
+@pytest.mark.parametrize(("error", "what"), [(RuntimeError(), "RuntimeError"),
+                                             (RuntimeError("app2 unreachable\nmore"), "app2 unreachable")])
+def test_a_failure_while_the_hosts_mark_the_release_good_says_what_failed_and_what_is_missing(error, what):
+    from opsbook.operations.release.steps import _mark_good
+
+    run = _switched_run(error)
+    _mark_good(run, _Held())
+    assert (run.outcome, run.interrupted_in) == ("failed", None)
+    assert run.reason == f"marking the release good failed ({what}): {AGAIN}"

@@ -243,13 +243,22 @@ def _mark_good(run: Run, held) -> None:
     """Every host switched and the release passed: mark it good on every app host (retention never
     deletes it), through the switch's own playbook run (every plan has at least one batch, so a
     succeeded release always ran one)."""
+    again = (f"every host serves {run.plan.target} and passed, but marking it good did not finish on every host "
+             f"(retention does not count it as good where it is not); release it again to mark it: "
+             f"`invoke release --env {run.plan.env} --version {run.plan.target}`")
     try:
         held.renew()
         with run.phase("mark good"):
             run.switching.mark_good()
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every host switched: say what is missing
-        # Every host switched, but retention does not know the release is good: say so.
-        run.outcome, run.reason, run.detail = "failed", f"marking the release good failed: {e}", str(e)
+    except KeyboardInterrupt as e:   # an interrupt, as anywhere else: the task ends 130, its record interrupted
+        run.outcome, run.interrupted_by, run.interrupted_in = "interrupted", interrupts.signal_of(e), "mark good"
+        run.reason = f"{interrupts.describe(e)} during mark good: {again}"
+        _end_switching(run, "stopped")
+    except Exception as e:  # noqa: BLE001 - every host switched: say what is missing
+        # (it said "marking the release good failed: ." for an exception with no text, and so for a Ctrl-C)
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        run.outcome, run.reason = "failed", f"marking the release good failed ({what}): {again}"
+        run.detail = str(e)
         _end_switching(run, "stopped")
 
 
